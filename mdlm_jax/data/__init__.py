@@ -1,0 +1,1 @@
+"""Data: TFDS builders (python_stdlib, text_files) and the Grain pipeline."""

@@ -1,0 +1,179 @@
+"""TFDS builders that need no network. Each writes ArrayRecord files so Grain reads them with
+random access (`as_data_source`) and TensorFlow is never needed.
+
+- `python_stdlib`: the running interpreter's standard-library `.py` files (the default corpus).
+- `text_files`: any glob of `.txt` / `.py` / `.md` files, or `.jsonl` with a `text` field.
+
+Documents go to `validation` when a hash of their path (and line, for jsonl) falls in the
+lowest VALIDATION_PERCENT, so the split is deterministic and independent of file order.
+Undecodable bytes are replaced (U+FFFD) and empty documents are skipped.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+VALIDATION_PERCENT = 3
+TEXT_SUFFIXES = (".txt", ".py", ".md", ".jsonl")
+
+
+def _split_of(key: str) -> str:
+  h = int.from_bytes(hashlib.sha1(key.encode("utf-8", "replace")).digest()[:4], "little")
+  return "validation" if h % 100 < VALIDATION_PERCENT else "train"
+
+
+def _read_text(path: str) -> str:
+  with open(path, "rb") as f:
+    return f.read().decode("utf-8", "replace")
+
+
+def _documents(paths: list[str], root: str):
+  """Yields (key, text) for every non-empty document of the files."""
+  for path in paths:
+    rel = os.path.relpath(path, root) if root else path
+    if path.endswith(".jsonl"):
+      for i, line in enumerate(_read_text(path).splitlines()):
+        if not line.strip():
+          continue
+        try:
+          text = json.loads(line).get("text", "")
+        except (json.JSONDecodeError, AttributeError):
+          raise ValueError(f"{path}:{i + 1}: not a JSON object with a 'text' field") from None
+        if isinstance(text, str) and text.strip():
+          yield f"{rel}:{i}", text
+    else:
+      text = _read_text(path)
+      if text.strip():
+        yield rel, text
+
+
+class _TextBuilder(tfds.core.GeneratorBasedBuilder):
+  """Shared by the builders below: features {'text', 'key'}, splits train / validation."""
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text(),
+                                             "key": tfds.features.Text()}),
+        supervised_keys=None)
+
+  def _paths(self) -> tuple[list[str], str]:
+    raise NotImplementedError
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    paths, root = self._paths()
+    return {split: self._generate_examples(paths, root, split)
+            for split in ("train", "validation")}
+
+  def _generate_examples(self, paths, root, split):  # pylint: disable=arguments-differ
+    for key, text in _documents(paths, root):
+      if _split_of(key) == split:
+        yield key, {"text": text, "key": key}
+
+
+class PythonStdlib(_TextBuilder):
+  """The standard-library sources of the running Python (site-packages excluded)."""
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(
+      name=f"py{sys.version_info.major}{sys.version_info.minor}",
+      description="standard library of this Python version")]
+
+  def _paths(self):
+    root = sysconfig.get_paths()["stdlib"]
+    paths = []
+    for d, dirs, files in os.walk(root):
+      dirs[:] = sorted(x for x in dirs if x not in ("site-packages", "dist-packages",
+                                                    "__pycache__"))
+      paths += [os.path.join(d, f) for f in sorted(files) if f.endswith(".py")]
+    return paths, root
+
+
+class TextFilesConfig(tfds.core.BuilderConfig):
+  def __init__(self, *, files: str, **kwargs):
+    super().__init__(**kwargs)
+    self.files = files
+
+
+def resolve_files(pattern: str) -> list[str]:
+  """Files matched by a glob (or several, comma-separated) with a supported suffix."""
+  paths = []
+  for p in (x.strip() for x in pattern.split(",") if x.strip()):
+    p = os.path.expanduser(p)
+    paths += glob.glob(os.path.join(p, "**", "*"), recursive=True) if os.path.isdir(p) \
+        else glob.glob(p, recursive=True)
+  paths = sorted({os.path.abspath(p) for p in paths
+                  if os.path.isfile(p) and p.endswith(TEXT_SUFFIXES)})
+  if not paths:
+    raise ValueError(f"data.files={pattern!r} matches no {'/'.join(TEXT_SUFFIXES)} file; "
+                     "give an existing file, directory or glob.")
+  return paths
+
+
+class TextFiles(_TextBuilder):
+  """Local text files. The config name is a hash of the files' paths, sizes and mtimes, so
+  changing the files prepares a new version instead of serving stale data."""
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = []
+
+  def _paths(self):
+    return resolve_files(self.builder_config.files), ""
+
+
+def text_files_config(pattern: str) -> TextFilesConfig:
+  paths = resolve_files(pattern)
+  h = hashlib.sha1()
+  for p in paths:
+    st = os.stat(p)
+    h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+  return TextFilesConfig(name=f"g{h.hexdigest()[:16]}", files=pattern,
+                         description=f"text files matching {pattern}")
+
+
+def load_builder(data_cfg) -> tfds.core.DatasetBuilder:
+  """The builder for `data.name`, prepared into `data.data_dir` on first use when it is one of
+  ours; any other TFDS name must already be prepared there (as array_record)."""
+  data_dir = os.path.expanduser(data_cfg.data_dir)
+  if data_cfg.name in ("python_stdlib", "text_files"):
+    cls = PythonStdlib if data_cfg.name == "python_stdlib" else TextFiles
+    kwargs = {} if cls is PythonStdlib else {"config": text_files_config(data_cfg.files)}
+    builder = cls(data_dir=data_dir, file_format="array_record", **kwargs)
+    if not builder.is_prepared():
+      print(f"Preparing dataset {data_cfg.name} into {builder.data_dir} (once) ...", flush=True)
+      builder.download_and_prepare()
+    return builder
+  try:
+    builder = tfds.builder(data_cfg.name, data_dir=data_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"data.name={data_cfg.name!r}: not a known TFDS dataset ({e}).") from e
+  if not builder.is_prepared():
+    raise ValueError(
+        f"data.name={data_cfg.name!r} is not prepared in data.data_dir={data_dir!r}. Prepare it "
+        f"once where the data can be downloaded:\n  tfds build {data_cfg.name} "
+        f"--data_dir={data_dir} --file_format=array_record")
+  return builder
+
+
+def data_source(builder, split: str):
+  try:
+    source = builder.as_data_source(split=split)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"dataset {builder.name!r} split {split!r} cannot be read with random "
+                     f"access ({e}); prepare it with --file_format=array_record.") from e
+  if len(source) == 0:
+    raise ValueError(f"dataset {builder.name!r} split {split!r} is empty; give more "
+                     "documents (data.files) or another dataset.")
+  return source
+
+
+def text_of(record, key: str = "text") -> bytes:
+  value = record[key]
+  if isinstance(value, np.ndarray):
+    value = value.item()
+  return value if isinstance(value, bytes) else str(value).encode("utf-8")

@@ -1,0 +1,94 @@
+"""The Grain pipeline: shuffle -> tokenize -> shard by process -> concat-then-split packing into
+rows of `seq_len` with segment ids and positions -> batch -> global jax.Arrays on the mesh.
+
+Each document is wrapped as [BOS] text [EOS]. Packing continues a document across rows (no
+padding is wasted); segment ids restart per row, positions continue within a document.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import jax
+import numpy as np
+
+from mdlm_jax import tokenizers
+from mdlm_jax.data import builders
+
+KEYS = ("inputs", "segment_ids", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenize:
+  tokenizer: tokenizers.Tokenizer
+
+  def __call__(self, record) -> dict[str, np.ndarray]:
+    ids = self.tokenizer.encode(builders.text_of(record))
+    return {"inputs": np.concatenate([[tokenizers.BOS], ids, [tokenizers.EOS]]).astype(np.int32)}
+
+
+def _rename(x):
+  return {"inputs": x["inputs"], "segment_ids": x["inputs_segment_ids"].astype(np.int32),
+          "positions": x["inputs_positions"].astype(np.int32)}
+
+
+def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
+                 train: bool, process_index: int = 0, process_count: int = 1,
+                 prefetch: int = 2) -> grain.IterDataset:
+  """A per-process dataset of packed batches {inputs, segment_ids, positions} (batch, seq_len).
+
+  train: shuffled (reshuffled each epoch) and repeated forever; otherwise one ordered pass
+  whose last rows are zero-padded (segment id 0 marks padding)."""
+  ds = grain.MapDataset.source(source)
+  if train:
+    ds = ds.shuffle(seed=seed).repeat()
+  ds = ds[process_index::process_count].map(Tokenize(tokenizer))
+  it = grain.experimental.ConcatThenSplitIterDataset(
+      ds.to_iter_dataset(), length_struct={"inputs": seq_len}).map(_rename)
+  it = it.batch(batch_size, drop_remainder=train)
+  if not train:
+    it = it.map(lambda b: pad_batch(b, batch_size))
+  if prefetch > 0:
+    it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
+  return it
+
+
+def pad_batch(batch, batch_size: int):
+  n = batch["inputs"].shape[0]
+  if n == batch_size:
+    return batch
+  return {k: np.pad(v, ((0, batch_size - n), (0, 0))) for k, v in batch.items()}
+
+
+def empty_batch(batch_size: int, seq_len: int):
+  return {k: np.zeros((batch_size, seq_len), np.int32) for k in KEYS}
+
+
+def to_global(local_batch, sharding) -> dict[str, jax.Array]:
+  """Assembles the processes' local rows into global arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def local_batch_size(global_batch: int) -> int:
+  if global_batch % jax.process_count():
+    raise ValueError(f"train.batch_size={global_batch} must be divisible by the number of "
+                     f"processes ({jax.process_count()}).")
+  return global_batch // jax.process_count()
+
+
+def train_dataset(config, tokenizer) -> grain.IterDataset:
+  builder = builders.load_builder(config.data)
+  return make_dataset(
+      builders.data_source(builder, "train"), tokenizer, seq_len=config.data.seq_len,
+      batch_size=local_batch_size(config.train.batch_size), seed=config.seed, train=True,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      prefetch=config.data.prefetch)
+
+
+def eval_dataset(config, tokenizer, split: str = "validation") -> grain.IterDataset:
+  builder = builders.load_builder(config.data)
+  return make_dataset(
+      builders.data_source(builder, split), tokenizer, seq_len=config.data.seq_len,
+      batch_size=local_batch_size(config.train.batch_size), seed=config.seed, train=False,
+      process_index=jax.process_index(), process_count=jax.process_count(), prefetch=0)

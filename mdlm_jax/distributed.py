@@ -1,0 +1,41 @@
+"""Multi-process start-up, shared by train.py and the tools. Must run before any JAX
+computation touches a device."""
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import flags
+
+_MODE = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "auto: initialize jax.distributed when coordinator flags/env are given or a cluster "
+    "(TPU pod, SLURM with several tasks) is detected; on: always; off: never.")
+_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None, "Simulate this many CPU devices (testing meshes without accelerators).")
+
+
+def _cluster_detected() -> bool:
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    return True
+  return bool(env.get("TPU_WORKER_HOSTNAMES", "").count(","))
+
+
+def initialize() -> None:
+  if _CPU_DEVICES.value:
+    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+  explicit = _COORD.value is not None
+  if _MODE.value == "off" or (_MODE.value == "auto" and not explicit and not _cluster_detected()):
+    return
+  # CPU processes need a collectives backend; accelerators ignore this setting.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if explicit:
+    jax.distributed.initialize(_COORD.value, _NUM.value, _PID.value)
+  else:
+    jax.distributed.initialize()

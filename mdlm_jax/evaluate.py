@@ -1,0 +1,71 @@
+"""Validation likelihood: the objective's NLL (or bound) per token, bits per token and per byte."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mdlm_jax import sharding
+from mdlm_jax.data import pipeline
+
+
+def summarize(sums: dict[str, float], prefix: str = "eval/") -> dict[str, float]:
+  tokens, nbytes = max(sums["tokens"], 1.0), max(sums["bytes"], 1.0)
+  nll = sums["nll"] / tokens
+  return {f"{prefix}loss": nll, f"{prefix}bits_per_token": nll / math.log(2),
+          f"{prefix}bits_per_byte": sums["nll"] / math.log(2) / nbytes,
+          f"{prefix}perplexity": math.exp(min(nll, 50.0)), f"{prefix}tokens": sums["tokens"]}
+
+
+def format_line(step: int, r: dict[str, float]) -> str:
+  return (f"eval @ step {step}: loss {r['eval/loss']:.4f} | bits/token "
+          f"{r['eval/bits_per_token']:.4f} | bits/byte {r['eval/bits_per_byte']:.4f} | "
+          f"{int(r['eval/tokens'])} tokens")
+
+
+class Evaluator:
+  """Runs `objective.eval_sums` over the validation split with a fixed seed."""
+
+  def __init__(self, setup, split: str = "validation", seed_offset: int = 1):
+    self.setup = setup
+    self.split = split
+    objective, graphdef = setup.objective, setup.graphdef
+    self.key = jax.random.key(setup.config.seed + seed_offset)
+
+    def fn(params, batch, rng):
+      return objective.eval_sums(nnx.merge(graphdef, params), batch, rng)
+
+    self._step = jax.jit(fn, in_shardings=(setup.param_shardings, setup.batch_sharding, None),
+                         out_shardings=sharding.replicated(setup.mesh))
+
+  def run(self, params, max_batches: int) -> dict[str, float]:
+    """max_batches < 0 reads the whole split. Processes stay in lockstep: a process whose
+    shard ran out feeds all-padding batches until every process is done or the limit is hit."""
+    cfg = self.setup.config
+    it = iter(pipeline.eval_dataset(cfg, self.setup.tokenizer, self.split))
+    local_b = pipeline.local_batch_size(cfg.train.batch_size)
+    total, i, done = None, 0, False
+    while max_batches < 0 or i < max_batches:
+      try:
+        local = next(it) if not done else None
+      except StopIteration:
+        done = True
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        all_done = bool(np.all(multihost_utils.process_allgather(np.array([done]))))
+      else:
+        all_done = done
+      if all_done:
+        break
+      if done:
+        local = pipeline.empty_batch(local_b, cfg.data.seq_len)
+      sums = self._step(params, pipeline.to_global(local, self.setup.batch_sharding),
+                        jax.random.fold_in(self.key, i))
+      total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+      i += 1
+    if total is None:
+      raise ValueError(f"the {self.split} split yielded no batch to evaluate.")
+    return summarize({k: float(v) for k, v in jax.device_get(total).items()})

@@ -1,0 +1,99 @@
+"""Metric output (process 0 only): console progress, TensorBoard events, metrics.jsonl."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+
+# Dense bf16 peak FLOP/s per device, by device_kind substring (None: unknown, MFU not shown).
+PEAK_FLOPS = (
+    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
+    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+    ("TPU v4", 275e12),
+)
+
+
+def peak_flops(device=None) -> float | None:
+  kind = (device or jax.devices()[0]).device_kind
+  for key, value in PEAK_FLOPS:
+    if key.lower() in kind.lower():
+      return value
+  return None
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Writer:
+  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard event files; text samples to
+  TensorBoard. A no-op on processes other than 0."""
+
+  def __init__(self, workdir: str | None):
+    self.enabled = workdir is not None and jax.process_index() == 0
+    self._tb = None
+    self._jsonl = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step)}
+    for k, v in values.items():
+      v = float(v)
+      row[k] = v if math.isfinite(v) else str(v)
+      self._tb.add_scalar(k, v, int(step))
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+
+  def text(self, step: int, tag: str, text: str) -> None:
+    if self.enabled:
+      self._tb.add_text(tag, text, int(step))
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+class Progress:
+  """Throughput and ETA between logged steps."""
+
+  def __init__(self, total_steps: int, start_step: int, tokens_per_step: int,
+               flops_per_token: float, num_devices: int):
+    self.total, self.tokens_per_step = total_steps, tokens_per_step
+    self.flops_per_token = flops_per_token
+    peak = peak_flops()
+    self.peak = None if peak is None else peak * num_devices
+    self.last_step, self.last_time = start_step, time.perf_counter()
+
+  def update(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    steps, dt = step - self.last_step, max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    tps = steps * self.tokens_per_step / dt
+    out = {"perf/tokens_per_s": tps, "perf/step_time_s": dt / max(steps, 1)}
+    if self.peak:
+      out["perf/mfu"] = tps * self.flops_per_token / self.peak
+    out["perf/eta_s"] = (self.total - step) * dt / max(steps, 1)
+    return out
+
+  @staticmethod
+  def line(step: int, total: int, m: dict[str, float]) -> str:
+    parts = [f"step {step}/{total}", f"loss {m['train/loss']:.4f}",
+             f"{m['perf/tokens_per_s'] / 1e3:.1f}k tok/s"]
+    if "perf/mfu" in m:
+      parts.append(f"MFU {100 * m['perf/mfu']:.1f}%")
+    parts.append(f"lr {m['train/learning_rate']:.2e}")
+    parts.append(f"ETA {format_duration(m['perf/eta_s'])}")
+    return " | ".join(parts)

@@ -1,0 +1,215 @@
+"""The shared Transformer backbone (Flax NNX): RMSNorm, RoPE, SwiGLU, causal or bidirectional.
+
+Parameters are float32 and carry logical axis names (metadata `axes`) that `sharding.py` maps to
+the device mesh; compute runs in `model.dtype` (bfloat16 or float32) and logits are float32.
+Packed rows are handled with segment ids: a token attends only within its own segment.
+Shape suffixes: B batch, T query length, S key length, D d_model, N heads, H head dim, F mlp,
+V vocabulary, L layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  num_layers: int = 4
+  d_model: int = 256
+  num_heads: int = 4
+  mlp_dim: int = 768
+  dtype: str = "float32"
+  remat: str = "none"
+  max_seq_len: int = 2048
+  tied_embeddings: bool = True
+  attention: str = "auto"
+  rope_base: float = 10000.0
+  init_std: float = 0.02
+  causal: bool = True
+
+  @classmethod
+  def from_config(cls, model_cfg, vocab_size: int, causal: bool) -> "ModelConfig":
+    fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "causal"}
+    return cls(vocab_size=vocab_size, causal=causal, **{k: model_cfg[k] for k in fields})
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+def param(rngs: nnx.Rngs, shape, axes, std: float | None) -> nnx.Param:
+  """A float32 parameter with logical axis names; std None means ones (norm scales)."""
+  if std is None:
+    value = jnp.ones(shape, jnp.float32)
+  else:
+    value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
+  return nnx.Param(value, axes=axes)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, rngs: nnx.Rngs):
+    self.scale = param(rngs, (dim,), ("embed",), None)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+def rope(x_BxTxNxH, positions_BxT, base: float):
+  h = x_BxTxNxH.shape[-1]
+  freq = base ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  angle_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * freq
+  sin, cos = jnp.sin(angle_BxTxH2)[:, :, None], jnp.cos(angle_BxTxH2)[:, :, None]
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+def attention_mask(q_seg_BxT, k_seg_BxS, q_idx_BxT, k_idx_BxS, causal: bool):
+  """(B, 1, T, S) boolean: same segment and, if causal, key index <= query index."""
+  mask = q_seg_BxT[:, :, None] == k_seg_BxS[:, None, :]
+  if causal:
+    mask &= k_idx_BxS[:, None, :] <= q_idx_BxT[:, :, None]
+  return mask[:, None]
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, n, h = cfg.d_model, cfg.num_heads, cfg.head_dim
+    out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    self.cfg = cfg
+    self.wq = param(rngs, (d, n, h), ("embed", "heads", "kv"), cfg.init_std)
+    self.wk = param(rngs, (d, n, h), ("embed", "heads", "kv"), cfg.init_std)
+    self.wv = param(rngs, (d, n, h), ("embed", "heads", "kv"), cfg.init_std)
+    self.wo = param(rngs, (n, h, d), ("heads", "kv", "embed"), out_std)
+
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, causal: bool, cache=None):
+    cfg, dt = self.cfg, self.cfg.compute_dtype
+    q = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.wq[...].astype(dt))
+    k = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.wk[...].astype(dt))
+    v = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.wv[...].astype(dt))
+    q, k = rope(q, positions_BxT, cfg.rope_base), rope(k, positions_BxT, cfg.rope_base)
+    if cache is not None:  # decoding: write the new keys/values at `index`, attend to all
+      index = cache["index"]
+      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
+      cache = dict(k=k, v=v, index=index)
+    impl = None if cfg.attention == "auto" else cfg.attention
+    # The mask already holds causality; `is_causal` lets cuDNN skip the masked tiles.
+    full_causal = causal and cache is None and q.shape[1] == k.shape[1]
+    o = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxS, is_causal=full_causal,
+                                     implementation=impl)
+    return jnp.einsum("btnh,nhd->btd", o, self.wo[...].astype(dt)), cache
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.mlp_dim
+    self.cfg = cfg
+    self.w_gate = param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
+    self.w_up = param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
+    self.w_down = param(rngs, (f, d), ("mlp", "embed"), cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+
+  def __call__(self, x_BxTxD):
+    dt = self.cfg.compute_dtype
+    g = jnp.einsum("btd,df->btf", x_BxTxD, self.w_gate[...].astype(dt))
+    u = jnp.einsum("btd,df->btf", x_BxTxD, self.w_up[...].astype(dt))
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, self.w_down[...].astype(dt))
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, mask, causal, cache=None):
+    a, cache = self.attn(self.attn_norm(x), positions, mask, causal, cache)
+    x = x + a
+    return x + self.mlp(self.mlp_norm(x)), cache
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Transformer(nnx.Module):
+  """Token embedding -> L blocks -> final norm -> (tied) unembedding."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, rngs)
+    if not cfg.tied_embeddings:
+      self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                           cfg.init_std)
+
+  def embed_tokens(self, tokens_BxT):
+    return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
+
+  def hidden(self, x_BxTxD, positions_BxT, segment_ids_BxT, causal: bool | None = None):
+    """Runs the blocks on input embeddings; returns final-normed states (B, T, D)."""
+    causal = self.cfg.causal if causal is None else causal
+    idx_BxT = jnp.broadcast_to(jnp.arange(x_BxTxD.shape[1]), positions_BxT.shape)
+    mask = attention_mask(segment_ids_BxT, segment_ids_BxT, idx_BxT, idx_BxT, causal)
+
+    def run(block, x):
+      return block(x, positions_BxT, mask, causal)[0]
+
+    if self.cfg.remat != "none":
+      run = nnx.remat(run, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+    for block in self.blocks:
+      x_BxTxD = run(block, x_BxTxD)
+    return self.final_norm(x_BxTxD)
+
+  def logits(self, h_BxTxD):
+    dt = self.cfg.compute_dtype
+    w_DxV = self.embed[...].T if self.cfg.tied_embeddings else self.unembed[...]
+    return jnp.einsum("btd,dv->btv", h_BxTxD, w_DxV.astype(dt),
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, causal: bool | None = None):
+    h = self.hidden(self.embed_tokens(tokens_BxT), positions_BxT, segment_ids_BxT, causal)
+    return self.logits(h)
+
+  # ---- incremental decoding with a KV cache (causal models) ----
+  def init_cache(self, batch: int, length: int) -> list[dict[str, Any]]:
+    cfg = self.cfg
+    shape = (batch, length, cfg.num_heads, cfg.head_dim)
+    zeros = lambda: jnp.zeros(shape, cfg.compute_dtype)
+    return [dict(k=zeros(), v=zeros(), index=jnp.zeros((), jnp.int32))
+            for _ in range(cfg.num_layers)]
+
+  def decode(self, tokens_BxT, cache):
+    """Appends T tokens at position cache index; returns (float32 logits (B, T, V), cache)."""
+    b, t = tokens_BxT.shape
+    index = cache[0]["index"]
+    s = cache[0]["k"].shape[1]
+    q_idx = jnp.broadcast_to(index + jnp.arange(t), (b, t))
+    k_idx = jnp.broadcast_to(jnp.arange(s), (b, s))
+    mask = attention_mask(jnp.ones((b, t), jnp.int32), (k_idx < index + t).astype(jnp.int32),
+                          q_idx, k_idx, causal=True)
+    x = self.embed_tokens(tokens_BxT)
+    new_cache = []
+    for block, c in zip(self.blocks, cache):
+      x, c = block(x, q_idx, mask, False, c)
+      new_cache.append(dict(c, index=index + t))
+    return self.logits(self.final_norm(x)), new_cache
+
+
+def count_params(params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,74 @@
+"""`ar`: next-token prediction, with MEAP input masking and z-loss (OBJECTIVES.md section 1)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mdlm_jax import objectives
+from mdlm_jax import tokenizers
+from mdlm_jax.objectives import base
+
+
+def next_token_targets(batch):
+  """targets[t] = inputs[t + 1] where t + 1 lies in the same (real) segment."""
+  x, seg = batch["inputs"], batch["segment_ids"]
+  targets = jnp.roll(x, -1, axis=1)
+  next_seg = jnp.roll(seg, -1, axis=1).at[:, -1].set(-1)
+  return targets, (seg > 0) & (next_seg == seg)
+
+
+def meap_mask(inputs_BxT, eligible_BxT, ratio: float, rng):
+  """Replaces floor(ratio * n) of the eligible input positions of each row with MASK, where
+  n is the row's eligible count; ineligible positions (padding, the last of each segment)
+  are never masked. Returns (masked inputs, boolean mask)."""
+  n = jnp.sum(eligible_BxT, axis=1)
+  k = jnp.floor(ratio * n.astype(jnp.float32)).astype(jnp.int32)
+  score = jnp.where(eligible_BxT, jax.random.uniform(rng, inputs_BxT.shape), 2.0)
+  rank = jnp.argsort(jnp.argsort(score, axis=1), axis=1)
+  masked = rank < k[:, None]
+  return jnp.where(masked, tokenizers.MASK, inputs_BxT), masked
+
+
+@objectives.register
+class AR(base.Objective):
+  name = "ar"
+  defaults = dict(meap_mask_ratio=0.0, z_loss=0.0)
+  causal = True
+
+  @classmethod
+  def validate(cls, opts):
+    if not 0.0 <= opts.meap_mask_ratio < 1.0:
+      raise ValueError(f"objective.meap_mask_ratio={opts.meap_mask_ratio} must be in [0, 1) "
+                       "(0 disables MEAP; the paper uses 0.15).")
+    if opts.z_loss < 0:
+      raise ValueError(f"objective.z_loss={opts.z_loss} must be >= 0 (0 disables; 1e-4 is usual).")
+
+  def _nll(self, model, batch, inputs):
+    targets, valid = next_token_targets(batch)
+    logits = model(inputs, batch["positions"], batch["segment_ids"])
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    nll = lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return nll, lse, targets, valid
+
+  def loss(self, model, batch, rng):
+    inputs = batch["inputs"]
+    if self.opts.meap_mask_ratio > 0:
+      _, eligible = next_token_targets(batch)
+      inputs, _ = meap_mask(inputs, eligible, self.opts.meap_mask_ratio, rng)
+    nll, lse, _, valid = self._nll(model, batch, inputs)
+    ce = base.masked_mean(nll, valid)
+    metrics = {"ce": ce}
+    loss = ce
+    if self.opts.z_loss > 0:
+      z = base.masked_mean(lse ** 2, valid)
+      loss = loss + self.opts.z_loss * z
+      metrics["z_loss"] = z
+    return loss, metrics
+
+  def eval_sums(self, model, batch, rng):
+    del rng  # inference sees no MEAP masking
+    nll, _, targets, valid = self._nll(model, batch, batch["inputs"])
+    v = valid.astype(jnp.float32)
+    token_bytes = jnp.asarray(self.tokenizer.token_bytes, jnp.float32)
+    return {"nll": jnp.sum(nll * v), "tokens": jnp.sum(v),
+            "bytes": jnp.sum(token_bytes[targets] * v)}

@@ -1,0 +1,66 @@
+"""What every objective provides. Batches are dicts of int32 (B, T) arrays: `inputs`,
+`segment_ids` (0 = padding; packed documents are 1, 2, ...) and `positions`."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mdlm_jax import model as model_lib
+
+Metrics = dict[str, jax.Array]
+
+
+class Objective:
+  name: ClassVar[str]
+  defaults: ClassVar[dict[str, Any]] = {}
+  causal: ClassVar[bool] = True
+
+  def __init__(self, config, tokenizer):
+    self.config = config
+    self.opts = config.objective
+    self.tokenizer = tokenizer
+    self.vocab_size = tokenizer.vocab_size
+    self.model_config = model_lib.ModelConfig.from_config(config.model, self.vocab_size,
+                                                          self.causal)
+
+  @classmethod
+  def validate(cls, opts) -> None:
+    """Raises ValueError naming a bad `objective.` option."""
+
+  def build(self, rngs: nnx.Rngs) -> nnx.Module:
+    """The objective's modules; the trainer only sees their params."""
+    return model_lib.Transformer(self.model_config, rngs)
+
+  def loss(self, model: nnx.Module, batch, rng) -> tuple[jax.Array, Metrics]:
+    raise NotImplementedError
+
+  def eval_sums(self, model: nnx.Module, batch, rng) -> Metrics:
+    """Sums over a validation batch: `nll` (nats, or the objective's bound), `tokens`,
+    `bytes`. The evaluator divides them out into per-token and per-byte figures."""
+    raise NotImplementedError
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) of the network calls the loss makes."""
+    return 3.0 * forward_flops_per_token(self.model_config, seq_len)
+
+
+def forward_flops_per_token(cfg: model_lib.ModelConfig, seq_len: int) -> float:
+  """Matmul FLOPs of one forward pass per token. Causal attention does half the score work
+  (only the lower triangle is needed); bidirectional attention is not halved."""
+  d, f, layers = cfg.d_model, cfg.mlp_dim, cfg.num_layers
+  dense = layers * (4 * d * d + 3 * d * f) + d * cfg.vocab_size
+  attn = layers * 2 * seq_len * d * (0.5 if cfg.causal else 1.0)
+  return 2.0 * (dense + attn)
+
+
+def cross_entropy(logits_BxTxV, targets_BxT):
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+
+
+def masked_mean(x, mask):
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)

@@ -1,0 +1,82 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes."""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or axes). Parameters name their dimensions with the left column.
+RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+)
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  sizes = [mesh_cfg[a] for a in MESH_AXES]
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known}) do not "
+                       f"divide the {num_devices} devices; change the mesh.* sizes.")
+    sizes[sizes.index(-1)] = num_devices // known
+  total = math.prod(sizes)
+  if total > num_devices or num_devices % total:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices, which must "
+                     f"divide the {num_devices} available; change the mesh.* sizes.")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=devices[:math.prod(shape)])
+
+
+def logical_to_spec(axes, shape, mesh) -> P:
+  """PartitionSpec for a tensor whose dims carry `axes`; a dim that the mesh axis size does
+  not divide (or whose mesh axis is already used) stays replicated."""
+  rules = dict(RULES)
+  used, spec = set(), []
+  for name, dim in zip(axes, shape):
+    target = rules.get(name)
+    names = () if target is None else (target if isinstance(target, tuple) else (target,))
+    names = tuple(n for n in names if n not in used and mesh.shape[n] > 1)
+    size = math.prod(mesh.shape[n] for n in names)
+    if names and dim % size == 0:
+      used.update(names)
+      spec.append(names if len(names) > 1 else names[0])
+    else:
+      spec.append(None)
+  return P(*spec)
+
+
+def param_shardings(abstract_state: nnx.State, mesh):
+  """NamedShardings for a pure-dict params tree, from the `axes` metadata of an nnx.State."""
+  def one(v):
+    axes = v.get_metadata().get("axes") or (None,) * len(v.shape)
+    return NamedSharding(mesh, logical_to_spec(axes, v.shape, mesh))
+  shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.to_pure_dict(shardings)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(dict(RULES)["batch"]))
+
+
+def data_parallel_size(mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in dict(RULES)["batch"]]))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

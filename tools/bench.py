@@ -1,0 +1,123 @@
+"""Benchmark the train step (and optionally the input pipeline) for a config.
+
+  python tools/bench.py --config=configs/default.py --config.train.batch_size=16 [--pipeline]
+
+Synthetic batches (random tokens, packed rows of several segments) so the figure is the step's
+own. Prints one JSON line: tokens_per_s, step_time_s, compile_time_s, flops_per_token, mfu
+(null where the device's peak is unknown), peak_memory_bytes, and pipeline_tokens_per_s with
+--pipeline (the Grain pipeline alone on the configured dataset).
+"""
+import json
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mdlm_jax import distributed  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
+_PIPELINE = flags.DEFINE_bool("pipeline", False, "Also time the Grain pipeline alone.")
+_PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 200, "Batches to time.")
+
+
+def synthetic_batch(rng, batch: int, seq_len: int, vocab: int):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mdlm_jax import tokenizers  # pylint: disable=g-import-not-at-top
+  inputs = rng.integers(tokenizers.NUM_SPECIAL, vocab, (batch, seq_len), dtype=np.int32)
+  starts = rng.random((batch, seq_len)) < 1.0 / 128  # documents of ~128 tokens
+  starts[:, 0] = True
+  seg = np.cumsum(starts, axis=1).astype(np.int32)
+  pos = np.zeros_like(seg)
+  for b in range(batch):
+    begin = 0
+    for t in range(seq_len):
+      if starts[b, t]:
+        begin = t
+      pos[b, t] = t - begin
+  return {"inputs": inputs, "segment_ids": seg, "positions": pos}
+
+
+def pipeline_tokens_per_s(config, tokenizer, batches: int) -> float:
+  from mdlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  it = iter(pipeline.train_dataset(config, tokenizer))
+  next(it)
+  t0, n = time.perf_counter(), 0
+  for _ in range(batches):
+    n += next(it)["inputs"].size
+  rate = n / (time.perf_counter() - t0)
+  it.close()
+  return rate
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  distributed.initialize()
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mdlm_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from mdlm_jax import trainer  # pylint: disable=g-import-not-at-top
+  from mdlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  config = _CONFIG.value
+  setup = trainer.build(config)
+  tx, schedule = trainer.make_optimizer(config.train)
+  abstract_state = trainer.abstract_train_state(setup, tx)
+  step_fn, compile_s = trainer.compile_step(
+      trainer.make_train_step(setup, tx, schedule, abstract_state), abstract_state,
+      setup.abstract_batch(), verbose=False)
+  state = trainer.init_train_state(setup, tx, abstract_state)
+  rng = np.random.default_rng(0)
+  b, t = config.train.batch_size, config.data.seq_len
+  local = pipeline.local_batch_size(b)
+  batches = [pipeline.to_global(synthetic_batch(rng, local, t, setup.tokenizer.vocab_size),
+                                setup.batch_sharding) for _ in range(2)]
+  for i in range(_WARMUP.value):
+    state, m = step_fn(state, batches[i % 2])
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  for i in range(_STEPS.value):
+    state, m = step_fn(state, batches[i % 2])
+  jax.block_until_ready((state, m))
+  step_time = (time.perf_counter() - t0) / _STEPS.value
+  tokens_per_s = b * t / step_time
+  flops = setup.objective.flops_per_token(t)
+  peak = metrics_lib.peak_flops()
+  mfu = None if peak is None else tokens_per_s * flops / (peak * jax.device_count())
+  stats = jax.devices()[0].memory_stats() or {}
+  peak_mem = stats.get("peak_bytes_in_use")
+  if peak_mem is None:  # CPU: the compiled step's own estimate
+    mem = step_fn.memory_analysis()
+    peak_mem = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                - mem.alias_size_in_bytes) if mem is not None else None
+  result = {
+      "objective": config.objective.name, "device": jax.devices()[0].device_kind,
+      "num_devices": jax.device_count(), "batch_size": b, "seq_len": t,
+      "params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(setup.abstract_params))),
+      "dtype": config.model.dtype, "tokens_per_s": tokens_per_s, "step_time_s": step_time,
+      "compile_time_s": compile_s, "flops_per_token": flops, "mfu": mfu,
+      "peak_memory_bytes": peak_mem,
+      "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      "loss": float(m["train/loss"]),
+  }
+  if _PIPELINE.value:
+    result["pipeline_tokens_per_s"] = pipeline_tokens_per_s(config, setup.tokenizer,
+                                                            _PIPELINE_BATCHES.value)
+    result["pipeline_over_step"] = result["pipeline_tokens_per_s"] / tokens_per_s
+  if jax.process_index() == 0:
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)
