@@ -14,7 +14,7 @@ from mdlm_jax import objectives
 
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
-ATTENTION = ("auto", "xla", "cudnn")
+ATTENTION = ("auto", "xla", "cudnn", "chunked")
 SCHEDULES = ("cosine", "constant")
 
 
@@ -47,6 +47,22 @@ def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         c.objective[k] = v
   c.lock()
   return c
+
+
+def from_dict(saved: dict) -> ml_collections.ConfigDict:
+  """A config saved by a run (workdir/config.json), completed with today's defaults."""
+  c = finalize(base_config())
+  with c.unlocked():
+    _update(c, saved)
+  return c
+
+
+def _update(c, d):
+  for k, v in d.items():
+    if isinstance(v, dict) and k in c and isinstance(c[k], ml_collections.ConfigDict):
+      _update(c[k], v)
+    else:
+      c[k] = v
 
 
 class ConfigError(ValueError):

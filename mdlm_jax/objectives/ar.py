@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from mdlm_jax import objectives
+from mdlm_jax import sampling
 from mdlm_jax import tokenizers
 from mdlm_jax.objectives import base
 
@@ -72,3 +73,8 @@ class AR(base.Objective):
     token_bytes = jnp.asarray(self.tokenizer.token_bytes, jnp.float32)
     return {"nll": jnp.sum(nll * v), "tokens": jnp.sum(v),
             "bytes": jnp.sum(token_bytes[targets] * v)}
+
+  def generate(self, model, prompt_BxP, rng, *, max_new_tokens=256, temperature=1.0, top_k=0,
+               top_p=1.0, min_p=0.0):
+    return sampling.generate_ar(model, prompt_BxP, rng, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)

@@ -43,6 +43,10 @@ class Objective:
     `bytes`. The evaluator divides them out into per-token and per-byte figures."""
     raise NotImplementedError
 
+  def generate(self, model: nnx.Module, prompt_BxP, rng, **options):
+    """Samples continuations of `prompt_BxP` (int32, starting with BOS)."""
+    raise ValueError(f"objective {self.name!r} has no sampler for a prompt.")
+
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) of the network calls the loss makes."""
     return 3.0 * forward_flops_per_token(self.model_config, seq_len)
