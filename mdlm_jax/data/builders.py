@@ -5,7 +5,8 @@ random access (`as_data_source`) and TensorFlow is never needed.
 - `text_files`: any glob of `.txt` / `.py` / `.md` files, or `.jsonl` with a `text` field.
 
 Documents go to `validation` when a hash of their path (and line, for jsonl) falls in the
-lowest VALIDATION_PERCENT, so the split is deterministic and independent of file order.
+lowest VALIDATION_PERCENT, so the split is deterministic and independent of file order; a
+corpus too small for that still gets one validation document.
 Undecodable bytes are replaced (U+FFFD) and empty documents are skipped.
 """
 from __future__ import annotations
@@ -24,9 +25,27 @@ VALIDATION_PERCENT = 3
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".jsonl")
 
 
+def _hash(key: str) -> int:
+  return int.from_bytes(hashlib.sha1(key.encode("utf-8", "replace")).digest()[:4], "little")
+
+
 def _split_of(key: str) -> str:
-  h = int.from_bytes(hashlib.sha1(key.encode("utf-8", "replace")).digest()[:4], "little")
-  return "validation" if h % 100 < VALIDATION_PERCENT else "train"
+  return "validation" if _hash(key) % 100 < VALIDATION_PERCENT else "train"
+
+
+def assign_splits(keys: list[str]) -> set[str]:
+  """The validation keys. Both splits must be non-empty: with few documents the one with
+  the smallest hash is moved across."""
+  if len(keys) < 2:
+    raise ValueError(f"the corpus has {len(keys)} non-empty document(s); at least 2 are needed "
+                     "(one for validation). Give more files or jsonl lines.")
+  val = {k for k in keys if _split_of(k) == "validation"}
+  by_hash = sorted(keys, key=_hash)
+  if not val:
+    val = {by_hash[0]}
+  elif len(val) == len(keys):
+    val.discard(by_hash[-1])
+  return val
 
 
 def _read_text(path: str) -> str:
@@ -69,12 +88,13 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     paths, root = self._paths()
-    return {split: self._generate_examples(paths, root, split)
+    val = assign_splits([key for key, _ in _documents(paths, root)])
+    return {split: self._generate_examples(paths, root, val, split == "validation")
             for split in ("train", "validation")}
 
-  def _generate_examples(self, paths, root, split):  # pylint: disable=arguments-differ
+  def _generate_examples(self, paths, root, val, validation):  # pylint: disable=arguments-differ
     for key, text in _documents(paths, root):
-      if _split_of(key) == split:
+      if (key in val) == validation:
         yield key, {"text": text, "key": key}
 
 
