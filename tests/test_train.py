@@ -1,0 +1,133 @@
+"""The train step and loop: sharding, exact resume, checkpoints, config contracts."""
+import glob
+import json
+import os
+import warnings
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from mdlm_jax import checkpoint
+from mdlm_jax import config as config_lib
+from mdlm_jax import sharding
+from mdlm_jax import trainer
+from mdlm_jax.data import pipeline
+
+quiet = lambda _: None
+
+
+def losses(workdir):
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def run_steps(cfg, mesh, batches):
+  setup = trainer.build(cfg, mesh)
+  tx, schedule = trainer.make_optimizer(cfg.train)
+  abstract = trainer.abstract_train_state(setup, tx)
+  step = trainer.make_train_step(setup, tx, schedule, abstract)
+  state = trainer.init_train_state(setup, tx, abstract)
+  out = []
+  for b in batches:
+    state, m = step(state, pipeline.to_global(b, setup.batch_sharding))
+    out.append(float(m["train/loss"]))
+  return out, jax.device_get(state["params"]), setup
+
+
+def test_sharded_step_on_8_devices_matches_one_device(make_config):
+  assert jax.device_count() == 8
+  cfg = make_config({"model.num_heads": 4, "train.ema_decay": 0.9})
+  it = iter(pipeline.train_dataset(cfg, trainer.build(cfg).tokenizer))
+  batches = [next(it) for _ in range(3)]
+  one, params_one, _ = run_steps(cfg, sharding.make_mesh(cfg.mesh), batches)
+  mesh8 = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  eight, params_eight, setup = run_steps(cfg, mesh8, batches)
+  # the parameters really are split over the fsdp and tensor axes
+  wq = setup.param_shardings["blocks"][0]["attn"]["wq"]
+  assert wq.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+  np.testing.assert_allclose(eight, one, rtol=2e-5)
+  chex.assert_trees_all_close(params_eight, params_one, rtol=2e-4, atol=2e-6)
+
+
+def test_mesh_inference_and_errors():
+  assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
+  with pytest.raises(ValueError, match="do not divide"):
+    sharding.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
+  with pytest.raises(ValueError, match="needs 16 devices"):
+    sharding.mesh_shape({"data": 4, "fsdp": 2, "tensor": 2}, 8)
+
+
+def test_resumed_run_repeats_the_uninterrupted_losses_exactly(tmp_path, make_config):
+  over = {"train.steps": 6, "train.ema_decay": 0.5, "train.grad_accum_steps": 2,
+          "objective.meap_mask_ratio": 0.15, "checkpoint.every_steps": 3}
+  straight = str(tmp_path / "straight")
+  trainer.train(make_config(over), straight, log=quiet)
+  split = str(tmp_path / "split")
+  trainer.train(make_config({**over, "train.steps": 3}), split, log=quiet)
+  assert sorted(losses(split)) == [1, 2, 3]
+  trainer.train(make_config(over), split, log=quiet)
+  a, b = losses(straight), losses(split)
+  assert sorted(b) == list(range(1, 7))
+  assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)], "resume is not exact"
+  assert a[6] < a[1]
+
+
+def test_workdir_of_another_model_is_refused_untouched(tmp_path, make_config):
+  wd = str(tmp_path / "wd")
+  trainer.train(make_config({"train.steps": 2}), wd, log=quiet)
+  before = {p: os.path.getmtime(p) for p in glob.glob(f"{wd}/**", recursive=True)}
+  with pytest.raises(ValueError, match="model.d_model: 32 in the workdir, 48 now"):
+    trainer.train(make_config({"train.steps": 4, "model.d_model": 48}), wd, log=quiet)
+  after = {p: os.path.getmtime(p) for p in glob.glob(f"{wd}/**", recursive=True)}
+  assert before == after
+  # without config.json the checkpoint's own shapes still refuse it
+  os.remove(os.path.join(wd, "config.json"))
+  with pytest.raises(ValueError, match="other shapes"):
+    trainer.train(make_config({"train.steps": 4, "model.d_model": 48}), wd, log=quiet)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, make_config):
+  wd = str(tmp_path / "wd")
+  cfg = make_config({"train.steps": 4})
+  trainer.train(cfg, wd, log=quiet)
+  ckpt = os.path.join(wd, "checkpoints")
+  assert sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) == [2, 4]
+  manifest = os.path.join(ckpt, "4", "params", "manifest.ocdbt")
+  with open(manifest, "r+b") as fh:  # a write cut short
+    fh.truncate(os.path.getsize(manifest) // 3)
+  setup = trainer.build(cfg)
+  tx, _ = trainer.make_optimizer(cfg.train)
+  abstract = trainer.abstract_train_state(setup, tx)
+  it = iter(pipeline.train_dataset(cfg, setup.tokenizer))
+  mngr = checkpoint.manager(wd)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    state = checkpoint.restore_latest(mngr, abstract, it)
+  assert int(state["step"]) == 2
+  assert any("step 4 could not be restored" in str(w.message) for w in caught)
+  it.close()
+  mngr.close()
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"train.batch_size": 6, "mesh.data": 4}, "divisible by the data-parallel size"),
+    ({"data.seq_len": 128}, "exceeds the model's limit model.max_seq_len=64"),
+    ({"model.dtype": "float16"}, "model.dtype='float16'"),
+    ({"model.d_model": 33}, "divisible by model.num_heads"),
+    ({"objective.name": "nope"}, "objective.name='nope' is unknown"),
+    ({"train.grad_accum_steps": 3}, "train.grad_accum_steps=3"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, "at most one of mesh"),
+    ({"data.name": "text_files", "data.files": ""}, "needs data.files"),
+    ({"train.ema_decay": 1.0}, "train.ema_decay"),
+])
+def test_bad_config_values_are_refused_before_compiling(make_config, override, message):
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    trainer.build(make_config(override))
+
+
+def test_config_from_saved_dict_roundtrips(make_config):
+  cfg = make_config({"model.d_model": 48})
+  again = config_lib.from_dict(json.loads(json.dumps(cfg.to_dict())))
+  assert again.to_dict() == cfg.to_dict()
