@@ -1,35 +1,16 @@
 """Tests run on CPU with 8 simulated devices (meshes up to data 2 x fsdp 2 x tensor 2)."""
 import os
-import random
 import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import json  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
-         "rho sigma tau upsilon phi chi psi omega def return class import for while if else")
-
-
-def write_corpus(root, docs: int = 300, seed: int = 0) -> str:
-  """A jsonl corpus plus text files (one with invalid UTF-8, one empty); returns a glob."""
-  rng = random.Random(seed)
-  words = WORDS.split()
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, "docs.jsonl"), "w") as f:
-    for _ in range(docs):
-      n = rng.randint(5, 60)
-      f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(n))}) + "\n")
-    f.write("\n")  # blank lines are skipped
-  with open(os.path.join(root, "latin1.txt"), "wb") as f:
-    f.write(b"caf\xe9 na\xefve \xff\xfe bytes that are not UTF-8\n")
-  open(os.path.join(root, "empty.txt"), "w").close()
-  return os.path.join(root, "*")
+from helpers import tiny_config, write_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,25 +21,6 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
-
-
-def tiny_config(corpus_glob: str, data_dir: str, overrides: dict | None = None):
-  """A model small enough to compile and step in about a second."""
-  from mdlm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  c = config_lib.base_config()
-  c.model.update(num_layers=2, d_model=32, num_heads=2, mlp_dim=64, max_seq_len=64)
-  c.data.update(name="text_files", files=corpus_glob, data_dir=data_dir, seq_len=32, prefetch=0)
-  c.train.update(steps=4, batch_size=8, learning_rate=3e-3, warmup_steps=1, log_every_steps=1,
-                 schedule="constant")
-  c.mesh.update(data=1, fsdp=1, tensor=1)
-  c.checkpoint.update(every_steps=2, keep=3)
-  c.eval.update(every_steps=0, batches=2)
-  c = config_lib.finalize(c)
-  with c.unlocked():
-    for key, value in (overrides or {}).items():
-      section, _, name = key.rpartition(".")
-      (c[section] if section else c)[name] = value
-  return c
 
 
 @pytest.fixture

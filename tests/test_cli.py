@@ -1,0 +1,96 @@
+"""The command lines end to end, as a user runs them (subprocesses, tiny model)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def tiny_flags(corpus, data_dir, **kw):
+  flags = {"model.num_layers": 2, "model.d_model": 32, "model.num_heads": 2,
+           "model.mlp_dim": 64, "model.max_seq_len": 128, "data.name": "text_files",
+           "data.files": corpus, "data.data_dir": data_dir, "data.seq_len": 32,
+           "train.batch_size": 8, "train.steps": 6, "train.warmup_steps": 1,
+           "train.log_every_steps": 2, "checkpoint.every_steps": 3, "eval.every_steps": 3,
+           "eval.batches": 2}
+  flags.update(kw)
+  return [f"--config.{k}={v}" for k, v in flags.items()]
+
+
+def run(args, check=True, timeout=300):
+  p = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True,
+                     text=True, timeout=timeout)
+  if check and p.returncode != 0:
+    raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-3000:]}")
+  return p
+
+
+def test_train_sample_evaluate(tmp_path, corpus, data_dir):
+  wd = str(tmp_path / "wd")
+  out = run(["train.py", f"--workdir={wd}", *tiny_flags(corpus, data_dir)]).stdout
+  assert "step 6/6 | loss" in out and "tok/s" in out and "ETA" in out
+  assert "eval @ step 6" in out
+  rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  train_rows = [r for r in rows if "train/loss" in r]
+  assert [r["step"] for r in train_rows] == [2, 4, 6]
+  assert any("eval/bits_per_byte" in r for r in rows)
+  assert os.listdir(os.path.join(wd, "tensorboard"))
+  events = [f for f in os.listdir(os.path.join(wd, "tensorboard")) if "tfevents" in f]
+  assert events and b"train/loss" in open(os.path.join(wd, "tensorboard", events[0]), "rb").read()
+
+  sample = run(["tools/sample.py", f"--workdir={wd}", "--prompt=alpha ", "--num_samples=2",
+                "--max_new_tokens=16", "--top_p=0.9", "--top_k=20", "--min_p=0.01"]).stdout
+  assert sample.count("--- sample") == 2 and "step 6" in sample
+  assert sample.count("alpha ") >= 2
+
+  ev = run(["tools/evaluate.py", f"--workdir={wd}"]).stdout
+  result = json.loads(ev.strip().splitlines()[-1])
+  assert result["step"] == 6 and result["tokens"] > 0
+  assert abs(result["bits_per_token"] * 0.6931471805599453 - result["loss"]) < 1e-6
+  assert 0 < result["bits_per_byte"] < 9
+
+
+def test_unknown_config_key_and_bad_value_fail_fast(tmp_path, corpus, data_dir):
+  wd = str(tmp_path / "wd")
+  p = run(["train.py", f"--workdir={wd}", "--config.model.num_layer=2"], check=False)
+  assert p.returncode != 0 and "num_layer" in p.stderr
+  p = run(["train.py", f"--workdir={wd}", *tiny_flags(corpus, data_dir, **{"data.seq_len": 512})],
+          check=False)
+  assert p.returncode != 0 and "model.max_seq_len" in p.stderr
+  assert not os.path.exists(os.path.join(wd, "checkpoints"))
+
+
+def test_sampling_a_workdir_without_checkpoint_is_a_clear_error(tmp_path):
+  p = run(["tools/sample.py", f"--workdir={tmp_path}"], check=False)
+  assert p.returncode != 0 and "no config.json" in p.stderr
+
+
+def test_sigterm_saves_and_the_resumed_run_matches(tmp_path, corpus, data_dir):
+  over = {"train.steps": 40, "train.log_every_steps": 1, "train.schedule": "constant",
+          "checkpoint.every_steps": 1000, "eval.every_steps": 0}
+  ref = str(tmp_path / "ref")
+  run(["train.py", f"--workdir={ref}", *tiny_flags(corpus, data_dir, **over)])
+  wd = str(tmp_path / "wd")
+  proc = subprocess.Popen([sys.executable, "train.py", f"--workdir={wd}",
+                           *tiny_flags(corpus, data_dir, **over)], cwd=ROOT, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for line in proc.stdout:
+    if line.startswith("step 3/"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert "SIGTERM: saved step" in out
+  saved = [int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()]
+  assert len(saved) == 1 and 3 <= saved[0] < 40
+  run(["train.py", f"--workdir={wd}", *tiny_flags(corpus, data_dir, **over)])
+  loss = lambda d: {r["step"]: r["train/loss"] for r in map(json.loads, open(f"{d}/metrics.jsonl"))
+                    if "train/loss" in r}
+  a, b = loss(ref), loss(wd)
+  assert all(a[s] == b[s] for s in range(1, 41)), "the resumed run diverged"

@@ -1,0 +1,42 @@
+"""Two local processes joined by jax.distributed reproduce the single-process run."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
+ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def launch(tmp_path, name, nproc, corpus, data_dir):
+  out, wd, port = str(tmp_path / f"{name}.json"), str(tmp_path / name), str(free_port())
+  procs = [subprocess.Popen([sys.executable, WORKER, out, corpus, data_dir, wd, str(nproc),
+                             str(i), port], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(nproc)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  with open(out) as f:
+    return json.load(f), wd
+
+
+def test_two_processes_match_one(tmp_path, corpus, data_dir):
+  single, _ = launch(tmp_path, "single", 1, corpus, data_dir)
+  multi, wd = launch(tmp_path, "multi", 2, corpus, data_dir)
+  assert multi["processes"] == 2 and single["processes"] == 1
+  for a, b in zip(multi["losses"], single["losses"]):
+    assert abs(a - b) <= 2e-5 * abs(b), (multi["losses"], single["losses"])
+  # the multi-process trainer checkpointed, evaluated and logged from process 0 only
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "3"]
+  data_files = os.listdir(os.path.join(wd, "checkpoints", "3", "data"))
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_files)
+  assert multi["train"]["eval/tokens"] > 0
+  rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
