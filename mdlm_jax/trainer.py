@@ -215,7 +215,11 @@ class _StopSignal:
     return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
 
 
-def train(config, workdir: str, *, log: Callable[[str], None] = print) -> dict[str, float]:
+def _print(line: str) -> None:
+  print(line, flush=True)
+
+
+def train(config, workdir: str, *, log: Callable[[str], None] = _print) -> dict[str, float]:
   """Trains (resuming from `workdir` when it holds a checkpoint); returns the last metrics."""
   setup = build(config)
   log = log if jax.process_index() == 0 else (lambda _: None)
