@@ -10,7 +10,7 @@ def get_config():
   c.model.num_heads = 4
   c.model.mlp_dim = 768
   c.data.seq_len = 256
-  c.train.steps = 600
+  c.train.steps = 500
   c.train.batch_size = 16
   c.train.learning_rate = 2e-3
   c.train.warmup_steps = 50
