@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
       grad_accum_steps=1, log_every_steps=25))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))
-  c.eval = ml_collections.ConfigDict(dict(every_steps=500, batches=16))
+  c.eval = ml_collections.ConfigDict(dict(every_steps=500, batches=16, sample_tokens=128))
   return c
 
 
@@ -115,3 +115,5 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "checkpoint.every_steps and checkpoint.keep must be >= 1.")
   _check(c.eval.every_steps >= 0 and c.eval.batches >= 1,
          "eval.every_steps must be >= 0 (0 disables) and eval.batches >= 1.")
+  _check(0 <= c.eval.sample_tokens <= m.max_seq_len - 1,
+         f"eval.sample_tokens={c.eval.sample_tokens} must be in [0, model.max_seq_len - 1].")

@@ -9,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 from mdlm_jax import sharding
+from mdlm_jax import tokenizers
 from mdlm_jax.data import pipeline
 
 
@@ -24,6 +25,31 @@ def format_line(step: int, r: dict[str, float]) -> str:
   return (f"eval @ step {step}: loss {r['eval/loss']:.4f} | bits/token "
           f"{r['eval/bits_per_token']:.4f} | bits/byte {r['eval/bits_per_byte']:.4f} | "
           f"{int(r['eval/tokens'])} tokens")
+
+
+def make_sampler(setup, max_new_tokens: int, temperature: float = 0.8):
+  """A jitted unconditional sampler `(params, rng) -> text` for the periodic sample shown
+  during training, or None when the objective has no prompt sampler."""
+  objective, graphdef = setup.objective, setup.graphdef
+  prompt = jnp.full((1, 1), tokenizers.BOS, jnp.int32)
+
+  def fn(params, rng):
+    return objective.generate(nnx.merge(graphdef, params), prompt, rng,
+                              max_new_tokens=max_new_tokens, temperature=temperature)
+
+  if max_new_tokens < 1:
+    return None
+  try:
+    jax.eval_shape(fn, setup.abstract_params, jax.random.key(0))
+  except ValueError:
+    return None
+  jitted = jax.jit(fn)
+
+  def sample(params, rng) -> str:
+    ids = np.asarray(jax.device_get(jitted(params, rng)))[0, 1:]
+    end = np.flatnonzero(ids == tokenizers.EOS)
+    return setup.tokenizer.decode(ids[:end[0]] if len(end) else ids)
+  return sample
 
 
 class Evaluator:

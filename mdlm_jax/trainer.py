@@ -250,6 +250,7 @@ def train(config, workdir: str, *, log: Callable[[str], None] = _print) -> dict[
       t.steps, step, t.batch_size * config.data.seq_len,
       setup.objective.flops_per_token(config.data.seq_len), jax.device_count())
   evaluator = evaluate_lib.Evaluator(setup)
+  sampler = evaluate_lib.make_sampler(setup, config.eval.sample_tokens)
   last: dict[str, float] = {}
   pending = None
 
@@ -283,6 +284,10 @@ def train(config, workdir: str, *, log: Callable[[str], None] = _print) -> dict[
         writer.scalars(step, result)
         log(evaluate_lib.format_line(step, result))
         last.update(result)
+        if sampler is not None:
+          text = sampler(params, jax.random.fold_in(jax.random.key(config.seed + 2), step))
+          writer.text(step, "samples/unconditional", text)
+          log(f"sample @ step {step}:\n{text}\n")
       if stopping:
         log(f"SIGTERM: saved step {step}; exiting.")
         break

@@ -33,7 +33,7 @@ def tiny_config(corpus_glob: str, data_dir: str, overrides: dict | None = None):
                  schedule="constant")
   c.mesh.update(data=1, fsdp=1, tensor=1)
   c.checkpoint.update(every_steps=2, keep=3)
-  c.eval.update(every_steps=0, batches=2)
+  c.eval.update(every_steps=0, batches=2, sample_tokens=16)
   c = config_lib.finalize(c)
   with c.unlocked():
     for key, value in (overrides or {}).items():

@@ -18,7 +18,7 @@ def tiny_flags(corpus, data_dir, **kw):
            "data.files": corpus, "data.data_dir": data_dir, "data.seq_len": 32,
            "train.batch_size": 8, "train.steps": 6, "train.warmup_steps": 1,
            "train.log_every_steps": 2, "checkpoint.every_steps": 3, "eval.every_steps": 3,
-           "eval.batches": 2}
+           "eval.batches": 2, "eval.sample_tokens": 16}
   flags.update(kw)
   return [f"--config.{k}={v}" for k, v in flags.items()]
 
@@ -35,7 +35,7 @@ def test_train_sample_evaluate(tmp_path, corpus, data_dir):
   wd = str(tmp_path / "wd")
   out = run(["train.py", f"--workdir={wd}", *tiny_flags(corpus, data_dir)]).stdout
   assert "step 6/6 | loss" in out and "tok/s" in out and "ETA" in out
-  assert "eval @ step 6" in out
+  assert "eval @ step 6" in out and "sample @ step 6:" in out
   rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
   train_rows = [r for r in rows if "train/loss" in r]
   assert [r["step"] for r in train_rows] == [2, 4, 6]
