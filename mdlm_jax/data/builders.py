@@ -20,6 +20,7 @@ import sysconfig
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 VALIDATION_PERCENT = 3
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".jsonl")
@@ -75,6 +76,9 @@ def _documents(paths: list[str], root: str):
 
 class _TextBuilder(tfds.core.GeneratorBasedBuilder):
   """Shared by the builders below: features {'text', 'key'}, splits train / validation."""
+  # TFDS would otherwise locate this package through importlib.resources, which fails for
+  # editable installs (`pip install -e .`).
+  pkg_dir_path = epath.Path(__file__).parent
 
   def _info(self):
     return self.dataset_info_from_configs(
