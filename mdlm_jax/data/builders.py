@@ -77,8 +77,13 @@ def _documents(paths: list[str], root: str):
 class _TextBuilder(tfds.core.GeneratorBasedBuilder):
   """Shared by the builders below: features {'text', 'key'}, splits train / validation."""
   # TFDS would otherwise locate this package through importlib.resources, which fails for
-  # editable installs (`pip install -e .`).
+  # editable installs (`pip install -e .`): give it the paths directly.
   pkg_dir_path = epath.Path(__file__).parent
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:  # pylint: disable=invalid-overridden-method
+    return epath.Path(__file__)
 
   def _info(self):
     return self.dataset_info_from_configs(
