@@ -131,3 +131,20 @@ def test_config_from_saved_dict_roundtrips(make_config):
   cfg = make_config({"model.d_model": 48})
   again = config_lib.from_dict(json.loads(json.dumps(cfg.to_dict())))
   assert again.to_dict() == cfg.to_dict()
+
+
+def test_params_restore_alone_onto_another_mesh(tmp_path, make_config):
+  wd = str(tmp_path / "wd")
+  cfg = make_config({"train.steps": 2, "model.num_heads": 4, "train.ema_decay": 0.9})
+  trainer.train(cfg, wd, log=quiet)
+  one = trainer.build(cfg)
+  params_one, step = checkpoint.restore_params(wd, one.abstract_params, use_ema=False)
+  eight = trainer.build(cfg, sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+  params_eight, _ = checkpoint.restore_params(wd, eight.abstract_params, use_ema=False)
+  ema_eight, _ = checkpoint.restore_params(wd, eight.abstract_params, use_ema=True)
+  assert step == 2
+  wq = params_eight["blocks"][0]["attn"]["wq"]
+  assert len(wq.sharding.device_set) == 8 and wq.sharding.spec[0] == "fsdp"
+  chex.assert_trees_all_equal(jax.device_get(params_eight), jax.device_get(params_one))
+  diff = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), ema_eight, params_eight)
+  assert max(jax.tree.leaves(diff)) > 0, "the EMA item should differ from the raw params"
