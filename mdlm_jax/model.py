@@ -95,12 +95,13 @@ def _chunked_attention(q, k, v, mask, causal: bool, chunk: int = 64):
   t, scale = q.shape[1], q.shape[-1] ** -0.5
   nb = t // chunk if causal and t % chunk == 0 and t > chunk else 1
   size, outs = t // nb, []
+  bias = jnp.where(mask, 0.0, -1e30).astype(jnp.float32)  # additive: no select in the backward
   for i in range(nb):
     lo, hi = i * size, (i + 1) * size
     kv_end = hi if causal and nb > 1 else k.shape[1]
     s = jnp.einsum("btnh,bsnh->bnts", q[:, lo:hi], k[:, :kv_end],
                    preferred_element_type=jnp.float32) * scale
-    s = jnp.where(mask[:, :, lo:hi, :kv_end], s, -1e30)
+    s = s + bias[:, :, lo:hi, :kv_end]
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     outs.append(jnp.einsum("bnts,bsnh->btnh", p, v[:, :kv_end]))
   return outs[0] if nb == 1 else jnp.concatenate(outs, axis=1)
