@@ -97,17 +97,20 @@ def _chunked_attention(q, k, v, mask, causal: bool, chunk: int = 64):
   nb = t // chunk if causal and t % chunk == 0 and t > chunk else 1
   size, outs = t // nb, []
   bias = jnp.where(mask, 0.0, -1e30).astype(jnp.float32)  # additive: no select in the backward
-  q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))   # (B, N, T, H)
+  b, _, n, h = q.shape
+  # queries chunk-major (nb, B, N, size, H): a block is a free leading-axis index
+  q = q.reshape(b, nb, size, n, h).transpose(1, 0, 3, 2, 4)
+  k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))   # (B, N, S, H)
   for i in range(nb):
     lo, hi = i * size, (i + 1) * size
     kv_end = hi if causal and nb > 1 else k.shape[2]
-    s = jnp.einsum("bnth,bnsh->bnts", q[:, :, lo:hi], k[:, :, :kv_end],
+    s = jnp.einsum("bnth,bnsh->bnts", q[i], k[:, :, :kv_end],
                    preferred_element_type=jnp.float32) * scale
     s = s + bias[:, :, lo:hi, :kv_end]
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     outs.append(jnp.einsum("bnts,bnsh->bnth", p, v[:, :, :kv_end]))
-  o = outs[0] if nb == 1 else jnp.concatenate(outs, axis=2)
-  return o.transpose(0, 2, 1, 3)
+  o = jnp.stack(outs)                                # (nb, B, N, size, H)
+  return o.transpose(1, 0, 3, 2, 4).reshape(b, t, n, h)
 
 
 def attention_impl(name: str, dtype) -> str:
