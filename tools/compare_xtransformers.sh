@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Side-by-side CPU throughput: x-transformers (PyTorch) vs this project, alternated ROUNDS
+# times on the same machine, medians printed. XT_PYTHON is a Python of a separate environment
+# holding torch and x-transformers (never a dependency of this project).
+#   XT_PYTHON=/tmp/xt/bin/python tools/compare_xtransformers.sh [ROUNDS] [-- extra bench.py flags]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-5}
+xt=${XT_PYTHON:?set XT_PYTHON to the python of an environment with torch and x-transformers}
+py=${PYTHON:-python}
+log=$(mktemp)
+for _ in $(seq "$rounds"); do
+  "$xt" tools/bench_xtransformers.py --steps 15 2>/dev/null | tail -1 | sed 's/^/xt /' >> "$log"
+  "$py" tools/bench.py --steps=15 2>/dev/null | tail -1 | sed 's/^/ours /' >> "$log"
+done
+"$py" - "$log" <<'PY'
+import json, statistics, sys
+runs = {"xt": [], "ours": []}
+for line in open(sys.argv[1]):
+  name, _, payload = line.partition(" ")
+  runs[name].append(json.loads(payload)["tokens_per_s"])
+med = {k: statistics.median(v) for k, v in runs.items()}
+print(json.dumps({"xtransformers_tokens_per_s": sorted(runs["xt"]),
+                  "ours_tokens_per_s": sorted(runs["ours"]),
+                  "ratio_of_medians": med["ours"] / med["xt"]}))
+PY
