@@ -6,7 +6,6 @@ SLURM jobs are detected by jax.distributed.initialize() itself with --distribute
 """
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from mdlm_jax import distributed
@@ -20,8 +19,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and Tensor
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # library INFO chatter (Orbax, TFDS) off by default
-    logging.set_verbosity(logging.WARNING)
   distributed.initialize()
   from mdlm_jax import trainer  # pylint: disable=g-import-not-at-top  (after distributed init)
   trainer.train(_CONFIG.value, _WORKDIR.value)

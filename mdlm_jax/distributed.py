@@ -6,6 +6,7 @@ import os
 
 import jax
 from absl import flags
+from absl import logging
 
 _MODE = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
@@ -27,7 +28,11 @@ def _cluster_detected() -> bool:
   return bool(env.get("TPU_WORKER_HOSTNAMES", "").count(","))
 
 
-def initialize() -> None:
+def initialize(verbosity: int = logging.WARNING) -> None:
+  """Quiets library INFO logs (unless --verbosity was given), then starts multi-process JAX
+  when asked or detected."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(verbosity)
   if _CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
   explicit = _COORD.value is not None

@@ -25,9 +25,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Override data.data_dir of the
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)
-  distributed.initialize()
+  distributed.initialize(logging.ERROR)
   from mdlm_jax import evaluate, restore  # pylint: disable=g-import-not-at-top
 
   overrides = {"data.data_dir": _DATA_DIR.value} if _DATA_DIR.value else None

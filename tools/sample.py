@@ -37,10 +37,8 @@ def check_sampling_flags():
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)
   check_sampling_flags()
-  distributed.initialize()
+  distributed.initialize(logging.ERROR)
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top

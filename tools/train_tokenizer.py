@@ -14,8 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from mdlm_jax import distributed  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
                                           lock_config=True)
@@ -42,8 +43,7 @@ def train(texts, output: str, vocab_size: int, model_type: str = "bpe") -> str:
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  distributed.initialize()
   from mdlm_jax.data import builders  # pylint: disable=g-import-not-at-top
   source = builders.data_source(builders.load_builder(_CONFIG.value.data), "train")
   n = min(len(source), _MAX_DOCS.value)
