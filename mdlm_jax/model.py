@@ -66,11 +66,16 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...]).astype(x.dtype)
 
 
-def rope_tables(positions_BxT, head_dim: int, base: float):
-  """(sin, cos), each (B, T, 1, H/2) float32; computed once per forward, shared by layers."""
+def rope_tables(positions_BxT, head_dim: int, base: float, max_len: int):
+  """(sin, cos), each (B, T, 1, H/2) float32, for positions in [0, max_len).
+
+  Gathered from a (max_len, H/2) table that XLA folds to a constant: computing sin/cos of the
+  positions directly lets XLA fuse the transcendentals into every use (per head, per layer,
+  and again in the backward pass), which costs more than the attention softmax on CPU."""
   freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  angle = positions_BxT[..., None].astype(jnp.float32) * freq
-  return jnp.sin(angle)[:, :, None], jnp.cos(angle)[:, :, None]
+  angle = jnp.arange(max_len, dtype=jnp.float32)[:, None] * freq
+  sin, cos = (jnp.take(f(angle), positions_BxT, axis=0)[:, :, None] for f in (jnp.sin, jnp.cos))
+  return sin, cos
 
 
 def apply_rope(x_BxTxNxH, tables):
@@ -98,17 +103,20 @@ def _chunked_attention(q, k, v, mask, causal: bool, chunk: int = 64):
   size, outs = t // nb, []
   bias = jnp.where(mask, 0.0, -1e30).astype(jnp.float32)  # additive: no select in the backward
   b, _, n, h = q.shape
-  # queries chunk-major (nb, B, N, size, H): a block is a free leading-axis index
-  q = q.reshape(b, nb, size, n, h).transpose(1, 0, 3, 2, 4)
+  # queries chunk-major (nb, B, N, size, H): a block is a free leading-axis index; the scale is
+  # applied to q (T*H elements) rather than to the scores (T*S)
+  q = (q * jnp.asarray(scale, q.dtype)).reshape(b, nb, size, n, h).transpose(1, 0, 3, 2, 4)
   k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))   # (B, N, S, H)
   for i in range(nb):
     lo, hi = i * size, (i + 1) * size
     kv_end = hi if causal and nb > 1 else k.shape[2]
     s = jnp.einsum("bnth,bnsh->bnts", q[i], k[:, :, :kv_end],
-                   preferred_element_type=jnp.float32) * scale
-    s = s + bias[:, :, lo:hi, :kv_end]
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    outs.append(jnp.einsum("bnts,bnsh->bnth", p, v[:, :, :kv_end]))
+                   preferred_element_type=jnp.float32) + bias[:, :, lo:hi, :kv_end]
+    # softmax normalised after the value product: one (T, H) division instead of a (T, S) one
+    e = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True)))
+    o = jnp.einsum("bnts,bnsh->bnth", e.astype(v.dtype), v[:, :, :kv_end],
+                   preferred_element_type=jnp.float32)
+    outs.append((o / e.sum(axis=-1, keepdims=True)).astype(v.dtype))
   o = jnp.stack(outs)                                # (nb, B, N, size, H)
   return o.transpose(1, 0, 3, 2, 4).reshape(b, t, n, h)
 
@@ -218,7 +226,8 @@ class Transformer(nnx.Module):
     causal = self.cfg.causal if causal is None else causal
     idx_BxT = jnp.broadcast_to(jnp.arange(x_BxTxD.shape[1]), positions_BxT.shape)
     mask = attention_mask(segment_ids_BxT, segment_ids_BxT, idx_BxT, idx_BxT, causal)
-    rope = rope_tables(positions_BxT, self.cfg.head_dim, self.cfg.rope_base)
+    rope = rope_tables(positions_BxT, self.cfg.head_dim, self.cfg.rope_base,
+                       self.cfg.max_seq_len)
 
     def run(block, x):
       return block(x, rope, mask, causal)[0]
@@ -258,7 +267,7 @@ class Transformer(nnx.Module):
     mask = attention_mask(jnp.ones((b, t), jnp.int32), (k_idx < index + t).astype(jnp.int32),
                           q_idx, k_idx, causal=True)
     x = self.embed_tokens(tokens_BxT)
-    rope = rope_tables(q_idx, self.cfg.head_dim, self.cfg.rope_base)
+    rope = rope_tables(q_idx, self.cfg.head_dim, self.cfg.rope_base, self.cfg.max_seq_len)
     new_cache = []
     for block, c in zip(self.blocks, cache):
       x, c = block(x, rope, mask, False, c)

@@ -129,3 +129,19 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   assert logits.dtype == jnp.float32
   ref = make()(jnp.zeros((1, 8), jnp.int32), pos, seg)
   np.testing.assert_allclose(logits, ref, atol=0.05)
+
+
+def test_rope_rotates_each_pair_by_position_times_frequency():
+  h, base = 8, 10000.0
+  pos = jnp.asarray([[0, 5, 17, 63]])
+  x = jax.random.normal(jax.random.key(3), (1, 4, 1, h))
+  got = np.asarray(model_lib.apply_rope(x, model_lib.rope_tables(pos, h, base, 64)))
+  freq = base ** (-np.arange(0, h, 2) / h)
+  ang = np.asarray(pos)[0, :, None] * freq                  # (T, H/2)
+  x1, x2 = np.asarray(x)[0, :, 0, :h // 2], np.asarray(x)[0, :, 0, h // 2:]
+  want = np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang),
+                         x2 * np.cos(ang) + x1 * np.sin(ang)], -1)
+  np.testing.assert_allclose(got[0, :, 0], want, atol=1e-5)
+  # a rotation: norms are kept, and the dot product of two rotated vectors depends only on
+  # the difference of their positions
+  np.testing.assert_allclose(np.linalg.norm(got, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
