@@ -16,15 +16,24 @@ from mdlm_jax.data import pipeline
 def summarize(sums: dict[str, float], prefix: str = "eval/") -> dict[str, float]:
   tokens, nbytes = max(sums["tokens"], 1.0), max(sums["bytes"], 1.0)
   nll = sums["nll"] / tokens
-  return {f"{prefix}loss": nll, f"{prefix}bits_per_token": nll / math.log(2),
-          f"{prefix}bits_per_byte": sums["nll"] / math.log(2) / nbytes,
-          f"{prefix}perplexity": math.exp(min(nll, 50.0)), f"{prefix}tokens": sums["tokens"]}
+  out = {f"{prefix}loss": nll, f"{prefix}bits_per_token": nll / math.log(2),
+         f"{prefix}bits_per_byte": sums["nll"] / math.log(2) / nbytes,
+         f"{prefix}perplexity": math.exp(min(nll, 50.0)), f"{prefix}tokens": sums["tokens"]}
+  rows = sums.get("rows", 0.0)
+  if rows > 1:  # stochastic estimates (a diffusion bound): standard error over rows
+    # of the ratio sum(r) / sum(n): sqrt(sum (r_i - nll n_i)^2 * R / (R - 1)) / sum(n)
+    var = sums["nll_sq"] - 2 * nll * sums["nll_tokens"] + nll ** 2 * sums["tokens_sq"]
+    se = math.sqrt(max(var, 0.0) * rows / (rows - 1)) / tokens
+    out[f"{prefix}loss_stderr"] = se
+    out[f"{prefix}bits_per_byte_stderr"] = se * tokens / math.log(2) / nbytes
+  return out
 
 
 def format_line(step: int, r: dict[str, float]) -> str:
-  return (f"eval @ step {step}: loss {r['eval/loss']:.4f} | bits/token "
-          f"{r['eval/bits_per_token']:.4f} | bits/byte {r['eval/bits_per_byte']:.4f} | "
-          f"{int(r['eval/tokens'])} tokens")
+  pm = lambda key: f" ± {r[key]:.4f}" if key in r else ""
+  return (f"eval @ step {step}: loss {r['eval/loss']:.4f}{pm('eval/loss_stderr')} | bits/token "
+          f"{r['eval/bits_per_token']:.4f} | bits/byte {r['eval/bits_per_byte']:.4f}"
+          f"{pm('eval/bits_per_byte_stderr')} | {int(r['eval/tokens'])} tokens")
 
 
 def make_sampler(setup, max_new_tokens: int, temperature: float = 0.8):

@@ -50,3 +50,5 @@ def create(config, tokenizer) -> Objective:
 
 # Objectives register themselves on import.
 from mdlm_jax.objectives import ar  # noqa: E402,F401  pylint: disable=wrong-import-position
+from mdlm_jax.objectives import mdlm  # noqa: E402,F401  pylint: disable=wrong-import-position
+from mdlm_jax.objectives import mlm  # noqa: E402,F401  pylint: disable=wrong-import-position

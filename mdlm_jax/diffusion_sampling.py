@@ -1,0 +1,213 @@
+"""Samplers for masked-diffusion models (OBJECTIVES.md section 3): `ancestral` (MDLM / MD4, with
+the no-change cache), `confidence` (MaskGIT) and `llada` (low-confidence or random remasking,
+semi-autoregressive blocks, classifier-free guidance).
+
+Every sampler fills the MASK positions of a canvas (B, T) and never changes any other token,
+so one code path serves unconditional generation, prefix prompts, suffix conditioning and
+infilling. All are jitted loops (`lax.fori_loop` / `lax.while_loop`), batched, and draw with
+the high-dynamic-range Gumbel of `sampling.py` after top-k / top-p / min-p filtering.
+Each returns (tokens (B, T), info) where info holds `calls` (network evaluations) and, when
+`snapshots` > 0, `history` (snapshots, B, T): the canvas after evenly spaced steps.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mdlm_jax import sampling
+from mdlm_jax import tokenizers
+from mdlm_jax.objectives import mdlm as mdlm_lib
+
+SAMPLERS = ("ancestral", "confidence", "llada")
+
+
+def network(objective, model):
+  """canvas (B, T) -> float32 SUBS logits (B, T, V); one document per row."""
+  def fn(x_BxT):
+    b, t = x_BxT.shape
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return mdlm_lib.subs_logits(model(x_BxT, pos, jnp.ones((b, t), jnp.int32)))
+  return fn
+
+
+def draw(key, logits, temperature, top_k=0, top_p=1.0, min_p=0.0):
+  """Gumbel-max draw at a (possibly traced) temperature; 0 is argmax. Also returns the
+  filtered log-probabilities."""
+  logits = sampling.filter_logits(logits, top_k, top_p, min_p)
+  noisy = logits + temperature * sampling.gumbel(key, logits.shape)
+  return jnp.argmax(noisy, axis=-1).astype(jnp.int32), jax.nn.log_softmax(logits, axis=-1)
+
+
+def _record(history, x, k, steps):
+  """Stores the canvas after step k into evenly spaced snapshot slots."""
+  if history is None:
+    return None
+  n = history.shape[0]
+  slot = ((k + 1) * n - 1) // steps
+  due = (k + 1) * n // steps != k * n // steps
+  return jnp.where(due, history.at[slot].set(x), history)
+
+
+def _history(snapshots, x):
+  return jnp.zeros((snapshots,) + x.shape, jnp.int32) if snapshots else None
+
+
+def time_grid(steps: int, grid: str):
+  """t_0 = 1 > t_1 > ... > t_S = 0."""
+  r = jnp.arange(steps + 1, dtype=jnp.float32) / steps
+  if grid == "uniform":
+    return 1.0 - r
+  if grid == "cosine":
+    return jnp.cos(0.5 * math.pi * r)
+  raise ValueError(f"time grid {grid!r} is unknown; choose 'uniform' or 'cosine'.")
+
+
+def ancestral(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0, top_p=1.0,
+              min_p=0.0, grid="uniform", cache=True, snapshots=0):
+  """From t to s every masked position is revealed with probability
+  (alpha_s - alpha_t) / (1 - alpha_t) with a token drawn from p_theta; revealed tokens never
+  change; masks left at t = 0 take the argmax. With `cache`, the network is called only when
+  the canvas changed since its last call (the model is not time-conditioned, so its output
+  would be the same)."""
+  net = network(objective, model)
+  ts = time_grid(steps, grid)
+  opts = objective.opts
+  b, t = canvas.shape
+
+  def body(k, carry):
+    x, logits, stale, calls, history = carry
+    if cache:
+      logits, calls = jax.lax.cond(stale, lambda: (net(x), calls + 1), lambda: (logits, calls))
+    else:
+      logits, calls = net(x), calls + 1
+    p_t, p_s = mdlm_lib.mask_prob(opts, ts[k]), mdlm_lib.mask_prob(opts, ts[k + 1])
+    reveal_prob = jnp.where(ts[k + 1] <= 0.0, 1.0, (p_t - p_s) / p_t)
+    k_tok, k_rev = jax.random.split(jax.random.fold_in(rng, k))
+    tok, _ = draw(k_tok, logits, temperature, top_k, top_p, min_p)
+    reveal = (x == tokenizers.MASK) & (jax.random.uniform(k_rev, x.shape) < reveal_prob)
+    x = jnp.where(reveal, tok, x)
+    return x, logits, jnp.any(reveal), calls, _record(history, x, k, steps)
+
+  v = objective.vocab_size
+  carry = (canvas, jnp.zeros((b, t, v), jnp.float32), jnp.array(True), jnp.zeros((), jnp.int32),
+           _history(snapshots, canvas))
+  x, logits, stale, calls, history = jax.lax.fori_loop(0, steps, body, carry)
+  left = x == tokenizers.MASK
+  logits, calls = jax.lax.cond(jnp.any(left) & stale, lambda: (net(x), calls + 1),
+                               lambda: (logits, calls))
+  x = jnp.where(left, jnp.argmax(logits, axis=-1).astype(jnp.int32), x)
+  return x, {"calls": calls, "history": history}
+
+
+def _rank_desc(score_BxT):
+  """0 for the highest score of each row, 1 for the next, ..."""
+  return jnp.argsort(jnp.argsort(-score_BxT, axis=1), axis=1)
+
+
+def confidence(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0, top_p=1.0,
+               min_p=0.0, remask=False, snapshots=0):
+  """MaskGIT: after step k of S, floor(N gamma((k + 1) / S)) positions stay masked (gamma the
+  objective's mask-fraction schedule, N the initial mask count); every masked position is
+  sampled at a temperature annealed linearly to 0 and the most confident (probability of the
+  sampled token) are kept. With `remask`, earlier choices compete again and can be remasked."""
+  net = network(objective, model)
+  schedule = objective.opts.schedule
+  generated = canvas == tokenizers.MASK
+  n0 = jnp.sum(generated, axis=1)
+
+  def body(k, carry):
+    x, history = carry
+    logits = net(x)
+    frac = 1.0 - (k + 1) / steps
+    tok, logp = draw(jax.random.fold_in(rng, k), logits, temperature * frac, top_k, top_p,
+                     min_p)
+    masked = x == tokenizers.MASK
+    cand_tok = jnp.where(masked, tok, x)
+    conf = jnp.take_along_axis(logp, cand_tok[..., None], axis=-1)[..., 0]
+    pool = generated if remask else masked
+    conf = jnp.where(pool, conf, -jnp.inf)
+    stay = jnp.floor(n0 * mdlm_lib.mask_fraction(schedule, jnp.asarray(frac))[0]).astype(jnp.int32)
+    reveal = jnp.maximum(jnp.sum(pool, axis=1) - stay, 0)       # the pool keeps `stay` masks
+    keep = pool & (_rank_desc(conf) < reveal[:, None])
+    x = jnp.where(pool, jnp.where(keep, cand_tok, tokenizers.MASK), x)
+    return x, _record(history, x, k, steps)
+
+  x, history = jax.lax.fori_loop(0, steps, body, (canvas, _history(snapshots, canvas)))
+  return x, {"calls": jnp.asarray(steps, jnp.int32), "history": history}
+
+
+def guided(net, x, fixed, cfg_scale: float):
+  """Classifier-free guidance: u + (w + 1)(c - u), u from the canvas with every given real
+  token masked."""
+  c = net(x)
+  if cfg_scale <= 0:
+    return c, 1
+  unc = jnp.where(fixed & (x >= tokenizers.NUM_SPECIAL), tokenizers.MASK, x)
+  u = net(unc)
+  return u + (cfg_scale + 1.0) * (c - u), 2
+
+
+def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top_p=1.0,
+          min_p=0.0, block_length=0, remasking="low_confidence", cfg_scale=0.0, snapshots=0):
+  """LLaDA: the masked span is cut into blocks of `block_length` positions (0: one block)
+  counted from each row's first MASK, filled strictly in order; the steps are shared evenly
+  among the blocks that hold masks, and each step commits ceil(masked in block / steps left
+  for the block) positions of the current block: the most confident (`low_confidence`) or
+  random ones (`random`). Committed tokens never change."""
+  if remasking not in ("low_confidence", "random"):
+    raise ValueError(f"remasking={remasking!r} must be 'low_confidence' or 'random'.")
+  net = network(objective, model)
+  b, t = canvas.shape
+  fixed = canvas != tokenizers.MASK
+  idx = jnp.arange(t)[None, :]
+  first = jnp.argmin(fixed, axis=1)            # first MASK of each row
+  size = block_length if block_length > 0 else t
+  block = jnp.where(fixed, -1, (idx - first[:, None]) // size)
+  n_blocks = jnp.sum(jax.vmap(lambda r: jnp.bincount(r + 1, length=t + 1)[1:] > 0)(block),
+                     axis=1)
+  per_block = jnp.maximum(steps // jnp.maximum(n_blocks, 1), 1)
+  calls_per_step = 2 if cfg_scale > 0 else 1
+
+  def body(k, carry):
+    x, spent, history = carry
+    masked = x == tokenizers.MASK
+    current = jnp.min(jnp.where(masked, block, t), axis=1)          # leftmost unfinished block
+    in_block = masked & (block == current[:, None])
+    logits, _ = guided(net, x, fixed, cfg_scale)
+    k_tok, k_rand = jax.random.split(jax.random.fold_in(rng, k))
+    tok, logp = draw(k_tok, logits, temperature, top_k, top_p, min_p)
+    if remasking == "low_confidence":
+      conf = jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0]
+    else:
+      conf = jax.random.uniform(k_rand, x.shape)
+    conf = jnp.where(in_block, conf, -jnp.inf)
+    left = jnp.maximum(per_block - spent, 1)
+    count = -(-jnp.sum(in_block, axis=1) // left)                    # ceil division
+    commit = in_block & (_rank_desc(conf) < count[:, None])
+    x = jnp.where(commit, tok, x)
+    done_block = ~jnp.any(in_block & ~commit, axis=1)
+    spent = jnp.where(done_block, 0, spent + 1)
+    return x, spent, _record(history, x, k, steps)
+
+  carry = (canvas, jnp.zeros((b,), jnp.int32), _history(snapshots, canvas))
+  x, _, history = jax.lax.fori_loop(0, steps, body, carry)
+  # rounding can leave masks after `steps` when a block got fewer steps than it has tokens'
+  # share; finish them greedily so the output never holds MASK
+  left = x == tokenizers.MASK
+  x = jax.lax.cond(jnp.any(left), lambda: jnp.where(
+      left, jnp.argmax(guided(net, x, fixed, cfg_scale)[0], axis=-1).astype(jnp.int32), x),
+                   lambda: x)
+  calls = (steps + jnp.any(left).astype(jnp.int32)) * calls_per_step
+  return x, {"calls": calls, "history": history}
+
+
+def run(name: str, objective, model, canvas, rng, *, steps: int, **options):
+  """Dispatches to a sampler by name; returns (tokens, info)."""
+  fns = {"ancestral": ancestral, "confidence": confidence, "llada": llada}
+  if name not in fns:
+    raise ValueError(f"sampler {name!r} is unknown; choose one of {SAMPLERS}.")
+  if steps < 1:
+    raise ValueError(f"steps={steps} must be >= 1.")
+  return fns[name](objective, model, canvas, rng, steps=steps, **options)

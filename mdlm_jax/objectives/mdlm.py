@@ -1,0 +1,255 @@
+"""`mdlm`: masked diffusion (MDLM / MD4 / LLaDA, MaskGIT-style options); OBJECTIVES.md section 3.
+
+Forward process: every maskable token is replaced by MASK with probability 1 - alpha(t).
+The schedule is written through its mask fraction m(t) (linear t, cosine cos(pi/2 (1 - t)),
+poly{K} t^K) as 1 - alpha(t) = (1 - eps) m(t), so the continuous-time ELBO weight
+-alpha'(t) / (1 - alpha(t)) = m'(t) / m(t) is positive and free of eps (linear: 1/t).
+
+Maskable tokens are the real tokens of each packed document except its BOS, the same tokens
+the autoregressive baseline predicts, so the bound per token (and per byte) is comparable with
+its NLL. The network never predicts MASK (SUBS) and unmasked positions carry over their input:
+only masked positions enter the loss.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mdlm_jax import objectives
+from mdlm_jax import sampling
+from mdlm_jax import tokenizers
+from mdlm_jax.objectives import base
+
+
+def parse_schedule(name: str) -> tuple[str, float]:
+  """'linear' | 'cosine' | 'poly{K}' (K > 0) -> (kind, K)."""
+  if name in ("linear", "cosine"):
+    return name, 1.0
+  if name.startswith("poly"):
+    try:
+      k = float(name[4:])
+    except ValueError:
+      k = -1.0
+    if k > 0:
+      return "poly", k
+  raise ValueError(f"objective.schedule={name!r} is unknown; choose 'linear', 'cosine' or "
+                   "'poly{K}' with K > 0 (e.g. 'poly2').")
+
+
+def mask_fraction(schedule: str, t):
+  """(m(t), m'(t)): the schedule's mask fraction, 0 at t = 0 and 1 at t = 1, and its slope."""
+  kind, k = parse_schedule(schedule)
+  if kind == "linear":
+    return t, jnp.ones_like(t)
+  if kind == "cosine":
+    a = 0.5 * math.pi * (1.0 - t)
+    return jnp.cos(a), 0.5 * math.pi * jnp.sin(a)
+  return t ** k, k * t ** (k - 1.0)
+
+
+def mask_prob(opts, t):
+  """1 - alpha(t). LLaDA: eps + (1 - eps) t; otherwise (1 - eps) m(t)."""
+  if opts.llada:
+    return opts.eps + (1.0 - opts.eps) * t
+  return (1.0 - opts.eps) * mask_fraction(opts.schedule, t)[0]
+
+
+def elbo_weight(opts, t):
+  """-alpha'(t) / (1 - alpha(t)) > 0, or with `discrete_steps` T the T-step weight
+  T (alpha_s - alpha_t) / (1 - alpha_t), s = t - 1/T."""
+  if opts.discrete_steps:
+    steps = opts.discrete_steps
+    p_t, p_s = mask_prob(opts, t), mask_prob(opts, jnp.maximum(t - 1.0 / steps, 0.0))
+    return steps * (p_t - p_s) / p_t
+  if opts.llada:
+    return (1.0 - opts.eps) / mask_prob(opts, t)
+  m, dm = mask_fraction(opts.schedule, t)
+  return dm / m
+
+
+def sample_times(rng, batch: int, antithetic: bool, t_min: float, discrete_steps: int):
+  """One t per row in (t_min, 1]. Antithetic: (u + i / B) mod 1 with one u for the batch,
+  so the rows cover [0, 1) evenly; with T discrete steps t lies on {1/T, ..., 1}."""
+  if antithetic:
+    r = jnp.mod(jax.random.uniform(rng, ()) + jnp.arange(batch) / batch, 1.0)
+  else:
+    r = jax.random.uniform(rng, (batch,))
+  if discrete_steps:
+    return (jnp.floor(r * discrete_steps) + 1.0) / discrete_steps
+  return t_min + (1.0 - t_min) * (1.0 - r)
+
+
+def maskable(batch):
+  """Real tokens that are not a document's BOS: what masking may hide and the loss counts."""
+  return (batch["segment_ids"] > 0) & (batch["inputs"] != tokenizers.BOS)
+
+
+def choose_masked(rng, eligible_BxT, p_B, exact: bool):
+  """Bernoulli(p) per eligible token, or exactly ceil(max(p n, 1)) eligible tokens per row
+  chosen uniformly (n the row's eligible count)."""
+  u = jax.random.uniform(rng, eligible_BxT.shape)
+  if not exact:
+    return eligible_BxT & (u < p_B[:, None])
+  n = jnp.sum(eligible_BxT, axis=1)
+  k = jnp.minimum(jnp.ceil(jnp.maximum(p_B * n, 1.0)), n).astype(jnp.int32)
+  rank = jnp.argsort(jnp.argsort(jnp.where(eligible_BxT, u, 2.0), axis=1), axis=1)
+  return rank < k[:, None]
+
+
+def augment(rng, inputs_BxT, masked_BxT, no_replace: float, random_token: float, vocab: int):
+  """MaskGIT / BERT augmentation inside the masked set: with a coin flip per step, a
+  `no_replace` fraction of masked positions keeps its token; with another, a `random_token`
+  fraction gets a uniform random real token; the rest shows MASK. Returns the model input."""
+  k_coin, k_u, k_tok = jax.random.split(rng, 3)
+  coins = jax.random.bernoulli(k_coin, 0.5, (2,))
+  u = jax.random.uniform(k_u, inputs_BxT.shape)
+  keep = masked_BxT & coins[0] & (u < no_replace)
+  rand = masked_BxT & coins[1] & (u >= 1.0 - random_token)
+  noise = jax.random.randint(k_tok, inputs_BxT.shape, tokenizers.NUM_SPECIAL, vocab)
+  x = jnp.where(masked_BxT, tokenizers.MASK, inputs_BxT)
+  x = jnp.where(keep, inputs_BxT, x)
+  return jnp.where(rand, noise, x)
+
+
+def subs_logits(logits_BxTxV):
+  """SUBS: MASK is never predicted."""
+  return logits_BxTxV.at[..., tokenizers.MASK].set(sampling.NEG_INF)
+
+
+def crop(rng, batch, prob: float):
+  """LLaDA: with probability `prob` the whole batch is cut to a random length in [1, T]
+  (positions beyond it become padding, so they are neither attended to nor scored)."""
+  k_coin, k_len = jax.random.split(rng)
+  t = batch["inputs"].shape[1]
+  length = jnp.where(jax.random.bernoulli(k_coin, prob), jax.random.randint(k_len, (), 1, t + 1), t)
+  keep = jnp.arange(t)[None, :] < length
+  return dict(batch, segment_ids=jnp.where(keep, batch["segment_ids"], 0))
+
+
+@objectives.register
+class MDLM(base.Objective):
+  name = "mdlm"
+  causal = False
+  defaults = dict(
+      schedule="linear",       # linear | cosine | poly{K}
+      eps=1e-3,                # 1 - alpha(t) = (1 - eps) m(t); LLaDA: eps + (1 - eps) t
+      t_min=1e-3,              # training times lie in (t_min, 1]
+      weighting="elbo",        # elbo: w(t) sum of masked CE / tokens | none: mean masked CE
+      discrete_steps=0,        # T > 0: the discrete-time ELBO with T steps
+      time_sampling="antithetic",  # antithetic | iid
+      masking="bernoulli",     # bernoulli | exact (ceil(max(m n, 1)) tokens per row)
+      llada=False,             # LLaDA pre-training: mask prob eps + (1 - eps) t, weight 1/p
+      crop_prob=0.0,           # LLaDA uses 0.01: random-length crops of the batch
+      no_replace_prob=0.0,     # MaskGIT / BERT augmentation (0.15 and 0.10 in MaskGIT)
+      random_token_prob=0.0,
+      eval_time_samples=1,     # K time samples per sequence for the validation bound
+  )
+
+  @classmethod
+  def validate(cls, opts):
+    parse_schedule(opts.schedule)
+    checks = [
+        (0.0 <= opts.eps < 1.0, f"objective.eps={opts.eps} must be in [0, 1)."),
+        (0.0 <= opts.t_min < 1.0, f"objective.t_min={opts.t_min} must be in [0, 1)."),
+        (opts.weighting in ("elbo", "none"),
+         f"objective.weighting={opts.weighting!r} must be 'elbo' or 'none'."),
+        (opts.discrete_steps >= 0, f"objective.discrete_steps={opts.discrete_steps} must be "
+                                   ">= 0 (0: continuous time)."),
+        (opts.time_sampling in ("antithetic", "iid"),
+         f"objective.time_sampling={opts.time_sampling!r} must be 'antithetic' or 'iid'."),
+        (opts.masking in ("bernoulli", "exact"),
+         f"objective.masking={opts.masking!r} must be 'bernoulli' or 'exact'."),
+        (not opts.llada or opts.schedule == "linear",
+         f"objective.llada=True uses the linear schedule; got objective.schedule="
+         f"{opts.schedule!r}."),
+        (0.0 <= opts.crop_prob <= 1.0, f"objective.crop_prob={opts.crop_prob} must be in [0, 1]."),
+        (0.0 <= opts.no_replace_prob and 0.0 <= opts.random_token_prob
+         and opts.no_replace_prob + opts.random_token_prob <= 1.0,
+         "objective.no_replace_prob and objective.random_token_prob must be >= 0 and sum "
+         "to at most 1."),
+        (opts.eval_time_samples >= 1,
+         f"objective.eval_time_samples={opts.eval_time_samples} must be >= 1."),
+    ]
+    for ok, message in checks:
+      if not ok:
+        raise ValueError(message)
+
+  def _masked_ce(self, model, batch, x_t, masked):
+    logits = subs_logits(model(x_t, batch["positions"], batch["segment_ids"]))
+    ce = base.cross_entropy(logits, batch["inputs"])
+    return jnp.where(masked, ce, 0.0)
+
+  def loss(self, model, batch, rng):
+    o = self.opts
+    k_crop, k_t, k_mask, k_aug = jax.random.split(rng, 4)
+    if o.crop_prob > 0:
+      batch = crop(k_crop, batch, o.crop_prob)
+    eligible = maskable(batch)
+    b = eligible.shape[0]
+    t = sample_times(k_t, b, o.time_sampling == "antithetic", o.t_min, o.discrete_steps)
+    masked = choose_masked(k_mask, eligible, mask_prob(o, t), o.masking == "exact")
+    if o.no_replace_prob > 0 or o.random_token_prob > 0:
+      x_t = augment(k_aug, batch["inputs"], masked, o.no_replace_prob, o.random_token_prob,
+                    self.vocab_size)
+    else:
+      x_t = jnp.where(masked, tokenizers.MASK, batch["inputs"])
+    ce = self._masked_ce(model, batch, x_t, masked)
+    n_masked = jnp.maximum(jnp.sum(masked), 1)
+    ce_masked = jnp.sum(ce) / n_masked
+    if o.weighting == "none":
+      loss = ce_masked
+    else:
+      w = 1.0 / mask_prob(o, t) if o.llada else elbo_weight(o, t)
+      loss = jnp.sum(w[:, None] * ce) / jnp.maximum(jnp.sum(eligible), 1)
+    return loss, {"ce_masked": ce_masked, "mask_rate": jnp.sum(masked) / jnp.maximum(
+        jnp.sum(eligible), 1)}
+
+  def row_bounds(self, model, batch, rng):
+    """Per row: the ELBO's NLL bound in nats (Bernoulli masking, the schedule's own weight,
+    t over all of (0, 1]) averaged over `eval_time_samples` draws, and its token count."""
+    o = self.opts
+    eligible = maskable(batch)
+    b = eligible.shape[0]
+
+    def one(key):
+      k_t, k_mask = jax.random.split(key)
+      t = sample_times(k_t, b, True, 0.0, o.discrete_steps)
+      masked = choose_masked(k_mask, eligible, mask_prob(o, t), exact=False)
+      ce = self._masked_ce(model, batch, jnp.where(masked, tokenizers.MASK, batch["inputs"]),
+                           masked)
+      return elbo_weight(o, t) * jnp.sum(ce, axis=1)
+
+    keys = jax.random.split(rng, o.eval_time_samples)
+    nll = jnp.mean(jax.lax.map(one, keys), axis=0)
+    return nll, jnp.sum(eligible, axis=1).astype(jnp.float32), eligible
+
+  def eval_sums(self, model, batch, rng):
+    nll, tokens, eligible = self.row_bounds(model, batch, rng)
+    token_bytes = jnp.asarray(self.tokenizer.token_bytes, jnp.float32)
+    real = tokens > 0
+    return {"nll": jnp.sum(nll), "tokens": jnp.sum(tokens),
+            "bytes": jnp.sum(token_bytes[batch["inputs"]] * eligible),
+            # for the standard error of the ratio sum(nll) / sum(tokens) over rows
+            "rows": jnp.sum(real).astype(jnp.float32), "nll_sq": jnp.sum(nll ** 2),
+            "nll_tokens": jnp.sum(nll * tokens), "tokens_sq": jnp.sum(tokens ** 2)}
+
+  def flops_per_token(self, seq_len: int) -> float:
+    return 3.0 * base.forward_flops_per_token(self.model_config, seq_len)
+
+  def generate(self, model, prompt_BxP, rng, *, max_new_tokens=256, temperature=1.0, top_k=0,
+               top_p=1.0, min_p=0.0, sampler="ancestral", steps=None, **options):
+    """Fills `max_new_tokens` MASKs after the prompt (see `sample` for infilling anywhere)."""
+    b, p = prompt_BxP.shape
+    canvas = jnp.concatenate(
+        [prompt_BxP, jnp.full((b, max_new_tokens), tokenizers.MASK, jnp.int32)], axis=1)
+    return self.sample(model, canvas, rng, sampler=sampler, steps=steps or max_new_tokens,
+                       temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                       **options)[0]
+
+  def sample(self, model, canvas_BxT, rng, *, sampler="ancestral", steps=128, **options):
+    """Replaces every MASK of `canvas_BxT` (one document per row); other tokens never change.
+    Returns (tokens, info) with info["calls"], the number of network evaluations."""
+    from mdlm_jax import diffusion_sampling  # pylint: disable=g-import-not-at-top
+    return diffusion_sampling.run(sampler, self, model, canvas_BxT, rng, steps=steps, **options)

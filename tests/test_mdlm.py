@@ -1,0 +1,351 @@
+"""The `mdlm` and `mlm` objectives: schedules, ELBO weights, masking, losses, the bound."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mdlm_jax import objectives
+from mdlm_jax import tokenizers
+from mdlm_jax.objectives import mdlm
+from mdlm_jax.objectives import mlm
+
+MASK = tokenizers.MASK
+SCHEDULES = ("linear", "cosine", "poly2", "poly0.5")
+
+
+def make(make_config, name="mdlm", **opts):
+  cfg = make_config({"objective.name": name, **{f"objective.{k}": v for k, v in opts.items()}})
+  return objectives.create(cfg, tokenizers.get_tokenizer("bytes"))
+
+
+def packed_batch(seed=0, b=4, t=24):
+  rng = np.random.default_rng(seed)
+  inputs = rng.integers(tokenizers.NUM_SPECIAL, 40, (b, t)).astype(np.int32)
+  seg = np.ones((b, t), np.int32)
+  seg[0, 10:] = 2
+  seg[1, 18:] = 0
+  inputs[:, 0] = tokenizers.BOS
+  inputs[0, 10] = tokenizers.BOS
+  pos = np.zeros_like(seg)
+  for i in range(b):
+    for j in range(1, t):
+      pos[i, j] = pos[i, j - 1] + 1 if seg[i, j] == seg[i, j - 1] else 0
+  return {"inputs": jnp.asarray(inputs), "segment_ids": jnp.asarray(seg),
+          "positions": jnp.asarray(pos)}
+
+
+class TableModel:
+  """logits[b, t] = table[b, t] + 3 * onehot(x_t): depends on its input, no network."""
+
+  def __init__(self, table):
+    self.table = table
+
+  def __call__(self, x, positions, segment_ids):
+    del positions, segment_ids
+    return self.table + 3.0 * jax.nn.one_hot(x, self.table.shape[-1])
+
+
+# ---------------------------------------------------------------- schedules and weights
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_mask_fraction_runs_from_0_to_1_and_its_slope_is_the_derivative(schedule):
+  m0, _ = mdlm.mask_fraction(schedule, jnp.asarray(0.0))
+  m1, _ = mdlm.mask_fraction(schedule, jnp.asarray(1.0))
+  np.testing.assert_allclose([m0, m1], [0.0, 1.0], atol=1e-6)
+  t = jnp.linspace(0.05, 0.95, 19, dtype=jnp.float32)
+  m, dm = mdlm.mask_fraction(schedule, t)
+  h = 1e-3
+  numeric = (mdlm.mask_fraction(schedule, t + h)[0] - mdlm.mask_fraction(schedule, t - h)[0]) / (2 * h)
+  np.testing.assert_allclose(dm, numeric, rtol=2e-3)
+  assert np.all(np.diff(np.asarray(m)) > 0)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_elbo_weight_is_positive_and_equals_minus_alpha_slope_over_mask_prob(make_config, schedule):
+  obj = make(make_config, schedule=schedule, eps=1e-3)
+  t = jnp.linspace(0.01, 0.99, 50)   # (cosine's weight reaches 0 at t = 1, where alpha' = 0)
+  w = mdlm.elbo_weight(obj.opts, t)
+  assert np.all(np.asarray(w) > 0), "the ELBO weight must be positive"
+  with jax.enable_x64(True):   # float64 central differences
+    h = 1e-6
+    alpha = lambda s: 1.0 - mdlm.mask_prob(obj.opts, s)
+    inner = jnp.asarray(np.asarray(t), jnp.float64)
+    ref = -(alpha(inner + h) - alpha(inner - h)) / (2 * h) / (1.0 - alpha(inner))
+    np.testing.assert_allclose(mdlm.elbo_weight(obj.opts, inner), ref, rtol=1e-5)
+  if schedule == "linear":
+    np.testing.assert_allclose(w, 1.0 / t, rtol=1e-5)
+
+
+def test_discrete_weight_is_the_t_step_formula_and_tends_to_the_continuous_one(make_config):
+  obj = make(make_config, schedule="cosine", discrete_steps=10)
+  t = jnp.arange(1, 11) / 10.0
+  p = lambda s: np.asarray(mdlm.mask_prob(obj.opts, jnp.asarray(s)))
+  want = 10 * (p(t) - p(t - 0.1)) / p(t)
+  np.testing.assert_allclose(mdlm.elbo_weight(obj.opts, t), want, rtol=1e-5)
+  fine = make(make_config, schedule="cosine", discrete_steps=100000)
+  cont = make(make_config, schedule="cosine")
+  with jax.enable_x64(True):
+    ts = jnp.asarray([0.3, 0.5, 0.8], jnp.float64)
+    np.testing.assert_allclose(mdlm.elbo_weight(fine.opts, ts), mdlm.elbo_weight(cont.opts, ts),
+                               rtol=1e-4)
+
+
+def test_llada_mask_prob_and_weight(make_config):
+  obj = make(make_config, llada=True, eps=1e-3)
+  t = jnp.asarray([0.0, 0.5, 1.0])
+  np.testing.assert_allclose(mdlm.mask_prob(obj.opts, t), [1e-3, 1e-3 + 0.999 * 0.5, 1.0],
+                             rtol=1e-6)
+
+
+# ---------------------------------------------------------------- times and masking
+def test_antithetic_times_cover_the_unit_interval_evenly():
+  b = 16
+  t = np.sort(np.asarray(mdlm.sample_times(jax.random.key(3), b, True, 0.0, 0)))
+  np.testing.assert_allclose(np.diff(t), 1.0 / b, atol=1e-5)
+  assert 0.0 < t[0] <= 1.0 / b + 1e-6 and t[-1] <= 1.0
+  t_min = np.asarray(mdlm.sample_times(jax.random.key(3), b, True, 0.2, 0))
+  assert t_min.min() > 0.2 and t_min.max() <= 1.0
+  d = np.asarray(mdlm.sample_times(jax.random.key(4), b, True, 0.0, 8))
+  np.testing.assert_allclose(np.sort(d), np.repeat(np.arange(1, 9) / 8, 2), atol=1e-6)
+
+
+def test_bernoulli_and_exact_count_masking():
+  b, t = 4, 2000
+  eligible = jnp.ones((b, t), bool).at[:, :100].set(False)
+  p = jnp.asarray([0.0, 0.1, 0.5, 0.9])
+  m = np.asarray(mdlm.choose_masked(jax.random.key(0), eligible, p, exact=False))
+  assert not m[:, :100].any()
+  n = t - 100
+  for i, pi in enumerate(np.asarray(p)):
+    assert abs(m[i].sum() - pi * n) <= 4 * math.sqrt(n * pi * (1 - pi)) + 1e-9
+  e = np.asarray(mdlm.choose_masked(jax.random.key(0), eligible, p, exact=True))
+  assert not e[:, :100].any()
+  assert e.sum(1).tolist() == [max(math.ceil(pi * n), 1) for pi in [0.0, 0.1, 0.5, 0.9]]
+
+
+def test_bos_and_padding_are_never_masked():
+  batch = packed_batch()
+  eligible = np.asarray(mdlm.maskable(batch))
+  inputs, seg = np.asarray(batch["inputs"]), np.asarray(batch["segment_ids"])
+  np.testing.assert_array_equal(eligible, (seg > 0) & (inputs != tokenizers.BOS))
+
+
+def test_augmentation_proportions_and_coin_flips():
+  b, t, vocab = 8, 512, 264
+  x = jnp.full((b, t), 100, jnp.int32)
+  masked = jnp.ones((b, t), bool)
+  regimes, keep_frac, rand_frac = set(), [], []
+  for seed in range(40):
+    out = np.asarray(mdlm.augment(jax.random.key(seed), x, masked, 0.15, 0.10, vocab))
+    kept, mask = (out == 100).mean(), (out == MASK).mean()
+    rand = 1.0 - kept - mask
+    # (a random token equals the original one time in 256: count a regime from 5% up)
+    regimes.add((bool(kept > 0.05), bool(rand > 0.05)))
+    if kept > 0.05:
+      keep_frac.append(kept)
+    if rand > 0.05:
+      rand_frac.append(rand)
+      assert out[(out != 100) & (out != MASK)].min() >= tokenizers.NUM_SPECIAL
+  assert regimes == {(False, False), (True, False), (False, True), (True, True)}
+  # per step: n = 4096 positions; +-4 sigma of a binomial fraction, plus the 1/264 chance that
+  # a random token equals the original
+  assert all(abs(f - 0.15 - 0.1 / 256) < 4 * math.sqrt(0.15 * 0.85 / 4096) for f in keep_frac)
+  assert all(abs(f - 0.10 * (1 - 1 / 256)) < 4 * math.sqrt(0.1 * 0.9 / 4096) for f in rand_frac)
+  unmasked = np.asarray(mdlm.augment(jax.random.key(0), x, jnp.zeros((b, t), bool), 0.15, 0.1,
+                                     vocab))
+  assert (unmasked == 100).all()
+
+
+def test_crop_turns_the_tail_into_padding():
+  batch = packed_batch()
+  cut = mdlm.crop(jax.random.key(0), batch, 1.0)
+  seg = np.asarray(cut["segment_ids"])
+  length = int((seg.max(0) > 0).sum()) if seg[2].min() == 0 else seg.shape[1]
+  assert (seg[2, :length] > 0).all() and (seg[2, length:] == 0).all()
+  same = mdlm.crop(jax.random.key(0), batch, 0.0)
+  np.testing.assert_array_equal(same["segment_ids"], batch["segment_ids"])
+
+
+# ---------------------------------------------------------------- losses against numpy
+def numpy_masked_ce(logits, targets, masked):
+  z = np.asarray(logits, np.float64).copy()
+  z[..., MASK] = -np.inf
+  lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+  ce = lse - np.take_along_axis(z, np.asarray(targets)[..., None], -1)[..., 0]
+  return np.where(masked, ce, 0.0)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(), dict(schedule="cosine", masking="exact"), dict(weighting="none"),
+    dict(llada=True), dict(discrete_steps=16, time_sampling="iid", schedule="poly2")])
+def test_mdlm_loss_matches_numpy(make_config, opts):
+  obj = make(make_config, **opts)
+  batch = packed_batch()
+  table = jax.random.normal(jax.random.key(1), (4, 24, obj.vocab_size))
+  model = TableModel(table)
+  rng = jax.random.key(7)
+  loss, metrics = obj.loss(model, batch, rng)
+  # replay the corruption with the same keys, then compute the loss independently
+  o = obj.opts
+  _, k_t, k_mask, _ = jax.random.split(rng, 4)
+  eligible = mdlm.maskable(batch)
+  t = mdlm.sample_times(k_t, 4, o.time_sampling == "antithetic", o.t_min, o.discrete_steps)
+  masked = np.asarray(mdlm.choose_masked(k_mask, eligible, mdlm.mask_prob(o, t),
+                                         o.masking == "exact"))
+  assert masked.any()
+  x_t = np.where(masked, MASK, np.asarray(batch["inputs"]))
+  ce = numpy_masked_ce(model(jnp.asarray(x_t), None, None), batch["inputs"], masked)
+  t = np.asarray(t, np.float64)
+  if o.weighting == "none":
+    want = ce.sum() / masked.sum()
+  else:
+    if o.llada:
+      w = 1.0 / (o.eps + (1 - o.eps) * t)
+    elif o.discrete_steps:
+      p = lambda s: (1 - o.eps) * s ** 2
+      w = o.discrete_steps * (p(t) - p(t - 1 / o.discrete_steps)) / p(t)
+    else:
+      w = {"linear": 1.0 / t, "cosine": 0.5 * np.pi * np.tan(0.5 * np.pi * (1 - t))}[o.schedule]
+    want = (w[:, None] * ce).sum() / np.asarray(eligible).sum()
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  np.testing.assert_allclose(metrics["ce_masked"], ce.sum() / masked.sum(), rtol=1e-5)
+
+
+def test_unmasked_positions_and_the_mask_logit_receive_no_gradient(make_config):
+  obj = make(make_config)
+  batch = packed_batch()
+  table = jax.random.normal(jax.random.key(1), (4, 24, obj.vocab_size))
+  rng = jax.random.key(3)
+  grad = np.asarray(jax.grad(lambda tb: obj.loss(TableModel(tb), batch, rng)[0])(table))
+  _, k_t, k_mask, _ = jax.random.split(rng, 4)
+  t = mdlm.sample_times(k_t, 4, True, obj.opts.t_min, 0)
+  masked = np.asarray(mdlm.choose_masked(k_mask, mdlm.maskable(batch),
+                                         mdlm.mask_prob(obj.opts, t), False))
+  assert np.abs(grad[~masked]).max() == 0.0, "an unmasked position received gradient"
+  assert np.abs(grad[masked]).sum(-1).min() > 0
+  assert np.abs(grad[..., MASK]).max() == 0.0, "SUBS: MASK is never predicted"
+
+
+# ---------------------------------------------------------------- the bound
+class CopyDenoiser:
+  """The exact denoiser of rows [BOS, a, a] with a uniform over K tokens."""
+
+  def __init__(self, k, vocab):
+    self.k, self.vocab = k, vocab
+
+  def __call__(self, x, positions, segment_ids):
+    del positions, segment_ids
+    tokens = jnp.arange(self.vocab)
+    real = (tokens >= tokenizers.NUM_SPECIAL) & (tokens < tokenizers.NUM_SPECIAL + self.k)
+    uniform = jnp.where(real, 0.0, -1e9)
+    other = x[:, jnp.array([0, 2, 1])]  # position 1 sees position 2 and vice versa
+    seen = jnp.where(jax.nn.one_hot(other, self.vocab) > 0, 0.0, -1e9)
+    return jnp.where((other == MASK)[..., None], uniform, seen)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "poly2"])
+def test_perfect_denoiser_bound_equals_the_data_entropy(make_config, schedule):
+  k, rows = 5, 64
+  obj = make(make_config, schedule=schedule, eps=0.0, eval_time_samples=400)
+  a = np.random.default_rng(0).integers(0, k, rows) + tokenizers.NUM_SPECIAL
+  batch = {"inputs": jnp.asarray(np.stack([np.full(rows, tokenizers.BOS), a, a], 1), jnp.int32),
+           "segment_ids": jnp.ones((rows, 3), jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(3), (rows, 3))}
+  nll, tokens, _ = obj.row_bounds(CopyDenoiser(k, obj.vocab_size), batch, jax.random.key(0))
+  per_row = np.asarray(nll)
+  est, se = per_row.mean(), per_row.std() / math.sqrt(rows)
+  # the data entropy of a row is log K (the second token copies the first)
+  assert abs(est - math.log(k)) < 4 * se + 1e-3, (est, se, math.log(k))
+  assert (np.asarray(tokens) == 2).all()
+
+
+def test_discrete_bound_of_independent_tokens_equals_their_entropy(make_config):
+  """With independent tokens the factorised reverse step is exact, so the T-step bound of the
+  exact denoiser (the marginal) equals the entropy exactly, for any T."""
+  rows, n = 64, 6
+  q = np.array([0.5, 0.3, 0.2])
+  obj = make(make_config, discrete_steps=4, eps=0.0, eval_time_samples=300)
+  rng = np.random.default_rng(1)
+  x = rng.choice(3, (rows, n), p=q) + tokenizers.NUM_SPECIAL
+  logits = np.full(obj.vocab_size, -1e9)
+  logits[tokenizers.NUM_SPECIAL:tokenizers.NUM_SPECIAL + 3] = np.log(q)
+  model = lambda xt, p, s: jnp.broadcast_to(jnp.asarray(logits, jnp.float32),
+                                            xt.shape + (obj.vocab_size,))
+  batch = {"inputs": jnp.asarray(x, jnp.int32), "segment_ids": jnp.ones((rows, n), jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(n), (rows, n))}
+  nll, _, _ = obj.row_bounds(model, batch, jax.random.key(2))
+  exact = -np.log(q[x - tokenizers.NUM_SPECIAL]).sum(1)
+  diff = np.asarray(nll) - exact
+  assert abs(diff.mean()) < 4 * diff.std() / math.sqrt(rows) + 1e-3
+
+
+def test_eval_sums_report_the_bound_and_its_standard_error(make_config):
+  from mdlm_jax import evaluate
+  obj = make(make_config, eval_time_samples=3)
+  model = obj.build(nnx.Rngs(0))
+  batch = packed_batch()
+  sums = jax.device_get(obj.eval_sums(model, batch, jax.random.key(0)))
+  nll, tokens, _ = obj.row_bounds(model, batch, jax.random.key(0))
+  np.testing.assert_allclose(sums["nll"], np.sum(nll), rtol=1e-6)
+  assert sums["tokens"] == np.asarray(mdlm.maskable(batch)).sum() == sums["bytes"]
+  r = evaluate.summarize({k: float(v) for k, v in sums.items()})
+  ratio = np.asarray(nll) / np.asarray(tokens)
+  assert r["eval/loss_stderr"] > 0 and r["eval/loss"] == pytest.approx(sums["nll"] / sums["tokens"])
+  # the ratio estimator's standard error is of the order of the per-row spread / sqrt(rows)
+  assert 0.2 < r["eval/loss_stderr"] / (ratio.std() / 2) < 5
+
+
+# ---------------------------------------------------------------- mlm
+def test_mlm_selection_and_80_10_10():
+  b, t, vocab = 8, 4096, 264
+  x = jnp.full((b, t), 100, jnp.int32)
+  eligible = jnp.ones((b, t), bool).at[:, 0].set(False)
+  out, sel = mlm.corrupt(jax.random.key(0), x, eligible, 0.3, vocab)
+  out, sel = np.asarray(out), np.asarray(sel)
+  n = eligible.sum()
+  assert not sel[:, 0].any()
+  assert abs(sel.sum() / n - 0.3) < 4 * math.sqrt(0.3 * 0.7 / n)
+  s = sel.sum()
+  frac_mask = (out[sel] == MASK).mean()
+  frac_same = (out[sel] == 100).mean()
+  assert abs(frac_mask - 0.8) < 4 * math.sqrt(0.16 / s)
+  assert abs(frac_same - (0.1 + 0.1 / 256)) < 4 * math.sqrt(0.09 / s)
+  assert (out[~sel] == 100).all()
+
+
+def test_mlm_loss_is_mean_ce_over_selected(make_config):
+  obj = make(make_config, name="mlm")
+  batch = packed_batch()
+  table = jax.random.normal(jax.random.key(1), (4, 24, obj.vocab_size))
+  model = TableModel(table)
+  loss, _ = obj.loss(model, batch, jax.random.key(5))
+  x, sel = mlm.corrupt(jax.random.key(5), batch["inputs"], mdlm.maskable(batch), 0.3,
+                       obj.vocab_size)
+  z = np.asarray(model(x, None, None), np.float64)
+  lse = np.log(np.exp(z).sum(-1))
+  ce = lse - np.take_along_axis(z, np.asarray(batch["inputs"])[..., None], -1)[..., 0]
+  sel = np.asarray(sel)
+  np.testing.assert_allclose(loss, ce[sel].mean(), rtol=1e-5)
+  sums = obj.eval_sums(model, batch, jax.random.key(5))
+  _, sel15 = mlm.corrupt(jax.random.key(5), batch["inputs"], mdlm.maskable(batch), 0.15,
+                         obj.vocab_size)
+  assert sums["tokens"] == np.asarray(sel15).sum()
+
+
+@pytest.mark.parametrize("name,bad,match", [
+    ("mdlm", {"schedule": "poly"}, "objective.schedule"),
+    ("mdlm", {"schedule": "sqrt"}, "objective.schedule"),
+    ("mdlm", {"weighting": "simple"}, "objective.weighting"),
+    ("mdlm", {"masking": "topk"}, "objective.masking"),
+    ("mdlm", {"llada": True, "schedule": "cosine"}, "objective.llada"),
+    ("mdlm", {"no_replace_prob": 0.8, "random_token_prob": 0.5}, "no_replace_prob"),
+    ("mdlm", {"meap_mask_ratio": 0.1}, "objective.meap_mask_ratio"),
+    ("mlm", {"mask_rate": 0.0}, "objective.mask_rate"),
+])
+def test_bad_options_are_refused(make_config, name, bad, match):
+  from mdlm_jax import config as config_lib
+  with pytest.raises((ValueError, config_lib.ConfigError), match=match):
+    config_lib.validate(make_config({"objective.name": name,
+                                     **{f"objective.{k}": v for k, v in bad.items()}}))
