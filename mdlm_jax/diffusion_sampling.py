@@ -128,7 +128,8 @@ def confidence(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0
     conf = jnp.take_along_axis(logp, cand_tok[..., None], axis=-1)[..., 0]
     pool = generated if remask else masked
     conf = jnp.where(pool, conf, -jnp.inf)
-    stay = jnp.floor(n0 * mdlm_lib.mask_fraction(schedule, jnp.asarray(frac))[0]).astype(jnp.int32)
+    gamma = mdlm_lib.mask_fraction(schedule, jnp.asarray(frac, jnp.float32))[0]
+    stay = jnp.floor(n0 * gamma + 1e-4).astype(jnp.int32)   # (float rounding of exact counts)
     reveal = jnp.maximum(jnp.sum(pool, axis=1) - stay, 0)       # the pool keeps `stay` masks
     keep = pool & (_rank_desc(conf) < reveal[:, None])
     x = jnp.where(pool, jnp.where(keep, cand_tok, tokenizers.MASK), x)

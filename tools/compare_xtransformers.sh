@@ -2,16 +2,24 @@
 # Side-by-side CPU throughput: x-transformers (PyTorch) vs this project, alternated ROUNDS
 # times on the same machine, medians printed. XT_PYTHON is a Python of a separate environment
 # holding torch and x-transformers (never a dependency of this project).
-#   XT_PYTHON=/tmp/xt/bin/python tools/compare_xtransformers.sh [ROUNDS] [-- extra bench.py flags]
+#   XT_PYTHON=/tmp/xt/bin/python tools/compare_xtransformers.sh [ROUNDS] [WRAPPER] [CONFIG]
+# WRAPPER ar (default; against configs/ar.py), nar (NonAutoregressiveWrapper; against
+# configs/default.py, the tiny MDLM) or bst; CONFIG overrides the config bench.py runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-5}
+wrapper=${2:-ar}
+case "$wrapper" in
+  ar) config=${3:-configs/ar.py} ;;
+  nar) config=${3:-configs/default.py} ;;
+  *) config=${3:?give the config to compare with} ;;
+esac
 xt=${XT_PYTHON:?set XT_PYTHON to the python of an environment with torch and x-transformers}
 py=${PYTHON:-python}
 log=$(mktemp)
 for _ in $(seq "$rounds"); do
-  "$xt" tools/bench_xtransformers.py --steps 15 2>/dev/null | tail -1 | sed 's/^/xt /' >> "$log"
-  "$py" tools/bench.py --steps=15 2>/dev/null | tail -1 | sed 's/^/ours /' >> "$log"
+  "$xt" tools/bench_xtransformers.py --wrapper "$wrapper" --steps 15 2>/dev/null | tail -1 | sed 's/^/xt /' >> "$log"
+  "$py" tools/bench.py --config="$config" --steps=15 2>/dev/null | tail -1 | sed 's/^/ours /' >> "$log"
 done
 "$py" - "$log" <<'PY'
 import json, statistics, sys

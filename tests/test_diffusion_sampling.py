@@ -1,0 +1,116 @@
+"""Masked-diffusion samplers: given tokens stay, no MASK is left, the ancestral cache, LLaDA's
+block order, classifier-free guidance."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mdlm_jax import diffusion_sampling as ds
+from mdlm_jax import objectives
+from mdlm_jax import tokenizers
+
+MASK = tokenizers.MASK
+
+
+@pytest.fixture(scope="module")
+def setup(corpus, data_dir):
+  from helpers import tiny_config
+  cfg = tiny_config(corpus, data_dir, {"objective.name": "mdlm"})
+  obj = objectives.create(cfg, tokenizers.get_tokenizer("bytes"))
+  return obj, obj.build(nnx.Rngs(0))
+
+
+def canvas(b=3, t=24):
+  """Rows with a prefix, a suffix and masked spans in between (infilling)."""
+  rng = np.random.default_rng(0)
+  x = rng.integers(tokenizers.NUM_SPECIAL, 200, (b, t)).astype(np.int32)
+  x[:, 0] = tokenizers.BOS
+  x[0, 4:12] = MASK
+  x[1, 2:6] = MASK
+  x[1, 15:22] = MASK
+  x[2, 1:] = MASK            # unconditional
+  return jnp.asarray(x)
+
+
+SAMPLERS = [("ancestral", {}), ("ancestral", {"grid": "cosine", "top_p": 0.9}),
+            ("confidence", {}), ("confidence", {"remask": True}),
+            ("llada", {"block_length": 4}), ("llada", {"remasking": "random", "cfg_scale": 1.5})]
+
+
+@pytest.mark.parametrize("name,opts", SAMPLERS)
+def test_samplers_keep_given_tokens_and_leave_no_mask(setup, name, opts):
+  obj, model = setup
+  x0 = canvas()
+  fn = jax.jit(lambda x, rng: obj.sample(model, x, rng, sampler=name, steps=10, **opts))
+  out, info = fn(x0, jax.random.key(1))
+  out, x0 = np.asarray(out), np.asarray(x0)
+  given = x0 != MASK
+  np.testing.assert_array_equal(out[given], x0[given])
+  assert not (out == MASK).any()
+  assert int(info["calls"]) >= 1
+
+
+def test_cached_ancestral_matches_uncached_with_fewer_network_calls(setup):
+  obj, model = setup
+  x0 = canvas()
+  steps = 200
+  run = lambda cache: jax.jit(lambda x, r: ds.ancestral(obj, model, x, r, steps=steps,
+                                                         cache=cache))(x0, jax.random.key(2))
+  cached, info_c = run(True)
+  plain, info_p = run(False)
+  np.testing.assert_array_equal(cached, plain)
+  masks = int((np.asarray(x0) == MASK).sum())
+  assert int(info_p["calls"]) == steps
+  # the network runs again only after a step that revealed something in some row: at most
+  # once per masked token, plus the first call
+  assert int(info_c["calls"]) <= masks + 1 < steps / 3
+
+
+def test_llada_fills_blocks_in_order(setup):
+  obj, model = setup
+  x0 = jnp.asarray(np.concatenate([[tokenizers.BOS, 20, 21], [MASK] * 16])[None], jnp.int32)
+  out, info = jax.jit(lambda x, r: ds.llada(obj, model, x, r, steps=8, block_length=4,
+                                            snapshots=8))(x0, jax.random.key(0))
+  hist = np.asarray(info["history"])[:, 0, 3:]        # (steps, 16) the generated span
+  filled = (hist != MASK).reshape(8, 4, 4).sum(-1)     # per step, tokens in each block
+  for step in range(8):
+    for blk in range(1, 4):
+      if filled[step, blk] > 0:
+        assert filled[step, blk - 1] == 4, f"block {blk} started before block {blk - 1} was full"
+  # 8 steps over 4 blocks: two steps per block, two tokens each
+  np.testing.assert_array_equal(filled.sum(-1), [2, 4, 6, 8, 10, 12, 14, 16])
+
+
+def test_confidence_schedule_of_masked_counts(setup):
+  obj, model = setup
+  x0 = jnp.asarray(np.concatenate([[tokenizers.BOS], [MASK] * 20])[None], jnp.int32)
+  _, info = jax.jit(lambda x, r: ds.confidence(obj, model, x, r, steps=5, snapshots=5))(
+      x0, jax.random.key(0))
+  masked = (np.asarray(info["history"])[:, 0] == MASK).sum(-1)
+  # linear schedule: floor(20 * (1 - k / 5)) stay masked after step k
+  np.testing.assert_array_equal(masked, [16, 12, 8, 4, 0])
+
+
+def test_classifier_free_guidance_formula():
+  x = jnp.asarray([[tokenizers.BOS, 50, MASK, MASK]])
+  fixed = x != MASK
+  seen = []
+
+  def net(z):
+    seen.append(z)
+    return jnp.where((z == MASK)[..., None], 1.0, 3.0) * jnp.arange(5.0)
+
+  out, calls = ds.guided(net, x, fixed, 2.0)
+  c, u = net(x), net(jnp.asarray([[tokenizers.BOS, MASK, MASK, MASK]]))
+  np.testing.assert_allclose(out, u + 3.0 * (c - u))
+  assert calls == 2
+  np.testing.assert_array_equal(seen[1], [[tokenizers.BOS, MASK, MASK, MASK]])  # prompt masked
+
+
+def test_unknown_sampler_and_bad_steps_are_refused(setup):
+  obj, model = setup
+  with pytest.raises(ValueError, match="sampler 'ddim' is unknown"):
+    obj.sample(model, canvas(), jax.random.key(0), sampler="ddim")
+  with pytest.raises(ValueError, match="steps=0"):
+    obj.sample(model, canvas(), jax.random.key(0), steps=0)
