@@ -42,16 +42,45 @@ def test_train_sample_evaluate(tmp_path, corpus, data_dir):
   events = [f for f in os.listdir(os.path.join(wd, "tensorboard")) if "tfevents" in f]
   assert events and b"train/loss" in open(os.path.join(wd, "tensorboard", events[0]), "rb").read()
 
-  sample = run(["tools/sample.py", f"--workdir={wd}", "--prompt=alpha ", "--num_samples=2",
-                "--max_new_tokens=16", "--top_p=0.9", "--top_k=20", "--min_p=0.01"]).stdout
+  # the default objective is mdlm: prefix + masks + suffix, templates, every sampler
+  sample = run(["tools/sample.py", f"--workdir={wd}", "--prefix=alpha ", "--suffix= omega",
+                "--num_samples=2", "--max_new_tokens=8", "--top_p=0.9", "--top_k=20",
+                "--min_p=0.01"]).stdout
   assert sample.count("--- sample") == 2 and "step 6" in sample
-  assert sample.count("alpha ") >= 2
+  texts = [l for l in sample.splitlines() if l.startswith("alpha ")]
+  assert len(texts) == 2 and all(t.endswith(" omega") for t in texts), sample
+  sample = run(["tools/sample.py", f"--workdir={wd}", "--template=def f(<mask:5>): <mask:3>",
+                "--num_samples=1", "--sampler=llada", "--steps=4", "--block_length=4",
+                "--cfg_scale=1.0", "--show_steps=4"]).stdout
+  assert "sampler llada, 4 steps, 8 masked tokens" in sample
+  shown = [l for l in sample.splitlines() if l.startswith("[")]
+  assert len(shown) == 4 and shown[0].count("_") > shown[-1].count("_") == 0, sample
+  assert sample.strip().splitlines()[-1].startswith("def f(")
+  for bad, msg in ((["--template=<mask:40>"], "data.seq_len=32"),
+                   (["--template=x", "--prefix=y"], "either --template"),
+                   (["--template=no spans"], "no <mask:N>"),
+                   (["--sampler=ddim"], "--sampler='ddim' is unknown"),
+                   (["--steps=0"], "--steps=0")):
+    p = run(["tools/sample.py", f"--workdir={wd}", "--max_new_tokens=8", *bad], check=False)
+    assert p.returncode != 0 and msg in p.stderr, (bad, p.stderr[-500:])
 
-  ev = run(["tools/evaluate.py", f"--workdir={wd}"]).stdout
+  ev = run(["tools/evaluate.py", f"--workdir={wd}", "--time_samples=2"]).stdout
   result = json.loads(ev.strip().splitlines()[-1])
   assert result["step"] == 6 and result["tokens"] > 0
+  assert 0 < result["loss_stderr"] < result["loss"] and "±" in ev
   assert abs(result["bits_per_token"] * 0.6931471805599453 - result["loss"]) < 1e-6
   assert 0 < result["bits_per_byte"] < 9
+
+
+def test_ar_train_and_sample(tmp_path, corpus, data_dir):
+  wd = str(tmp_path / "wd")
+  run(["train.py", "--config=configs/ar.py", f"--workdir={wd}",
+       *tiny_flags(corpus, data_dir, **{"train.steps": 2, "eval.every_steps": 0})])
+  sample = run(["tools/sample.py", f"--workdir={wd}", "--prompt=alpha ", "--num_samples=2",
+                "--max_new_tokens=16", "--top_p=0.9", "--top_k=20", "--min_p=0.01"]).stdout
+  assert sample.count("--- sample") == 2 and sample.count("alpha ") >= 2
+  p = run(["tools/sample.py", f"--workdir={wd}", "--suffix=x"], check=False)
+  assert p.returncode != 0 and "--suffix needs a model that fills masked positions" in p.stderr
 
 
 def test_unknown_config_key_and_bad_value_fail_fast(tmp_path, corpus, data_dir):

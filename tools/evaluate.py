@@ -1,7 +1,9 @@
 """Evaluate a trained model: python tools/evaluate.py --workdir=DIR [--split=validation]
 
 Reports the objective's NLL (or its bound) per token, bits per token, bits per byte and
-perplexity over the split (all of it by default), and prints them as one JSON line.
+perplexity over the split (all of it by default), and prints them as one JSON line. For
+masked diffusion the figure is the ELBO bound estimated with --time_samples draws of t per
+sequence, with its standard error (`loss_stderr`, `bits_per_byte_stderr`).
 """
 import json
 import os
@@ -21,6 +23,8 @@ _BATCHES = flags.DEFINE_integer("batches", -1, "Batches to read (-1: the whole s
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _EMA = flags.DEFINE_bool("use_ema", True, "Use the EMA params when the run kept them.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Override data.data_dir of the run.")
+_TIME_SAMPLES = flags.DEFINE_integer("time_samples", None,
+                                     "mdlm: time samples per sequence for the bound.")
 
 
 def main(argv):
@@ -28,7 +32,9 @@ def main(argv):
   distributed.initialize(logging.ERROR)
   from mdlm_jax import evaluate, restore  # pylint: disable=g-import-not-at-top
 
-  overrides = {"data.data_dir": _DATA_DIR.value} if _DATA_DIR.value else None
+  overrides = {"data.data_dir": _DATA_DIR.value} if _DATA_DIR.value else {}
+  if _TIME_SAMPLES.value is not None:
+    overrides["objective.eval_time_samples"] = _TIME_SAMPLES.value
   setup, params, step = restore.load(_WORKDIR.value, use_ema=_EMA.value, step=_STEP.value,
                                      mesh_overrides={"data": -1, "tensor": 1},
                                      config_overrides=overrides)

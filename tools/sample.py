@@ -1,7 +1,14 @@
-"""Sample from a trained model: python tools/sample.py --workdir=DIR [--prompt=TEXT] ...
+"""Sample from a trained model: python tools/sample.py --workdir=DIR [--prefix=TEXT] ...
 
 Restores the latest params (their EMA when the run kept one) onto the local devices and calls
-the objective's sampler. For `ar`: temperature, top-k, top-p, min-p, KV cache, EOS stop.
+the objective's sampler.
+- `ar`: continues --prefix (alias --prompt) with temperature, top-k, top-p, min-p, a KV cache
+  and EOS stop.
+- `mdlm`: fills masked positions; the canvas is --prefix, then --max_new_tokens masks, then
+  --suffix, or a --template whose `<mask:N>` spans are N masked tokens, e.g.
+    --template='def f(<mask:12>):'
+  with --sampler=ancestral|confidence|llada, --steps, --block_length, --cfg_scale, --remasking,
+  --grid; --show_steps=K prints the canvas at K evenly spaced steps (masks shown as `_`).
 """
 import os
 import sys
@@ -15,7 +22,17 @@ from absl import logging  # noqa: E402
 from mdlm_jax import distributed  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
-_PROMPT = flags.DEFINE_string("prompt", "", "Text the samples continue.")
+_PROMPT = flags.DEFINE_string("prefix", "", "Text before the generated span.")
+flags.DEFINE_alias("prompt", "prefix")
+_SUFFIX = flags.DEFINE_string("suffix", None, "Text after the generated span (mdlm).")
+_TEMPLATE = flags.DEFINE_string("template", None, "Text with <mask:N> spans to fill (mdlm).")
+_SAMPLER = flags.DEFINE_string("sampler", None, "mdlm: ancestral (default), confidence, llada.")
+_STEPS = flags.DEFINE_integer("steps", None, "mdlm: denoising steps (default: masked count).")
+_BLOCK = flags.DEFINE_integer("block_length", 0, "llada: semi-autoregressive block (0: one).")
+_CFG = flags.DEFINE_float("cfg_scale", 0.0, "llada: classifier-free guidance scale w.")
+_REMASKING = flags.DEFINE_string("remasking", "low_confidence", "llada: low_confidence|random.")
+_GRID = flags.DEFINE_string("grid", "uniform", "ancestral: time grid, uniform|cosine.")
+_SHOW = flags.DEFINE_integer("show_steps", 0, "mdlm: print the canvas at this many steps.")
 _NUM = flags.DEFINE_integer("num_samples", 2, "Samples to draw.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate at most.")
 _TEMP = flags.DEFINE_float("temperature", 0.8, "0 is greedy.")
@@ -47,6 +64,14 @@ def main(argv):
 
   setup, params, step = restore.load(_WORKDIR.value, use_ema=_EMA.value, step=_STEP.value)
   tok = setup.tokenizer
+  name = setup.config.objective.name
+  if hasattr(setup.objective, "sample"):
+    return sample_canvas(setup, params, step)
+  for flag, value in (("--suffix", _SUFFIX.value), ("--template", _TEMPLATE.value),
+                      ("--sampler", _SAMPLER.value), ("--steps", _STEPS.value)):
+    if value is not None:
+      raise app.UsageError(f"{flag} needs a model that fills masked positions (objective "
+                           f"mdlm); {_WORKDIR.value} holds objective {name!r}.")
   prompt = np.concatenate([[tokenizers.BOS], tok.encode(_PROMPT.value)]).astype(np.int32)
   limit = setup.config.model.max_seq_len
   if len(prompt) + _MAX_NEW.value > limit:
@@ -67,6 +92,73 @@ def main(argv):
     end = np.flatnonzero(ids == tokenizers.EOS)
     ids = ids[: end[0]] if len(end) else ids
     print(f"--- sample {i} ---\n{_PROMPT.value}{tok.decode(ids)}")
+
+
+def parse_template(template: str, tok):
+  """'a<mask:3>b' -> ids of 'a', 3 MASKs, ids of 'b' (a list of int32 arrays)."""
+  import re  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mdlm_jax import tokenizers  # pylint: disable=g-import-not-at-top
+  parts, pos = [], 0
+  for m in re.finditer(r"<mask:(\d+)>", template):
+    parts.append(tok.encode(template[pos:m.start()]))
+    parts.append(np.full(int(m.group(1)), tokenizers.MASK, np.int32))
+    pos = m.end()
+  parts.append(tok.encode(template[pos:]))
+  if not any(len(p) and (p == tokenizers.MASK).all() for p in parts[1::2]):
+    raise app.UsageError("--template has no <mask:N> span with N >= 1 to fill.")
+  return parts
+
+
+def sample_canvas(setup, params, step):
+  """Masked-diffusion sampling of a canvas built from the flags."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from mdlm_jax import tokenizers  # pylint: disable=g-import-not-at-top
+  tok, limit = setup.tokenizer, setup.config.data.seq_len
+  sampler = _SAMPLER.value or "ancestral"
+  if sampler not in ("ancestral", "confidence", "llada"):
+    raise app.UsageError(f"--sampler={sampler!r} is unknown; choose ancestral, confidence or "
+                         "llada.")
+  if _TEMPLATE.value is not None:
+    if _PROMPT.value or _SUFFIX.value:
+      raise app.UsageError("give either --template or --prefix/--suffix, not both.")
+    parts = parse_template(_TEMPLATE.value, tok)
+  else:
+    parts = [tok.encode(_PROMPT.value), np.full(_MAX_NEW.value, tokenizers.MASK, np.int32),
+             tok.encode(_SUFFIX.value or "")]
+  canvas = np.concatenate([[tokenizers.BOS], *parts]).astype(np.int32)
+  if len(canvas) > limit:
+    raise app.UsageError(
+        f"the canvas holds {len(canvas)} tokens (BOS, the given text and the masked spans) but "
+        f"the model was trained on data.seq_len={limit}; shorten the text or the masked spans.")
+  masks = int((canvas == tokenizers.MASK).sum())
+  steps = masks if _STEPS.value is None else _STEPS.value
+  if steps < 1:
+    raise app.UsageError(f"--steps={steps} must be >= 1.")
+  options = dict(temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                 min_p=_MIN_P.value, snapshots=min(_SHOW.value, steps))
+  if sampler == "llada":
+    options.update(block_length=_BLOCK.value, cfg_scale=_CFG.value, remasking=_REMASKING.value)
+  elif sampler == "ancestral":
+    options.update(grid=_GRID.value)
+  rows = np.tile(canvas, (_NUM.value, 1))
+
+  @jax.jit
+  def run(params, rows, rng):
+    model = nnx.merge(setup.graphdef, params)
+    return setup.objective.sample(model, rows, rng, sampler=sampler, steps=steps, **options)
+
+  out, info = jax.device_get(run(params, rows, jax.random.key(_SEED.value)))
+  print(f"# {setup.config.objective.name} model from {_WORKDIR.value}, step {step}; sampler "
+        f"{sampler}, {steps} steps, {masks} masked tokens, {int(info['calls'])} network calls")
+  for i, row in enumerate(np.asarray(out)):
+    print(f"--- sample {i} ---")
+    if info["history"] is not None:
+      for k, snap in enumerate(np.asarray(info["history"])[:, i]):
+        print(f"[{k + 1}/{options['snapshots']}] {tok.decode_with_specials(snap[1:])}")
+    print(tok.decode(row[1:]))
 
 
 if __name__ == "__main__":
