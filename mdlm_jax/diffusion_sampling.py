@@ -24,12 +24,24 @@ SAMPLERS = ("ancestral", "confidence", "llada")
 
 
 def network(objective, model):
-  """canvas (B, T) -> float32 SUBS logits (B, T, V); one document per row."""
-  def fn(x_BxT):
+  """(canvas (B, T), cond) -> (float32 SUBS logits (B, T, V), next cond); one document per
+  row. For a self-conditioned model `cond` carries the previous call's final states (None
+  at the first call: the null embedding); otherwise it is passed through untouched."""
+  def fn(x_BxT, cond=None):
     b, t = x_BxT.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return mdlm_lib.subs_logits(model(x_BxT, pos, jnp.ones((b, t), jnp.int32)))
+    logits, h = objective.apply(model, x_BxT, pos, jnp.ones((b, t), jnp.int32), cond)
+    if not objective.self_conditioned:
+      return logits, cond
+    return logits, h.astype(jnp.float32)
   return fn
+
+
+def initial_condition(objective, model, canvas):
+  """The carried self-conditioning input: the null embedding (a dummy without self-cond)."""
+  if objective.self_conditioned:
+    return model.null_condition(canvas.shape).astype(jnp.float32)
+  return jnp.zeros((), jnp.float32)
 
 
 def draw(key, logits, temperature, top_k=0, top_p=1.0, min_p=0.0):
@@ -70,33 +82,36 @@ def ancestral(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0,
   (alpha_s - alpha_t) / (1 - alpha_t) with a token drawn from p_theta; revealed tokens never
   change; masks left at t = 0 take the argmax. With `cache`, the network is called only when
   the canvas changed since its last call (the model is not time-conditioned, so its output
-  would be the same)."""
+  would be the same); a self-conditioned model is called at every step, since its input
+  includes the previous call's states."""
   net = network(objective, model)
+  cache = cache and not objective.self_conditioned
   ts = time_grid(steps, grid)
   opts = objective.opts
   b, t = canvas.shape
 
   def body(k, carry):
-    x, logits, stale, calls, history = carry
+    x, logits, cond, stale, calls, history = carry
     if cache:
-      logits, calls = jax.lax.cond(stale, lambda: (net(x), calls + 1), lambda: (logits, calls))
+      logits, cond, calls = jax.lax.cond(stale, lambda: (*net(x, cond), calls + 1),
+                                         lambda: (logits, cond, calls))
     else:
-      logits, calls = net(x), calls + 1
+      (logits, cond), calls = net(x, cond), calls + 1
     p_t, p_s = mdlm_lib.mask_prob(opts, ts[k]), mdlm_lib.mask_prob(opts, ts[k + 1])
     reveal_prob = jnp.where(ts[k + 1] <= 0.0, 1.0, (p_t - p_s) / p_t)
     k_tok, k_rev = jax.random.split(jax.random.fold_in(rng, k))
     tok, _ = draw(k_tok, logits, temperature, top_k, top_p, min_p)
     reveal = (x == tokenizers.MASK) & (jax.random.uniform(k_rev, x.shape) < reveal_prob)
     x = jnp.where(reveal, tok, x)
-    return x, logits, jnp.any(reveal), calls, _record(history, x, k, steps)
+    return x, logits, cond, jnp.any(reveal), calls, _record(history, x, k, steps)
 
   v = objective.vocab_size
-  carry = (canvas, jnp.zeros((b, t, v), jnp.float32), jnp.array(True), jnp.zeros((), jnp.int32),
-           _history(snapshots, canvas))
-  x, logits, stale, calls, history = jax.lax.fori_loop(0, steps, body, carry)
+  carry = (canvas, jnp.zeros((b, t, v), jnp.float32), initial_condition(objective, model, canvas),
+           jnp.array(True), jnp.zeros((), jnp.int32), _history(snapshots, canvas))
+  x, logits, cond, stale, calls, history = jax.lax.fori_loop(0, steps, body, carry)
   left = x == tokenizers.MASK
-  logits, calls = jax.lax.cond(jnp.any(left) & stale, lambda: (net(x), calls + 1),
-                               lambda: (logits, calls))
+  logits, calls = jax.lax.cond(jnp.any(left) & (stale | (not cache)),
+                               lambda: (net(x, cond)[0], calls + 1), lambda: (logits, calls))
   x = jnp.where(left, jnp.argmax(logits, axis=-1).astype(jnp.int32), x)
   return x, {"calls": calls, "history": history}
 
@@ -107,25 +122,37 @@ def _rank_desc(score_BxT):
 
 
 def confidence(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0, top_p=1.0,
-               min_p=0.0, remask=False, snapshots=0):
+               min_p=0.0, remask=False, critic=False, critic_noise=1.0, snapshots=0):
   """MaskGIT: after step k of S, floor(N gamma((k + 1) / S)) positions stay masked (gamma the
   objective's mask-fraction schedule, N the initial mask count); every masked position is
-  sampled at a temperature annealed linearly to 0 and the most confident (probability of the
-  sampled token) are kept. With `remask`, earlier choices compete again and can be remasked."""
+  sampled at a temperature annealed linearly to 0 and the most confident are kept: highest
+  probability of the sampled token, or with `critic` the lowest critic score (its logit that
+  the token is wrong) plus Gumbel noise of scale `critic_noise` annealed to 0. With `remask`,
+  earlier choices compete again and can be remasked."""
+  if critic and not (hasattr(model, "critic") and model.critic_kind != "none"):
+    raise ValueError("critic scores need a model trained with objective.critic='self' or "
+                     "'separate'.")
   net = network(objective, model)
   schedule = objective.opts.schedule
   generated = canvas == tokenizers.MASK
   n0 = jnp.sum(generated, axis=1)
 
+  b, t = canvas.shape
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
   def body(k, carry):
-    x, history = carry
-    logits = net(x)
+    x, cond, history = carry
+    logits, cond = net(x, cond)
     frac = 1.0 - (k + 1) / steps
-    tok, logp = draw(jax.random.fold_in(rng, k), logits, temperature * frac, top_k, top_p,
-                     min_p)
+    k_tok, k_noise = jax.random.split(jax.random.fold_in(rng, k))
+    tok, logp = draw(k_tok, logits, temperature * frac, top_k, top_p, min_p)
     masked = x == tokenizers.MASK
     cand_tok = jnp.where(masked, tok, x)
-    conf = jnp.take_along_axis(logp, cand_tok[..., None], axis=-1)[..., 0]
+    if critic:
+      score = model.critic(cand_tok, pos, jnp.ones((b, t), jnp.int32))
+      conf = -(score + critic_noise * frac * sampling.gumbel(k_noise, score.shape))
+    else:
+      conf = jnp.take_along_axis(logp, cand_tok[..., None], axis=-1)[..., 0]
     pool = generated if remask else masked
     conf = jnp.where(pool, conf, -jnp.inf)
     gamma = mdlm_lib.mask_fraction(schedule, jnp.asarray(frac, jnp.float32))[0]
@@ -133,21 +160,22 @@ def confidence(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0
     reveal = jnp.maximum(jnp.sum(pool, axis=1) - stay, 0)       # the pool keeps `stay` masks
     keep = pool & (_rank_desc(conf) < reveal[:, None])
     x = jnp.where(pool, jnp.where(keep, cand_tok, tokenizers.MASK), x)
-    return x, _record(history, x, k, steps)
+    return x, cond, _record(history, x, k, steps)
 
-  x, history = jax.lax.fori_loop(0, steps, body, (canvas, _history(snapshots, canvas)))
-  return x, {"calls": jnp.asarray(steps, jnp.int32), "history": history}
+  carry = (canvas, initial_condition(objective, model, canvas), _history(snapshots, canvas))
+  x, _, history = jax.lax.fori_loop(0, steps, body, carry)
+  return x, {"calls": jnp.asarray(steps * (2 if critic else 1), jnp.int32), "history": history}
 
 
-def guided(net, x, fixed, cfg_scale: float):
+def guided(net, x, fixed, cfg_scale: float, cond=None):
   """Classifier-free guidance: u + (w + 1)(c - u), u from the canvas with every given real
-  token masked."""
-  c = net(x)
+  token masked. Returns (logits, next cond, network calls)."""
+  c, next_cond = net(x, cond)
   if cfg_scale <= 0:
-    return c, 1
+    return c, next_cond, 1
   unc = jnp.where(fixed & (x >= tokenizers.NUM_SPECIAL), tokenizers.MASK, x)
-  u = net(unc)
-  return u + (cfg_scale + 1.0) * (c - u), 2
+  u, _ = net(unc, cond)
+  return u + (cfg_scale + 1.0) * (c - u), next_cond, 2
 
 
 def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top_p=1.0,
@@ -172,11 +200,11 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
   calls_per_step = 2 if cfg_scale > 0 else 1
 
   def body(k, carry):
-    x, spent, history = carry
+    x, spent, cond, history = carry
     masked = x == tokenizers.MASK
     current = jnp.min(jnp.where(masked, block, t), axis=1)          # leftmost unfinished block
     in_block = masked & (block == current[:, None])
-    logits, _ = guided(net, x, fixed, cfg_scale)
+    logits, cond, _ = guided(net, x, fixed, cfg_scale, cond)
     k_tok, k_rand = jax.random.split(jax.random.fold_in(rng, k))
     tok, logp = draw(k_tok, logits, temperature, top_k, top_p, min_p)
     if remasking == "low_confidence":
@@ -190,15 +218,17 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
     x = jnp.where(commit, tok, x)
     done_block = ~jnp.any(in_block & ~commit, axis=1)
     spent = jnp.where(done_block, 0, spent + 1)
-    return x, spent, _record(history, x, k, steps)
+    return x, spent, cond, _record(history, x, k, steps)
 
-  carry = (canvas, jnp.zeros((b,), jnp.int32), _history(snapshots, canvas))
-  x, _, history = jax.lax.fori_loop(0, steps, body, carry)
+  carry = (canvas, jnp.zeros((b,), jnp.int32), initial_condition(objective, model, canvas),
+           _history(snapshots, canvas))
+  x, _, cond, history = jax.lax.fori_loop(0, steps, body, carry)
   # rounding can leave masks after `steps` when a block got fewer steps than it has tokens'
   # share; finish them greedily so the output never holds MASK
   left = x == tokenizers.MASK
   x = jax.lax.cond(jnp.any(left), lambda: jnp.where(
-      left, jnp.argmax(guided(net, x, fixed, cfg_scale)[0], axis=-1).astype(jnp.int32), x),
+      left, jnp.argmax(guided(net, x, fixed, cfg_scale, cond)[0], axis=-1).astype(jnp.int32),
+      x),
                    lambda: x)
   calls = (steps + jnp.any(left).astype(jnp.int32)) * calls_per_step
   return x, {"calls": calls, "history": history}

@@ -97,15 +97,40 @@ def test_classifier_free_guidance_formula():
   fixed = x != MASK
   seen = []
 
-  def net(z):
+  def net(z, cond):
     seen.append(z)
-    return jnp.where((z == MASK)[..., None], 1.0, 3.0) * jnp.arange(5.0)
+    return jnp.where((z == MASK)[..., None], 1.0, 3.0) * jnp.arange(5.0), cond
 
-  out, calls = ds.guided(net, x, fixed, 2.0)
-  c, u = net(x), net(jnp.asarray([[tokenizers.BOS, MASK, MASK, MASK]]))
+  out, _, calls = ds.guided(net, x, fixed, 2.0)
+  c, u = net(x, None)[0], net(jnp.asarray([[tokenizers.BOS, MASK, MASK, MASK]]), None)[0]
   np.testing.assert_allclose(out, u + 3.0 * (c - u))
   assert calls == 2
   np.testing.assert_array_equal(seen[1], [[tokenizers.BOS, MASK, MASK, MASK]])  # prompt masked
+
+
+@pytest.mark.parametrize("name,opts", [("ancestral", {}), ("confidence", {"critic": True}),
+                                       ("llada", {"cfg_scale": 1.0})])
+def test_self_conditioned_critic_model_samples(corpus, data_dir, name, opts):
+  from helpers import tiny_config
+  cfg = tiny_config(corpus, data_dir, {"objective.name": "mdlm",
+                                       "objective.self_condition_prob": 0.75,
+                                       "objective.critic": "self"})
+  obj = objectives.create(cfg, tokenizers.get_tokenizer("bytes"))
+  model = obj.build(nnx.Rngs(0))
+  x0 = canvas()
+  out, info = jax.jit(lambda x, r: obj.sample(model, x, r, sampler=name, steps=6, **opts))(
+      x0, jax.random.key(0))
+  given = np.asarray(x0) != MASK
+  np.testing.assert_array_equal(np.asarray(out)[given], np.asarray(x0)[given])
+  assert not (np.asarray(out) == MASK).any()
+  if name == "ancestral":  # self-conditioned: the network runs at every step
+    assert int(info["calls"]) >= 6
+
+
+def test_critic_scores_need_a_critic(setup):
+  obj, model = setup
+  with pytest.raises(ValueError, match="objective.critic"):
+    obj.sample(model, canvas(), jax.random.key(0), sampler="confidence", critic=True)
 
 
 def test_unknown_sampler_and_bad_steps_are_refused(setup):

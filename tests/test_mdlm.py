@@ -228,6 +228,70 @@ def test_unmasked_positions_and_the_mask_logit_receive_no_gradient(make_config):
   assert np.abs(grad[..., MASK]).max() == 0.0, "SUBS: MASK is never predicted"
 
 
+# ---------------------------------------------------------------- self-conditioning, critic
+def test_self_conditioning_feeds_the_first_pass_states_without_gradient(make_config):
+  obj = make(make_config, self_condition_prob=1.0)
+  model = obj.build(nnx.Rngs(0))
+  batch = packed_batch()
+  rng = jax.random.key(3)
+  loss, _ = obj.loss(model, batch, rng)
+  _, k_t, k_mask, _, _, _ = jax.random.split(rng, 6)
+  t = mdlm.sample_times(k_t, 4, True, obj.opts.t_min, 0)
+  masked = mdlm.choose_masked(k_mask, mdlm.maskable(batch), mdlm.mask_prob(obj.opts, t), False)
+  x_t = jnp.where(masked, MASK, batch["inputs"])
+  pos, seg = batch["positions"], batch["segment_ids"]
+  h1 = model.run(x_t, pos, seg)[1]
+  logits = mdlm.subs_logits(model.run(x_t, pos, seg, h1)[0])
+  ce = numpy_masked_ce(logits, batch["inputs"], np.asarray(masked))
+  want = (np.asarray(mdlm.elbo_weight(obj.opts, t))[:, None] * ce).sum() / np.asarray(
+      mdlm.maskable(batch)).sum()
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  # with probability 0 the null embedding is used instead, and it is trained
+  never = make(make_config, self_condition_prob=1e-9)
+  grads = nnx.grad(lambda m: never.loss(m, batch, rng)[0])(model)
+  assert np.abs(np.asarray(grads.sc_null[...])).sum() > 0
+  grads = nnx.grad(lambda m: obj.loss(m, batch, rng)[0])(model)
+  assert np.abs(np.asarray(grads.sc_null[...])).sum() == 0  # the first pass replaced it
+
+
+def test_critic_targets_label_generated_tokens_that_differ():
+  b, t, v = 4, 64, 30
+  inputs = jax.random.randint(jax.random.key(0), (b, t), 8, v)
+  masked = jax.random.bernoulli(jax.random.key(1), 0.5, (b, t))
+  # logits that favour the original token, but not overwhelmingly: some draws differ
+  logits = 2.0 * jax.nn.one_hot(inputs, v) + jax.random.normal(jax.random.key(2), (b, t, v))
+  x_gen, labels = mdlm.critic_targets(jax.random.key(3), inputs, masked, logits)
+  x_gen, labels, inputs, masked = map(np.asarray, (x_gen, labels, inputs, masked))
+  np.testing.assert_array_equal(x_gen[~masked], inputs[~masked])
+  np.testing.assert_array_equal(labels, x_gen != inputs)
+  assert not labels[~masked].any() and labels[masked].any() and not labels[masked].all()
+
+
+@pytest.mark.parametrize("kind", ["self", "separate"])
+def test_critic_loss_is_bce_on_the_generated_sequence(make_config, kind):
+  obj = make(make_config, critic=kind, critic_weight=0.5)
+  model = obj.build(nnx.Rngs(0))
+  batch = packed_batch()
+  rng = jax.random.key(4)
+  losses, _ = obj.losses(model, batch, rng)
+  np.testing.assert_allclose(losses.loss, losses.generator_loss + 0.5 * losses.critic_loss,
+                             rtol=1e-6)
+  _, k_t, k_mask, _, _, k_critic = jax.random.split(rng, 6)
+  eligible = mdlm.maskable(batch)
+  t = mdlm.sample_times(k_t, 4, True, obj.opts.t_min, 0)
+  masked = mdlm.choose_masked(k_mask, eligible, mdlm.mask_prob(obj.opts, t), False)
+  x_t = jnp.where(masked, MASK, batch["inputs"])
+  logits, _ = obj.apply(model, x_t, batch["positions"], batch["segment_ids"])
+  x_gen, labels = mdlm.critic_targets(k_critic, batch["inputs"], masked, logits)
+  z = np.asarray(model.critic(x_gen, batch["positions"], batch["segment_ids"]), np.float64)
+  y = np.asarray(labels, np.float64)
+  bce = np.logaddexp(0, z) - y * z
+  e = np.asarray(eligible)
+  np.testing.assert_allclose(losses.critic_loss, bce[e].mean(), rtol=1e-5)
+  if kind == "separate":
+    assert hasattr(model, "critic_net")
+
+
 # ---------------------------------------------------------------- the bound
 class CopyDenoiser:
   """The exact denoiser of rows [BOS, a, a] with a uniform over K tokens."""
@@ -342,6 +406,8 @@ def test_mlm_loss_is_mean_ce_over_selected(make_config):
     ("mdlm", {"llada": True, "schedule": "cosine"}, "objective.llada"),
     ("mdlm", {"no_replace_prob": 0.8, "random_token_prob": 0.5}, "no_replace_prob"),
     ("mdlm", {"meap_mask_ratio": 0.1}, "objective.meap_mask_ratio"),
+    ("mdlm", {"critic": "both"}, "objective.critic"),
+    ("mdlm", {"self_condition_prob": 1.5}, "objective.self_condition_prob"),
     ("mlm", {"mask_rate": 0.0}, "objective.mask_rate"),
 ])
 def test_bad_options_are_refused(make_config, name, bad, match):

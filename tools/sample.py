@@ -7,8 +7,8 @@ the objective's sampler.
 - `mdlm`: fills masked positions; the canvas is --prefix, then --max_new_tokens masks, then
   --suffix, or a --template whose `<mask:N>` spans are N masked tokens, e.g.
     --template='def f(<mask:12>):'
-  with --sampler=ancestral|confidence|llada, --steps, --block_length, --cfg_scale, --remasking,
-  --grid; --show_steps=K prints the canvas at K evenly spaced steps (masks shown as `_`).
+  with --sampler=ancestral|confidence|llada, --steps, --grid (ancestral), --remask, --critic,
+  --critic_noise (confidence), --block_length, --cfg_scale, --remasking (llada); --show_steps=K prints the canvas at K evenly spaced steps (masks shown as `_`).
 """
 import os
 import sys
@@ -32,6 +32,9 @@ _BLOCK = flags.DEFINE_integer("block_length", 0, "llada: semi-autoregressive blo
 _CFG = flags.DEFINE_float("cfg_scale", 0.0, "llada: classifier-free guidance scale w.")
 _REMASKING = flags.DEFINE_string("remasking", "low_confidence", "llada: low_confidence|random.")
 _GRID = flags.DEFINE_string("grid", "uniform", "ancestral: time grid, uniform|cosine.")
+_REMASK = flags.DEFINE_bool("remask", False, "confidence: earlier choices may be remasked.")
+_CRITIC = flags.DEFINE_bool("critic", False, "confidence: rank by the token critic's scores.")
+_CRITIC_NOISE = flags.DEFINE_float("critic_noise", 1.0, "confidence: annealed Gumbel scale.")
 _SHOW = flags.DEFINE_integer("show_steps", 0, "mdlm: print the canvas at this many steps.")
 _NUM = flags.DEFINE_integer("num_samples", 2, "Samples to draw.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate at most.")
@@ -143,6 +146,8 @@ def sample_canvas(setup, params, step):
     options.update(block_length=_BLOCK.value, cfg_scale=_CFG.value, remasking=_REMASKING.value)
   elif sampler == "ancestral":
     options.update(grid=_GRID.value)
+  else:
+    options.update(remask=_REMASK.value, critic=_CRITIC.value, critic_noise=_CRITIC_NOISE.value)
   rows = np.tile(canvas, (_NUM.value, 1))
 
   @jax.jit

@@ -13,10 +13,14 @@ only masked positions enter the loss.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
+from flax import nnx
 
+from mdlm_jax import model as model_lib
 from mdlm_jax import objectives
 from mdlm_jax import sampling
 from mdlm_jax import tokenizers
@@ -118,6 +122,18 @@ def subs_logits(logits_BxTxV):
   return logits_BxTxV.at[..., tokenizers.MASK].set(sampling.NEG_INF)
 
 
+def critic_targets(rng, inputs_BxT, masked_BxT, logits_BxTxV):
+  """The critic's input and labels: masked positions filled by the generator at a random
+  temperature in [0, 1) (Gumbel-max, no gradient); label = the filled sequence differs from
+  the original there (never at positions that were not masked)."""
+  k_temp, k_noise = jax.random.split(rng)
+  temperature = jax.random.uniform(k_temp, ())
+  noisy = jax.lax.stop_gradient(logits_BxTxV) + temperature * sampling.gumbel(
+      k_noise, logits_BxTxV.shape)
+  x_gen = jnp.where(masked_BxT, jnp.argmax(noisy, axis=-1).astype(jnp.int32), inputs_BxT)
+  return x_gen, x_gen != inputs_BxT
+
+
 def crop(rng, batch, prob: float):
   """LLaDA: with probability `prob` the whole batch is cut to a random length in [1, T]
   (positions beyond it become padding, so they are neither attended to nor scored)."""
@@ -126,6 +142,57 @@ def crop(rng, batch, prob: float):
   length = jnp.where(jax.random.bernoulli(k_coin, prob), jax.random.randint(k_len, (), 1, t + 1), t)
   keep = jnp.arange(t)[None, :] < length
   return dict(batch, segment_ids=jnp.where(keep, batch["segment_ids"], 0))
+
+
+class Losses(NamedTuple):
+  loss: jax.Array             # generator_loss + critic_weight * critic_loss
+  generator_loss: jax.Array
+  critic_loss: jax.Array      # 0 without a critic
+
+
+class DiffusionNet(nnx.Module):
+  """The backbone with the MaskGIT extras: self-conditioning (the previous pass's final states,
+  projected d -> d without bias and added to the input embeddings, or a learned null
+  embedding) and a token critic (a head on the final states of the backbone run on the
+  generated sequence, `self`, or of a separate network, `separate`)."""
+
+  def __init__(self, cfg: model_lib.ModelConfig, self_condition: bool, critic: str,
+               rngs: nnx.Rngs):
+    d = cfg.d_model
+    self.backbone = model_lib.Transformer(cfg, rngs)
+    self.self_condition = self_condition
+    self.critic_kind = critic
+    if self_condition:
+      self.sc_proj = model_lib.param(rngs, (d, d), ("embed", "mlp"), cfg.init_std)
+      self.sc_null = model_lib.param(rngs, (d,), ("embed",), cfg.init_std)
+    if critic == "separate":
+      self.critic_net = model_lib.Transformer(cfg, rngs)
+    if critic != "none":
+      self.critic_w = model_lib.param(rngs, (d,), ("embed",), cfg.init_std)
+
+  def null_condition(self, shape):
+    return jnp.broadcast_to(self.sc_null[...], tuple(shape) + self.sc_null.shape)
+
+  def run(self, x_BxT, positions, segment_ids, cond_BxTxD=None):
+    """(float32 logits (B, T, V), final states (B, T, D))."""
+    e = self.backbone.embed_tokens(x_BxT)
+    if self.self_condition:
+      c = self.null_condition(x_BxT.shape) if cond_BxTxD is None else cond_BxTxD
+      e = e + model_lib.dense(c.astype(e.dtype), self.sc_proj[...])
+    h = self.backbone.hidden(e, positions, segment_ids)
+    return self.backbone.logits(h), h
+
+  def __call__(self, x_BxT, positions, segment_ids):
+    return self.run(x_BxT, positions, segment_ids)[0]
+
+  def critic(self, x_BxT, positions, segment_ids):
+    """One logit per position: 'this token differs from the original'."""
+    if self.critic_kind == "separate":
+      net = self.critic_net
+      h = net.hidden(net.embed_tokens(x_BxT), positions, segment_ids)
+    else:
+      h = self.run(x_BxT, positions, segment_ids)[1]
+    return model_lib.dense(h.astype(jnp.float32), self.critic_w[...][:, None])[..., 0]
 
 
 @objectives.register
@@ -145,6 +212,9 @@ class MDLM(base.Objective):
       no_replace_prob=0.0,     # MaskGIT / BERT augmentation (0.15 and 0.10 in MaskGIT)
       random_token_prob=0.0,
       eval_time_samples=1,     # K time samples per sequence for the validation bound
+      self_condition_prob=0.0,  # MaskGIT uses 0.75
+      critic="none",           # none | self | separate: token critic
+      critic_weight=1.0,
   )
 
   @classmethod
@@ -171,19 +241,46 @@ class MDLM(base.Objective):
          "to at most 1."),
         (opts.eval_time_samples >= 1,
          f"objective.eval_time_samples={opts.eval_time_samples} must be >= 1."),
+        (0.0 <= opts.self_condition_prob <= 1.0,
+         f"objective.self_condition_prob={opts.self_condition_prob} must be in [0, 1]."),
+        (opts.critic in ("none", "self", "separate"),
+         f"objective.critic={opts.critic!r} must be 'none', 'self' or 'separate'."),
+        (opts.critic_weight >= 0, f"objective.critic_weight={opts.critic_weight} must be >= 0."),
     ]
     for ok, message in checks:
       if not ok:
         raise ValueError(message)
 
-  def _masked_ce(self, model, batch, x_t, masked):
-    logits = subs_logits(model(x_t, batch["positions"], batch["segment_ids"]))
+  @property
+  def self_conditioned(self) -> bool:
+    return self.opts.self_condition_prob > 0
+
+  def build(self, rngs: nnx.Rngs) -> nnx.Module:
+    if self.self_conditioned or self.opts.critic != "none":
+      return DiffusionNet(self.model_config, self.self_conditioned, self.opts.critic, rngs)
+    return model_lib.Transformer(self.model_config, rngs)
+
+  def apply(self, model, x_BxT, positions, segment_ids, cond=None):
+    """(SUBS logits, final states or None); `cond` the self-conditioning input (None: null)."""
+    if isinstance(model, DiffusionNet):
+      logits, h = model.run(x_BxT, positions, segment_ids, cond)
+      return subs_logits(logits), h
+    return subs_logits(model(x_BxT, positions, segment_ids)), None
+
+  def _masked_ce(self, model, batch, x_t, masked, cond=None):
+    logits, _ = self.apply(model, x_t, batch["positions"], batch["segment_ids"], cond)
     ce = base.cross_entropy(logits, batch["inputs"])
-    return jnp.where(masked, ce, 0.0)
+    return jnp.where(masked, ce, 0.0), logits
 
   def loss(self, model, batch, rng):
+    losses, metrics = self.losses(model, batch, rng)
+    return losses.loss, dict(metrics, generator_loss=losses.generator_loss,
+                             critic_loss=losses.critic_loss)
+
+  def losses(self, model, batch, rng) -> tuple[Losses, dict]:
+    """(Losses(loss, generator_loss, critic_loss), metrics)."""
     o = self.opts
-    k_crop, k_t, k_mask, k_aug = jax.random.split(rng, 4)
+    k_crop, k_t, k_mask, k_aug, k_sc, k_critic = jax.random.split(rng, 6)
     if o.crop_prob > 0:
       batch = crop(k_crop, batch, o.crop_prob)
     eligible = maskable(batch)
@@ -195,16 +292,29 @@ class MDLM(base.Objective):
                     self.vocab_size)
     else:
       x_t = jnp.where(masked, tokenizers.MASK, batch["inputs"])
-    ce = self._masked_ce(model, batch, x_t, masked)
-    n_masked = jnp.maximum(jnp.sum(masked), 1)
-    ce_masked = jnp.sum(ce) / n_masked
+    pos, seg = batch["positions"], batch["segment_ids"]
+    cond = None
+    if self.self_conditioned:  # a first pass without gradient, or the null embedding
+      cond = jax.lax.cond(
+          jax.random.bernoulli(k_sc, o.self_condition_prob),
+          lambda: jax.lax.stop_gradient(model.run(x_t, pos, seg)[1]).astype(jnp.float32),
+          lambda: model.null_condition(x_t.shape).astype(jnp.float32))
+    ce, logits = self._masked_ce(model, batch, x_t, masked, cond)
+    n_eligible = jnp.maximum(jnp.sum(eligible), 1)
+    ce_masked = jnp.sum(ce) / jnp.maximum(jnp.sum(masked), 1)
     if o.weighting == "none":
-      loss = ce_masked
+      gen_loss = ce_masked
     else:
       w = 1.0 / mask_prob(o, t) if o.llada else elbo_weight(o, t)
-      loss = jnp.sum(w[:, None] * ce) / jnp.maximum(jnp.sum(eligible), 1)
-    return loss, {"ce_masked": ce_masked, "mask_rate": jnp.sum(masked) / jnp.maximum(
-        jnp.sum(eligible), 1)}
+      gen_loss = jnp.sum(w[:, None] * ce) / n_eligible
+    critic_loss = jnp.zeros((), jnp.float32)
+    if o.critic != "none":
+      x_gen, labels = critic_targets(k_critic, batch["inputs"], masked, logits)
+      bce = optax.sigmoid_binary_cross_entropy(model.critic(x_gen, pos, seg),
+                                               labels.astype(jnp.float32))
+      critic_loss = jnp.sum(jnp.where(eligible, bce, 0.0)) / n_eligible
+    metrics = {"ce_masked": ce_masked, "mask_rate": jnp.sum(masked) / n_eligible}
+    return Losses(gen_loss + o.critic_weight * critic_loss, gen_loss, critic_loss), metrics
 
   def row_bounds(self, model, batch, rng):
     """Per row: the ELBO's NLL bound in nats (Bernoulli masking, the schedule's own weight,
@@ -217,8 +327,8 @@ class MDLM(base.Objective):
       k_t, k_mask = jax.random.split(key)
       t = sample_times(k_t, b, True, 0.0, o.discrete_steps)
       masked = choose_masked(k_mask, eligible, mask_prob(o, t), exact=False)
-      ce = self._masked_ce(model, batch, jnp.where(masked, tokenizers.MASK, batch["inputs"]),
-                           masked)
+      ce, _ = self._masked_ce(model, batch,
+                              jnp.where(masked, tokenizers.MASK, batch["inputs"]), masked)
       return elbo_weight(o, t) * jnp.sum(ce, axis=1)
 
     keys = jax.random.split(rng, o.eval_time_samples)
@@ -236,7 +346,10 @@ class MDLM(base.Objective):
             "nll_tokens": jnp.sum(nll * tokens), "tokens_sq": jnp.sum(tokens ** 2)}
 
   def flops_per_token(self, seq_len: int) -> float:
-    return 3.0 * base.forward_flops_per_token(self.model_config, seq_len)
+    """Forward + backward of the denoiser, the expected self-conditioning first pass
+    (forward only) and the critic's forward + backward."""
+    f = base.forward_flops_per_token(self.model_config, seq_len)
+    return f * (3.0 + self.opts.self_condition_prob + 3.0 * (self.opts.critic != "none"))
 
   def generate(self, model, prompt_BxP, rng, *, max_new_tokens=256, temperature=1.0, top_k=0,
                top_p=1.0, min_p=0.0, sampler="ancestral", steps=None, **options):
