@@ -96,7 +96,7 @@ class Evaluator:
       if all_done:
         break
       if done:
-        local = pipeline.empty_batch(local_b, cfg.data.seq_len)
+        local = pipeline.empty_batch(local_b, cfg.data.seq_len, pipeline.batch_keys(cfg.data))
       sums = self._step(params, pipeline.to_global(local, self.setup.batch_sharding),
                         jax.random.fold_in(self.key, i))
       total = sums if total is None else jax.tree.map(jnp.add, total, sums)

@@ -52,7 +52,8 @@ class Setup:
   def abstract_batch(self, batch_size: int | None = None):
     b = batch_size or self.config.train.batch_size
     return {k: jax.ShapeDtypeStruct((b, self.config.data.seq_len), jnp.int32,
-                                    sharding=self.batch_sharding) for k in pipeline.KEYS}
+                                    sharding=self.batch_sharding)
+            for k in pipeline.batch_keys(self.config.data)}
 
 
 def build(config, mesh=None) -> Setup:

@@ -3,6 +3,7 @@ random access (`as_data_source`) and TensorFlow is never needed.
 
 - `python_stdlib`: the running interpreter's standard-library `.py` files (the default corpus).
 - `text_files`: any glob of `.txt` / `.py` / `.md` files, or `.jsonl` with a `text` field.
+- `sft_pairs`: `.jsonl` files whose lines hold `prompt` and `answer` (supervised fine-tuning).
 
 Documents go to `validation` when a hash of their path (and line, for jsonl) falls in the
 lowest VALIDATION_PERCENT, so the split is deterministic and independent of file order; a
@@ -52,6 +53,25 @@ def assign_splits(keys: list[str]) -> set[str]:
 def _read_text(path: str) -> str:
   with open(path, "rb") as f:
     return f.read().decode("utf-8", "replace")
+
+
+def _pairs(paths: list[str], root: str):
+  """Yields (key, {'prompt', 'answer'}) for every jsonl line with a non-empty answer."""
+  for path in paths:
+    if not path.endswith(".jsonl"):
+      raise ValueError(f"{path}: prompt/answer pairs are read from .jsonl files only.")
+    rel = os.path.relpath(path, root) if root else path
+    for i, line in enumerate(_read_text(path).splitlines()):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        prompt, answer = row["prompt"], row["answer"]
+      except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{path}:{i + 1}: not a JSON object with 'prompt' and 'answer' "
+                         "fields") from None
+      if isinstance(answer, str) and answer.strip() and isinstance(prompt, str):
+        yield f"{rel}:{i}", {"prompt": prompt, "answer": answer}
 
 
 def _documents(paths: list[str], root: str):
@@ -155,6 +175,29 @@ class TextFiles(_TextBuilder):
     return resolve_files(self.builder_config.files), ""
 
 
+class SftPairs(TextFiles):
+  """Prompt/answer pairs from `.jsonl` files (features prompt, answer, key)."""
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({"prompt": tfds.features.Text(),
+                                             "answer": tfds.features.Text(),
+                                             "key": tfds.features.Text()}),
+        supervised_keys=None)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    paths, root = self._paths()
+    val = assign_splits([key for key, _ in _pairs(paths, root)])
+    return {split: self._generate_examples(paths, root, val, split == "validation")
+            for split in ("train", "validation")}
+
+  def _generate_examples(self, paths, root, val, validation):  # pylint: disable=arguments-differ
+    for key, pair in _pairs(paths, root):
+      if (key in val) == validation:
+        yield key, dict(pair, key=key)
+
+
 def text_files_config(pattern: str) -> TextFilesConfig:
   paths = resolve_files(pattern)
   h = hashlib.sha1()
@@ -169,8 +212,9 @@ def load_builder(data_cfg) -> tfds.core.DatasetBuilder:
   """The builder for `data.name`, prepared into `data.data_dir` on first use when it is one of
   ours; any other TFDS name must already be prepared there (as array_record)."""
   data_dir = os.path.expanduser(data_cfg.data_dir)
-  if data_cfg.name in ("python_stdlib", "text_files"):
-    cls = PythonStdlib if data_cfg.name == "python_stdlib" else TextFiles
+  if data_cfg.name in ("python_stdlib", "text_files", "sft_pairs"):
+    cls = {"python_stdlib": PythonStdlib, "text_files": TextFiles,
+           "sft_pairs": SftPairs}[data_cfg.name]
     kwargs = {} if cls is PythonStdlib else {"config": text_files_config(data_cfg.files)}
     builder = cls(data_dir=data_dir, file_format="array_record", **kwargs)
     if not builder.is_prepared():

@@ -3,6 +3,11 @@ rows of `seq_len` with segment ids and positions -> batch -> global jax.Arrays o
 
 Each document is wrapped as [BOS] text [EOS]. Packing continues a document across rows (no
 padding is wasted); segment ids restart per row, positions continue within a document.
+
+Prompt/answer data (`data.name=sft_pairs`) is not packed: each row is one pair,
+[BOS] prompt answer [EOS], filled up to `seq_len` with EOS (the padding belongs to the answer,
+so a model learns where to stop; LLaDA SFT) or cut at `seq_len`, plus `prompt_mask` (1 on
+BOS and the prompt).
 """
 from __future__ import annotations
 
@@ -16,6 +21,11 @@ from mdlm_jax import tokenizers
 from mdlm_jax.data import builders
 
 KEYS = ("inputs", "segment_ids", "positions")
+SFT_KEYS = KEYS + ("prompt_mask",)
+
+
+def batch_keys(data_cfg) -> tuple[str, ...]:
+  return SFT_KEYS if data_cfg.name == "sft_pairs" else KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +37,24 @@ class Tokenize:
     return {"inputs": np.concatenate([[tokenizers.BOS], ids, [tokenizers.EOS]]).astype(np.int32)}
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenizePair:
+  """One prompt/answer pair -> a full row of `seq_len` (see the module docstring)."""
+  tokenizer: tokenizers.Tokenizer
+  seq_len: int
+
+  def __call__(self, record) -> dict[str, np.ndarray]:
+    prompt = np.concatenate([[tokenizers.BOS], self.tokenizer.encode(
+        builders.text_of(record, "prompt"))])
+    answer = np.concatenate([self.tokenizer.encode(builders.text_of(record, "answer")),
+                             [tokenizers.EOS]])
+    ids = np.concatenate([prompt, answer])[: self.seq_len]
+    ids = np.pad(ids, (0, self.seq_len - len(ids)), constant_values=tokenizers.EOS)
+    prompt_mask = (np.arange(self.seq_len) < len(prompt)).astype(np.int32)
+    return {"inputs": ids.astype(np.int32), "segment_ids": np.ones(self.seq_len, np.int32),
+            "positions": np.arange(self.seq_len, dtype=np.int32), "prompt_mask": prompt_mask}
+
+
 def _rename(x):
   return {"inputs": x["inputs"], "segment_ids": x["inputs_segment_ids"].astype(np.int32),
           "positions": x["inputs_positions"].astype(np.int32)}
@@ -34,7 +62,7 @@ def _rename(x):
 
 def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
                  train: bool, process_index: int = 0, process_count: int = 1,
-                 prefetch: int = 2) -> grain.IterDataset:
+                 prefetch: int = 2, pairs: bool = False) -> grain.IterDataset:
   """A per-process dataset of packed batches {inputs, segment_ids, positions} (batch, seq_len).
 
   train: shuffled (reshuffled each epoch) and repeated forever; otherwise one ordered pass
@@ -42,9 +70,12 @@ def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
   ds = grain.MapDataset.source(source)
   if train:
     ds = ds.shuffle(seed=seed).repeat()
-  ds = ds[process_index::process_count].map(Tokenize(tokenizer))
-  it = grain.experimental.ConcatThenSplitIterDataset(
-      ds.to_iter_dataset(), length_struct={"inputs": seq_len}).map(_rename)
+  if pairs:
+    it = ds[process_index::process_count].map(TokenizePair(tokenizer, seq_len)).to_iter_dataset()
+  else:
+    ds = ds[process_index::process_count].map(Tokenize(tokenizer))
+    it = grain.experimental.ConcatThenSplitIterDataset(
+        ds.to_iter_dataset(), length_struct={"inputs": seq_len}).map(_rename)
   it = it.batch(batch_size, drop_remainder=train)
   if not train:
     it = it.map(lambda b: pad_batch(b, batch_size))
@@ -60,8 +91,8 @@ def pad_batch(batch, batch_size: int):
   return {k: np.pad(v, ((0, batch_size - n), (0, 0))) for k, v in batch.items()}
 
 
-def empty_batch(batch_size: int, seq_len: int):
-  return {k: np.zeros((batch_size, seq_len), np.int32) for k in KEYS}
+def empty_batch(batch_size: int, seq_len: int, keys=KEYS):
+  return {k: np.zeros((batch_size, seq_len), np.int32) for k in keys}
 
 
 def to_global(local_batch, sharding) -> dict[str, jax.Array]:
@@ -83,7 +114,7 @@ def train_dataset(config, tokenizer) -> grain.IterDataset:
       builders.data_source(builder, "train"), tokenizer, seq_len=config.data.seq_len,
       batch_size=local_batch_size(config.train.batch_size), seed=config.seed, train=True,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      prefetch=config.data.prefetch)
+      prefetch=config.data.prefetch, pairs=config.data.name == "sft_pairs")
 
 
 def eval_dataset(config, tokenizer, split: str = "validation") -> grain.IterDataset:
@@ -91,4 +122,5 @@ def eval_dataset(config, tokenizer, split: str = "validation") -> grain.IterData
   return make_dataset(
       builders.data_source(builder, split), tokenizer, seq_len=config.data.seq_len,
       batch_size=local_batch_size(config.train.batch_size), seed=config.seed, train=False,
-      process_index=jax.process_index(), process_count=jax.process_count(), prefetch=0)
+      process_index=jax.process_index(), process_count=jax.process_count(), prefetch=0,
+      pairs=config.data.name == "sft_pairs")

@@ -93,13 +93,17 @@ def maskable(batch):
 def choose_masked(rng, eligible_BxT, p_B, exact: bool):
   """Bernoulli(p) per eligible token, or exactly ceil(max(p n, 1)) eligible tokens per row
   chosen uniformly (n the row's eligible count)."""
-  u = jax.random.uniform(rng, eligible_BxT.shape)
   if not exact:
-    return eligible_BxT & (u < p_B[:, None])
+    return eligible_BxT & (jax.random.uniform(rng, eligible_BxT.shape) < p_B[:, None])
   n = jnp.sum(eligible_BxT, axis=1)
-  k = jnp.minimum(jnp.ceil(jnp.maximum(p_B * n, 1.0)), n).astype(jnp.int32)
+  return choose_count(rng, eligible_BxT, jnp.ceil(jnp.maximum(p_B * n, 1.0)))
+
+
+def choose_count(rng, eligible_BxT, k_B):
+  """min(k, n) eligible positions per row, chosen uniformly."""
+  u = jax.random.uniform(rng, eligible_BxT.shape)
   rank = jnp.argsort(jnp.argsort(jnp.where(eligible_BxT, u, 2.0), axis=1), axis=1)
-  return rank < k[:, None]
+  return eligible_BxT & (rank < k_B.astype(jnp.int32)[:, None])
 
 
 def augment(rng, inputs_BxT, masked_BxT, no_replace: float, random_token: float, vocab: int):
@@ -215,6 +219,7 @@ class MDLM(base.Objective):
       self_condition_prob=0.0,  # MaskGIT uses 0.75
       critic="none",           # none | self | separate: token critic
       critic_weight=1.0,
+      sft=False,               # LLaDA SFT on prompt/answer rows (data.name=sft_pairs)
   )
 
   @classmethod
@@ -277,13 +282,23 @@ class MDLM(base.Objective):
     return losses.loss, dict(metrics, generator_loss=losses.generator_loss,
                              critic_loss=losses.critic_loss)
 
+  def maskable(self, batch):
+    """What may be masked: every token but a document's BOS; with `sft`, the answer only."""
+    if not self.opts.sft:
+      return maskable(batch)
+    if "prompt_mask" not in batch:
+      raise ValueError("objective.sft=True trains on prompt/answer rows: set "
+                       "data.name=sft_pairs and data.files to .jsonl files with 'prompt' and "
+                       "'answer' fields.")
+    return maskable(batch) & (batch["prompt_mask"] == 0)
+
   def losses(self, model, batch, rng) -> tuple[Losses, dict]:
     """(Losses(loss, generator_loss, critic_loss), metrics)."""
     o = self.opts
     k_crop, k_t, k_mask, k_aug, k_sc, k_critic = jax.random.split(rng, 6)
     if o.crop_prob > 0:
       batch = crop(k_crop, batch, o.crop_prob)
-    eligible = maskable(batch)
+    eligible = self.maskable(batch)
     b = eligible.shape[0]
     t = sample_times(k_t, b, o.time_sampling == "antithetic", o.t_min, o.discrete_steps)
     masked = choose_masked(k_mask, eligible, mask_prob(o, t), o.masking == "exact")
@@ -306,7 +321,12 @@ class MDLM(base.Objective):
       gen_loss = ce_masked
     else:
       w = 1.0 / mask_prob(o, t) if o.llada else elbo_weight(o, t)
-      gen_loss = jnp.sum(w[:, None] * ce) / n_eligible
+      if o.sft:  # per row: divided by the answer length (its EOS padding included)
+        rows = jnp.sum(eligible, axis=1)
+        per_row = jnp.sum(w[:, None] * ce, axis=1) / jnp.maximum(rows, 1)
+        gen_loss = jnp.sum(per_row) / jnp.maximum(jnp.sum(rows > 0), 1)
+      else:
+        gen_loss = jnp.sum(w[:, None] * ce) / n_eligible
     critic_loss = jnp.zeros((), jnp.float32)
     if o.critic != "none":
       x_gen, labels = critic_targets(k_critic, batch["inputs"], masked, logits)
@@ -318,8 +338,11 @@ class MDLM(base.Objective):
 
   def row_bounds(self, model, batch, rng):
     """Per row: the ELBO's NLL bound in nats (Bernoulli masking, the schedule's own weight,
-    t over all of (0, 1]) averaged over `eval_time_samples` draws, and its token count."""
+    t over all of (0, 1]) averaged over `eval_time_samples` draws, and its token count.
+    With `sft`: the conditional bound of the answer given the prompt (`conditional_bound`)."""
     o = self.opts
+    if o.sft:
+      return self.conditional_bound(model, batch, rng, o.eval_time_samples)
     eligible = maskable(batch)
     b = eligible.shape[0]
 
@@ -334,6 +357,25 @@ class MDLM(base.Objective):
     keys = jax.random.split(rng, o.eval_time_samples)
     nll = jnp.mean(jax.lax.map(one, keys), axis=0)
     return nll, jnp.sum(eligible, axis=1).astype(jnp.float32), eligible
+
+  def conditional_bound(self, model, batch, rng, samples: int):
+    """LLaDA's estimate of -log p(answer | prompt) <= E_l [(L / l) sum over l masked answer
+    tokens of their CE], with exactly l of the L answer tokens masked uniformly at random and
+    l stratified over 1..L across the `samples` draws. Returns (per-row bound, L, answer)."""
+    answer = self.maskable(batch)
+    n = jnp.sum(answer, axis=1)
+    nf = n.astype(jnp.float32)
+    u = jax.random.uniform(jax.random.fold_in(rng, 1), ())
+
+    def one(k):
+      l = jnp.clip(jnp.floor((k + u) / samples * nf) + 1, 1, jnp.maximum(nf, 1))
+      masked = choose_count(jax.random.fold_in(rng, k + 2), answer, l)
+      ce, _ = self._masked_ce(model, batch, jnp.where(masked, tokenizers.MASK, batch["inputs"]),
+                              masked)
+      return nf / l * jnp.sum(ce, axis=1)
+
+    nll = jnp.mean(jax.lax.map(one, jnp.arange(samples)), axis=0)
+    return jnp.where(n > 0, nll, 0.0), nf, answer
 
   def eval_sums(self, model, batch, rng):
     nll, tokens, eligible = self.row_bounds(model, batch, rng)
