@@ -71,6 +71,15 @@ def test_train_sample_evaluate(tmp_path, corpus, data_dir):
   assert abs(result["bits_per_token"] * 0.6931471805599453 - result["loss"]) < 1e-6
   assert 0 < result["bits_per_byte"] < 9
 
+  png = str(tmp_path / "curves.png")
+  out = run(["tools/plot.py", f"--output={png}", wd, wd]).stdout
+  assert "wrote" in out
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+  img = matplotlib.image.imread(png)
+  assert img.shape[0] > 200 and img.shape[1] > 300 and img[..., :3].std() > 0.05
+  p = run(["tools/plot.py", f"--output={png}", str(tmp_path)], check=False)
+  assert p.returncode != 0 and "no config.json" in p.stderr
+
 
 def test_ar_train_and_sample(tmp_path, corpus, data_dir):
   wd = str(tmp_path / "wd")

@@ -3,7 +3,8 @@
   python tools/bench.py --config=configs/default.py --config.train.batch_size=16 [--pipeline]
 
 Synthetic batches (random tokens, packed rows of several segments) so the figure is the step's
-own. Prints one JSON line: tokens_per_s, step_time_s, compile_time_s, flops_per_token, mfu
+own. With --sampler=NAME it times a sampler instead (generated tokens/s and network calls):
+  python tools/bench.py --config=configs/default.py --sampler=ancestral --sample_steps=1000 Prints one JSON line: tokens_per_s, step_time_s, compile_time_s, flops_per_token, mfu
 (null where the device's peak is unknown), peak_memory_bytes, and pipeline_tokens_per_s with
 --pipeline (the Grain pipeline alone on the configured dataset).
 """
@@ -27,6 +28,12 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
 _PIPELINE = flags.DEFINE_bool("pipeline", False, "Also time the Grain pipeline alone.")
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 200, "Batches to time.")
+_SAMPLER = flags.DEFINE_string("sampler", None, "Time a sampler instead of the train step: "
+                               "ar (KV cache), ancestral, ancestral_nocache, confidence, llada.")
+_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 256, "Denoising steps of the sampler.")
+_SAMPLE_LEN = flags.DEFINE_integer("sample_len", 256, "Tokens to generate per row.")
+_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 8, "Rows sampled at once.")
+_SAMPLE_REPEATS = flags.DEFINE_integer("sample_repeats", 3, "Timed runs (the median is kept).")
 
 
 def synthetic_batch(rng, batch: int, seq_len: int, vocab: int):
@@ -58,9 +65,50 @@ def pipeline_tokens_per_s(config, tokenizer, batches: int) -> float:
   return rate
 
 
+def bench_sampler(config):
+  """Generated tokens/s of one sampler from random params (after compiling), and the network
+  calls it made."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from mdlm_jax import tokenizers  # pylint: disable=g-import-not-at-top
+  from mdlm_jax import trainer  # pylint: disable=g-import-not-at-top
+  setup = trainer.build(config)
+  params = setup.init_params()
+  name, b, n = _SAMPLER.value, _SAMPLE_BATCH.value, _SAMPLE_LEN.value
+  prompt = jnp.full((b, 1), tokenizers.BOS, jnp.int32)
+  if name == "ar":
+    fn = lambda p, r: (setup.objective.generate(nnx.merge(setup.graphdef, p), prompt, r,
+                                                max_new_tokens=n), {"calls": jnp.asarray(n)})
+  else:
+    canvas = jnp.concatenate([prompt, jnp.full((b, n), tokenizers.MASK, jnp.int32)], axis=1)
+    sampler, extra = name, {}
+    if name == "ancestral_nocache":
+      sampler, extra = "ancestral", {"cache": False}
+    fn = lambda p, r: setup.objective.sample(nnx.merge(setup.graphdef, p), canvas, r,
+                                             sampler=sampler, steps=_SAMPLE_STEPS.value, **extra)
+  run = jax.jit(fn)
+  t0 = time.perf_counter()
+  jax.block_until_ready(run(params, jax.random.key(0)))
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(_SAMPLE_REPEATS.value):
+    t0 = time.perf_counter()
+    _, info = jax.block_until_ready(run(params, jax.random.key(i + 1)))
+    times.append(time.perf_counter() - t0)
+  dt = sorted(times)[len(times) // 2]
+  return {"objective": config.objective.name, "sampler": name, "batch": b, "length": n,
+          "steps": None if name == "ar" else _SAMPLE_STEPS.value,
+          "network_calls": int(info["calls"]), "seconds": dt, "tokens_per_s": b * n / dt,
+          "compile_time_s": compile_s, "device": jax.devices()[0].device_kind}
+
+
 def main(argv):
   del argv
   distributed.initialize()
+  if _SAMPLER.value:
+    print(json.dumps(bench_sampler(_CONFIG.value)))
+    return
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mdlm_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
