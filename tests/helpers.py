@@ -23,6 +23,16 @@ def write_corpus(root, docs: int = 300, seed: int = 0) -> str:
   return os.path.join(root, "*")
 
 
+def positions_of(seg):
+  """Positions restarting at 0 wherever the segment id changes (numpy (B, T) int32)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  seg = np.asarray(seg)
+  pos = np.zeros_like(seg)
+  for j in range(1, seg.shape[1]):
+    pos[:, j] = np.where(seg[:, j] == seg[:, j - 1], pos[:, j - 1] + 1, 0)
+  return pos
+
+
 def tiny_config(corpus_glob: str, data_dir: str, overrides: dict | None = None):
   """A model small enough to compile and step in about a second."""
   from mdlm_jax import config as config_lib  # pylint: disable=g-import-not-at-top

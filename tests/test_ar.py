@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import positions_of
 from mdlm_jax import objectives
 from mdlm_jax import sampling
 from mdlm_jax import tokenizers
@@ -19,10 +20,7 @@ def packed_batch(seed=0, b=3, t=20):
   seg = np.ones((b, t), np.int32)
   seg[0, 8:] = 2                 # two documents
   seg[1, 15:] = 0                # padding at the end
-  pos = np.zeros_like(seg)
-  for i in range(b):
-    for j in range(1, t):
-      pos[i, j] = pos[i, j - 1] + 1 if seg[i, j] == seg[i, j - 1] else 0
+  pos = positions_of(seg)
   return {"inputs": jnp.asarray(inputs), "segment_ids": jnp.asarray(seg),
           "positions": jnp.asarray(pos)}
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import positions_of
 from mdlm_jax import objectives
 from mdlm_jax import tokenizers
 from mdlm_jax.objectives import mdlm
@@ -29,10 +30,7 @@ def packed_batch(seed=0, b=4, t=24):
   seg[1, 18:] = 0
   inputs[:, 0] = tokenizers.BOS
   inputs[0, 10] = tokenizers.BOS
-  pos = np.zeros_like(seg)
-  for i in range(b):
-    for j in range(1, t):
-      pos[i, j] = pos[i, j - 1] + 1 if seg[i, j] == seg[i, j - 1] else 0
+  pos = positions_of(seg)
   return {"inputs": jnp.asarray(inputs), "segment_ids": jnp.asarray(seg),
           "positions": jnp.asarray(pos)}
 

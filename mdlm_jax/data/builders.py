@@ -105,26 +105,33 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder):
   def code_path(cls) -> epath.Path:  # pylint: disable=invalid-overridden-method
     return epath.Path(__file__)
 
+  TEXT_FEATURES = ("text",)
+
   def _info(self):
+    names = self.TEXT_FEATURES + ("key",)
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({"text": tfds.features.Text(),
-                                             "key": tfds.features.Text()}),
+        features=tfds.features.FeaturesDict({k: tfds.features.Text() for k in names}),
         supervised_keys=None)
 
   def _paths(self) -> tuple[list[str], str]:
     raise NotImplementedError
 
+  def _items(self, paths, root):
+    """(key, features) of every document."""
+    for key, text in _documents(paths, root):
+      yield key, {"text": text}
+
   def _split_generators(self, dl_manager):
     del dl_manager
     paths, root = self._paths()
-    val = assign_splits([key for key, _ in _documents(paths, root)])
+    val = assign_splits([key for key, _ in self._items(paths, root)])
     return {split: self._generate_examples(paths, root, val, split == "validation")
             for split in ("train", "validation")}
 
   def _generate_examples(self, paths, root, val, validation):  # pylint: disable=arguments-differ
-    for key, text in _documents(paths, root):
+    for key, features in self._items(paths, root):
       if (key in val) == validation:
-        yield key, {"text": text, "key": key}
+        yield key, dict(features, key=key)
 
 
 class PythonStdlib(_TextBuilder):
@@ -177,25 +184,10 @@ class TextFiles(_TextBuilder):
 
 class SftPairs(TextFiles):
   """Prompt/answer pairs from `.jsonl` files (features prompt, answer, key)."""
+  TEXT_FEATURES = ("prompt", "answer")
 
-  def _info(self):
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({"prompt": tfds.features.Text(),
-                                             "answer": tfds.features.Text(),
-                                             "key": tfds.features.Text()}),
-        supervised_keys=None)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    paths, root = self._paths()
-    val = assign_splits([key for key, _ in _pairs(paths, root)])
-    return {split: self._generate_examples(paths, root, val, split == "validation")
-            for split in ("train", "validation")}
-
-  def _generate_examples(self, paths, root, val, validation):  # pylint: disable=arguments-differ
-    for key, pair in _pairs(paths, root):
-      if (key in val) == validation:
-        yield key, dict(pair, key=key)
+  def _items(self, paths, root):
+    return _pairs(paths, root)
 
 
 def text_files_config(pattern: str) -> TextFilesConfig:
