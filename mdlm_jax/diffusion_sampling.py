@@ -26,11 +26,13 @@ SAMPLERS = ("ancestral", "confidence", "llada")
 def network(objective, model):
   """(canvas (B, T), cond) -> (float32 SUBS logits (B, T, V), next cond); one document per
   row. For a self-conditioned model `cond` carries the previous call's final states (None
-  at the first call: the null embedding); otherwise it is passed through untouched."""
-  def fn(x_BxT, cond=None):
+  at the first call: the null embedding); otherwise it is passed through untouched. `time`
+  (a scalar) is read by a time-conditioned model only."""
+  def fn(x_BxT, cond=None, time=None):
     b, t = x_BxT.shape
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits, h = objective.apply(model, x_BxT, pos, jnp.ones((b, t), jnp.int32), cond)
+    t_b = None if time is None else jnp.broadcast_to(jnp.asarray(time, jnp.float32), (b,))
+    logits, h = objective.apply(model, x_BxT, pos, jnp.ones((b, t), jnp.int32), cond, t_b)
     if not objective.self_conditioned:
       return logits, cond
     return logits, h.astype(jnp.float32)
@@ -82,10 +84,10 @@ def ancestral(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0,
   (alpha_s - alpha_t) / (1 - alpha_t) with a token drawn from p_theta; revealed tokens never
   change; masks left at t = 0 take the argmax. With `cache`, the network is called only when
   the canvas changed since its last call (the model is not time-conditioned, so its output
-  would be the same); a self-conditioned model is called at every step, since its input
-  includes the previous call's states."""
+  would be the same); a self-conditioned or time-conditioned model is called at every step,
+  since its input changes with the previous call's states or with t."""
   net = network(objective, model)
-  cache = cache and not objective.self_conditioned
+  cache = cache and not (objective.self_conditioned or objective.time_conditioned)
   ts = time_grid(steps, grid)
   opts = objective.opts
   b, t = canvas.shape
@@ -93,10 +95,10 @@ def ancestral(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0,
   def body(k, carry):
     x, logits, cond, stale, calls, history = carry
     if cache:
-      logits, cond, calls = jax.lax.cond(stale, lambda: (*net(x, cond), calls + 1),
+      logits, cond, calls = jax.lax.cond(stale, lambda: (*net(x, cond, ts[k]), calls + 1),
                                          lambda: (logits, cond, calls))
     else:
-      (logits, cond), calls = net(x, cond), calls + 1
+      (logits, cond), calls = net(x, cond, ts[k]), calls + 1
     p_t, p_s = mdlm_lib.mask_prob(opts, ts[k]), mdlm_lib.mask_prob(opts, ts[k + 1])
     reveal_prob = jnp.where(ts[k + 1] <= 0.0, 1.0, (p_t - p_s) / p_t)
     k_tok, k_rev = jax.random.split(jax.random.fold_in(rng, k))
@@ -111,7 +113,8 @@ def ancestral(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0,
   x, logits, cond, stale, calls, history = jax.lax.fori_loop(0, steps, body, carry)
   left = x == tokenizers.MASK
   logits, calls = jax.lax.cond(jnp.any(left) & (stale | (not cache)),
-                               lambda: (net(x, cond)[0], calls + 1), lambda: (logits, calls))
+                               lambda: (net(x, cond, 0.0)[0], calls + 1),
+                               lambda: (logits, calls))
   x = jnp.where(left, jnp.argmax(logits, axis=-1).astype(jnp.int32), x)
   return x, {"calls": calls, "history": history}
 
@@ -142,7 +145,7 @@ def confidence(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0
 
   def body(k, carry):
     x, cond, history = carry
-    logits, cond = net(x, cond)
+    logits, cond = net(x, cond, 1.0 - k / steps)
     frac = 1.0 - (k + 1) / steps
     k_tok, k_noise = jax.random.split(jax.random.fold_in(rng, k))
     tok, logp = draw(k_tok, logits, temperature * frac, top_k, top_p, min_p)
@@ -167,14 +170,14 @@ def confidence(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0
   return x, {"calls": jnp.asarray(steps * (2 if critic else 1), jnp.int32), "history": history}
 
 
-def guided(net, x, fixed, cfg_scale: float, cond=None):
+def guided(net, x, fixed, cfg_scale: float, cond=None, time=None):
   """Classifier-free guidance: u + (w + 1)(c - u), u from the canvas with every given real
   token masked. Returns (logits, next cond, network calls)."""
-  c, next_cond = net(x, cond)
+  c, next_cond = net(x, cond, time)
   if cfg_scale <= 0:
     return c, next_cond, 1
   unc = jnp.where(fixed & (x >= tokenizers.NUM_SPECIAL), tokenizers.MASK, x)
-  u, _ = net(unc, cond)
+  u, _ = net(unc, cond, time)
   return u + (cfg_scale + 1.0) * (c - u), next_cond, 2
 
 
@@ -204,7 +207,7 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
     masked = x == tokenizers.MASK
     current = jnp.min(jnp.where(masked, block, t), axis=1)          # leftmost unfinished block
     in_block = masked & (block == current[:, None])
-    logits, cond, _ = guided(net, x, fixed, cfg_scale, cond)
+    logits, cond, _ = guided(net, x, fixed, cfg_scale, cond, 1.0 - k / steps)
     k_tok, k_rand = jax.random.split(jax.random.fold_in(rng, k))
     tok, logp = draw(k_tok, logits, temperature, top_k, top_p, min_p)
     if remasking == "low_confidence":
@@ -227,7 +230,7 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
   # share; finish them greedily so the output never holds MASK
   left = x == tokenizers.MASK
   x = jax.lax.cond(jnp.any(left), lambda: jnp.where(
-      left, jnp.argmax(guided(net, x, fixed, cfg_scale, cond)[0], axis=-1).astype(jnp.int32),
+      left, jnp.argmax(guided(net, x, fixed, cfg_scale, cond, 0.0)[0], axis=-1).astype(jnp.int32),
       x),
                    lambda: x)
   calls = (steps + jnp.any(left).astype(jnp.int32)) * calls_per_step

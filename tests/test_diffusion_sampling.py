@@ -97,7 +97,7 @@ def test_classifier_free_guidance_formula():
   fixed = x != MASK
   seen = []
 
-  def net(z, cond):
+  def net(z, cond, time=None):
     seen.append(z)
     return jnp.where((z == MASK)[..., None], 1.0, 3.0) * jnp.arange(5.0), cond
 
@@ -110,11 +110,12 @@ def test_classifier_free_guidance_formula():
 
 @pytest.mark.parametrize("name,opts", [("ancestral", {}), ("confidence", {"critic": True}),
                                        ("llada", {"cfg_scale": 1.0})])
-def test_self_conditioned_critic_model_samples(corpus, data_dir, name, opts):
+def test_self_conditioned_time_conditioned_critic_model_samples(corpus, data_dir, name, opts):
   from helpers import tiny_config
   cfg = tiny_config(corpus, data_dir, {"objective.name": "mdlm",
                                        "objective.self_condition_prob": 0.75,
-                                       "objective.critic": "self"})
+                                       "objective.critic": "self",
+                                       "objective.time_conditioning": True})
   obj = objectives.create(cfg, tokenizers.get_tokenizer("bytes"))
   model = obj.build(nnx.Rngs(0))
   x0 = canvas()
@@ -123,7 +124,7 @@ def test_self_conditioned_critic_model_samples(corpus, data_dir, name, opts):
   given = np.asarray(x0) != MASK
   np.testing.assert_array_equal(np.asarray(out)[given], np.asarray(x0)[given])
   assert not (np.asarray(out) == MASK).any()
-  if name == "ancestral":  # self-conditioned: the network runs at every step
+  if name == "ancestral":  # self- and time-conditioned: the network runs at every step
     assert int(info["calls"]) >= 6
 
 

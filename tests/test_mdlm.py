@@ -252,6 +252,26 @@ def test_self_conditioning_feeds_the_first_pass_states_without_gradient(make_con
   assert np.abs(np.asarray(grads.sc_null[...])).sum() == 0  # the first pass replaced it
 
 
+def test_time_conditioning_feeds_each_row_its_t(make_config):
+  obj = make(make_config, time_conditioning=True)
+  model = obj.build(nnx.Rngs(0))
+  batch = packed_batch()
+  x, pos, seg = batch["inputs"], batch["positions"], batch["segment_ids"]
+  a = model.run(x, pos, seg, t_B=jnp.full((4,), 0.2))[0]
+  b = model.run(x, pos, seg, t_B=jnp.asarray([0.2, 0.9, 0.2, 0.2]))[0]
+  np.testing.assert_array_equal(a[0], b[0])
+  assert np.abs(np.asarray(a[1] - b[1])).max() > 1e-4, "t must change the output"
+  rng = jax.random.key(5)
+  loss, _ = obj.loss(model, batch, rng)
+  _, k_t, k_mask, _, _, _ = jax.random.split(rng, 6)
+  t = mdlm.sample_times(k_t, 4, True, obj.opts.t_min, 0)
+  masked = mdlm.choose_masked(k_mask, mdlm.maskable(batch), mdlm.mask_prob(obj.opts, t), False)
+  logits = mdlm.subs_logits(model.run(jnp.where(masked, MASK, x), pos, seg, t_B=t)[0])
+  ce = numpy_masked_ce(logits, x, np.asarray(masked))
+  want = (np.asarray(1.0 / t)[:, None] * ce).sum() / np.asarray(mdlm.maskable(batch)).sum()
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
 def test_critic_targets_label_generated_tokens_that_differ():
   b, t, v = 4, 64, 30
   inputs = jax.random.randint(jax.random.key(0), (b, t), 8, v)

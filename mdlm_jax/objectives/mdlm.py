@@ -157,15 +157,20 @@ class Losses(NamedTuple):
 class DiffusionNet(nnx.Module):
   """The backbone with the MaskGIT extras: self-conditioning (the previous pass's final states,
   projected d -> d without bias and added to the input embeddings, or a learned null
-  embedding) and a token critic (a head on the final states of the backbone run on the
-  generated sequence, `self`, or of a separate network, `separate`)."""
+  embedding), a token critic (a head on the final states of the backbone run on the
+  generated sequence, `self`, or of a separate network, `separate`) and time conditioning
+  (sinusoidal features of t through a two-layer SiLU MLP, added to every input embedding)."""
 
   def __init__(self, cfg: model_lib.ModelConfig, self_condition: bool, critic: str,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, time_condition: bool = False):
     d = cfg.d_model
     self.backbone = model_lib.Transformer(cfg, rngs)
     self.self_condition = self_condition
     self.critic_kind = critic
+    self.time_condition = time_condition
+    if time_condition:
+      self.t_w1 = model_lib.param(rngs, (d, d), ("embed", "mlp"), cfg.init_std)
+      self.t_w2 = model_lib.param(rngs, (d, d), ("mlp", "embed"), cfg.init_std)
     if self_condition:
       self.sc_proj = model_lib.param(rngs, (d, d), ("embed", "mlp"), cfg.init_std)
       self.sc_null = model_lib.param(rngs, (d,), ("embed",), cfg.init_std)
@@ -177,9 +182,21 @@ class DiffusionNet(nnx.Module):
   def null_condition(self, shape):
     return jnp.broadcast_to(self.sc_null[...], tuple(shape) + self.sc_null.shape)
 
-  def run(self, x_BxT, positions, segment_ids, cond_BxTxD=None):
-    """(float32 logits (B, T, V), final states (B, T, D))."""
+  def time_embedding(self, t_B):
+    d = self.t_w1.shape[0]
+    freq = jnp.exp(-math.log(10000.0) * jnp.arange(d // 2, dtype=jnp.float32) / (d // 2))
+    angle = 1000.0 * t_B.astype(jnp.float32)[:, None] * freq
+    feats = jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1)
+    return model_lib.dense(jax.nn.silu(model_lib.dense(feats, self.t_w1[...])), self.t_w2[...])
+
+  def run(self, x_BxT, positions, segment_ids, cond_BxTxD=None, t_B=None):
+    """(float32 logits (B, T, V), final states (B, T, D)); t_B is used when time-conditioned
+    (None: t = 0, a fully visible sequence)."""
     e = self.backbone.embed_tokens(x_BxT)
+    if self.time_condition:
+      t_B = jnp.zeros(x_BxT.shape[:1], jnp.float32) if t_B is None else t_B
+      t_emb = self.time_embedding(jnp.broadcast_to(t_B, x_BxT.shape[:1]))
+      e = e + t_emb[:, None].astype(e.dtype)
     if self.self_condition:
       c = self.null_condition(x_BxT.shape) if cond_BxTxD is None else cond_BxTxD
       e = e + model_lib.dense(c.astype(e.dtype), self.sc_proj[...])
@@ -210,6 +227,7 @@ class MDLM(base.Objective):
       weighting="elbo",        # elbo: w(t) sum of masked CE / tokens | none: mean masked CE
       discrete_steps=0,        # T > 0: the discrete-time ELBO with T steps
       time_sampling="antithetic",  # antithetic | iid
+      time_conditioning=False,  # the network sees t (the optimal denoiser does not need it)
       masking="bernoulli",     # bernoulli | exact (ceil(max(m n, 1)) tokens per row)
       llada=False,             # LLaDA pre-training: mask prob eps + (1 - eps) t, weight 1/p
       crop_prob=0.0,           # LLaDA uses 0.01: random-length crops of the batch
@@ -260,20 +278,26 @@ class MDLM(base.Objective):
   def self_conditioned(self) -> bool:
     return self.opts.self_condition_prob > 0
 
+  @property
+  def time_conditioned(self) -> bool:
+    return bool(self.opts.time_conditioning)
+
   def build(self, rngs: nnx.Rngs) -> nnx.Module:
-    if self.self_conditioned or self.opts.critic != "none":
-      return DiffusionNet(self.model_config, self.self_conditioned, self.opts.critic, rngs)
+    if self.self_conditioned or self.opts.critic != "none" or self.time_conditioned:
+      return DiffusionNet(self.model_config, self.self_conditioned, self.opts.critic, rngs,
+                          self.time_conditioned)
     return model_lib.Transformer(self.model_config, rngs)
 
-  def apply(self, model, x_BxT, positions, segment_ids, cond=None):
-    """(SUBS logits, final states or None); `cond` the self-conditioning input (None: null)."""
+  def apply(self, model, x_BxT, positions, segment_ids, cond=None, t_B=None):
+    """(SUBS logits, final states or None); `cond` the self-conditioning input (None: null),
+    `t_B` the time of each row (read only by a time-conditioned model)."""
     if isinstance(model, DiffusionNet):
-      logits, h = model.run(x_BxT, positions, segment_ids, cond)
+      logits, h = model.run(x_BxT, positions, segment_ids, cond, t_B)
       return subs_logits(logits), h
     return subs_logits(model(x_BxT, positions, segment_ids)), None
 
-  def _masked_ce(self, model, batch, x_t, masked, cond=None):
-    logits, _ = self.apply(model, x_t, batch["positions"], batch["segment_ids"], cond)
+  def _masked_ce(self, model, batch, x_t, masked, cond=None, t_B=None):
+    logits, _ = self.apply(model, x_t, batch["positions"], batch["segment_ids"], cond, t_B)
     ce = base.cross_entropy(logits, batch["inputs"])
     return jnp.where(masked, ce, 0.0), logits
 
@@ -312,9 +336,10 @@ class MDLM(base.Objective):
     if self.self_conditioned:  # a first pass without gradient, or the null embedding
       cond = jax.lax.cond(
           jax.random.bernoulli(k_sc, o.self_condition_prob),
-          lambda: jax.lax.stop_gradient(model.run(x_t, pos, seg)[1]).astype(jnp.float32),
+          lambda: jax.lax.stop_gradient(model.run(x_t, pos, seg, None, t)[1]).astype(
+              jnp.float32),
           lambda: model.null_condition(x_t.shape).astype(jnp.float32))
-    ce, logits = self._masked_ce(model, batch, x_t, masked, cond)
+    ce, logits = self._masked_ce(model, batch, x_t, masked, cond, t)
     n_eligible = jnp.maximum(jnp.sum(eligible), 1)
     ce_masked = jnp.sum(ce) / jnp.maximum(jnp.sum(masked), 1)
     if o.weighting == "none":
@@ -351,7 +376,7 @@ class MDLM(base.Objective):
       t = sample_times(k_t, b, True, 0.0, o.discrete_steps)
       masked = choose_masked(k_mask, eligible, mask_prob(o, t), exact=False)
       ce, _ = self._masked_ce(model, batch,
-                              jnp.where(masked, tokenizers.MASK, batch["inputs"]), masked)
+                              jnp.where(masked, tokenizers.MASK, batch["inputs"]), masked, t_B=t)
       return elbo_weight(o, t) * jnp.sum(ce, axis=1)
 
     keys = jax.random.split(rng, o.eval_time_samples)
@@ -371,7 +396,7 @@ class MDLM(base.Objective):
       l = jnp.clip(jnp.floor((k + u) / samples * nf) + 1, 1, jnp.maximum(nf, 1))
       masked = choose_count(jax.random.fold_in(rng, k + 2), answer, l)
       ce, _ = self._masked_ce(model, batch, jnp.where(masked, tokenizers.MASK, batch["inputs"]),
-                              masked)
+                              masked, t_B=l / jnp.maximum(nf, 1))
       return nf / l * jnp.sum(ce, axis=1)
 
     nll = jnp.mean(jax.lax.map(one, jnp.arange(samples)), axis=0)
