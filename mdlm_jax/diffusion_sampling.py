@@ -18,9 +18,8 @@ import jax.numpy as jnp
 
 from mdlm_jax import sampling
 from mdlm_jax import tokenizers
+from mdlm_jax.objectives import base
 from mdlm_jax.objectives import mdlm as mdlm_lib
-
-SAMPLERS = ("ancestral", "confidence", "llada")
 
 
 def network(objective, model):
@@ -119,11 +118,6 @@ def ancestral(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0,
   return x, {"calls": calls, "history": history}
 
 
-def _rank_desc(score_BxT):
-  """0 for the highest score of each row, 1 for the next, ..."""
-  return jnp.argsort(jnp.argsort(-score_BxT, axis=1), axis=1)
-
-
 def confidence(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0, top_p=1.0,
                min_p=0.0, remask=False, critic=False, critic_noise=1.0, snapshots=0):
   """MaskGIT: after step k of S, floor(N gamma((k + 1) / S)) positions stay masked (gamma the
@@ -161,7 +155,7 @@ def confidence(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0
     gamma = mdlm_lib.mask_fraction(schedule, jnp.asarray(frac, jnp.float32))[0]
     stay = jnp.floor(n0 * gamma + 1e-4).astype(jnp.int32)   # (float rounding of exact counts)
     reveal = jnp.maximum(jnp.sum(pool, axis=1) - stay, 0)       # the pool keeps `stay` masks
-    keep = pool & (_rank_desc(conf) < reveal[:, None])
+    keep = pool & (base.rank_in_row(-conf) < reveal[:, None])
     x = jnp.where(pool, jnp.where(keep, cand_tok, tokenizers.MASK), x)
     return x, cond, _record(history, x, k, steps)
 
@@ -217,7 +211,7 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
     conf = jnp.where(in_block, conf, -jnp.inf)
     left = jnp.maximum(per_block - spent, 1)
     count = -(-jnp.sum(in_block, axis=1) // left)                    # ceil division
-    commit = in_block & (_rank_desc(conf) < count[:, None])
+    commit = in_block & (base.rank_in_row(-conf) < count[:, None])
     x = jnp.where(commit, tok, x)
     done_block = ~jnp.any(in_block & ~commit, axis=1)
     spent = jnp.where(done_block, 0, spent + 1)
@@ -229,19 +223,23 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
   # rounding can leave masks after `steps` when a block got fewer steps than it has tokens'
   # share; finish them greedily so the output never holds MASK
   left = x == tokenizers.MASK
-  x = jax.lax.cond(jnp.any(left), lambda: jnp.where(
-      left, jnp.argmax(guided(net, x, fixed, cfg_scale, cond, 0.0)[0], axis=-1).astype(jnp.int32),
-      x),
-                   lambda: x)
+
+  def finish():
+    greedy = jnp.argmax(guided(net, x, fixed, cfg_scale, cond, 0.0)[0], axis=-1)
+    return jnp.where(left, greedy.astype(jnp.int32), x)
+
+  x = jax.lax.cond(jnp.any(left), finish, lambda: x)
   calls = (steps + jnp.any(left).astype(jnp.int32)) * calls_per_step
   return x, {"calls": calls, "history": history}
 
 
+SAMPLERS = {"ancestral": ancestral, "confidence": confidence, "llada": llada}
+
+
 def run(name: str, objective, model, canvas, rng, *, steps: int, **options):
   """Dispatches to a sampler by name; returns (tokens, info)."""
-  fns = {"ancestral": ancestral, "confidence": confidence, "llada": llada}
-  if name not in fns:
-    raise ValueError(f"sampler {name!r} is unknown; choose one of {SAMPLERS}.")
+  if name not in SAMPLERS:
+    raise ValueError(f"sampler {name!r} is unknown; choose one of {tuple(SAMPLERS)}.")
   if steps < 1:
     raise ValueError(f"steps={steps} must be >= 1.")
-  return fns[name](objective, model, canvas, rng, steps=steps, **options)
+  return SAMPLERS[name](objective, model, canvas, rng, steps=steps, **options)

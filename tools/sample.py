@@ -118,12 +118,13 @@ def sample_canvas(setup, params, step):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from mdlm_jax import diffusion_sampling  # pylint: disable=g-import-not-at-top
   from mdlm_jax import tokenizers  # pylint: disable=g-import-not-at-top
   tok, limit = setup.tokenizer, setup.config.data.seq_len
   sampler = _SAMPLER.value or "ancestral"
-  if sampler not in ("ancestral", "confidence", "llada"):
-    raise app.UsageError(f"--sampler={sampler!r} is unknown; choose ancestral, confidence or "
-                         "llada.")
+  if sampler not in diffusion_sampling.SAMPLERS:
+    raise app.UsageError(f"--sampler={sampler!r} is unknown; choose one of "
+                         f"{', '.join(diffusion_sampling.SAMPLERS)}.")
   if _TEMPLATE.value is not None:
     if _PROMPT.value or _SUFFIX.value:
       raise app.UsageError("give either --template or --prefix/--suffix, not both.")

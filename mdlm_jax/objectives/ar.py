@@ -23,10 +23,7 @@ def meap_mask(inputs_BxT, eligible_BxT, ratio: float, rng):
   n is the row's eligible count; ineligible positions (padding, the last of each segment)
   are never masked. Returns (masked inputs, boolean mask)."""
   n = jnp.sum(eligible_BxT, axis=1)
-  k = jnp.floor(ratio * n.astype(jnp.float32)).astype(jnp.int32)
-  score = jnp.where(eligible_BxT, jax.random.uniform(rng, inputs_BxT.shape), 2.0)
-  rank = jnp.argsort(jnp.argsort(score, axis=1), axis=1)
-  masked = rank < k[:, None]
+  masked = base.choose_count(rng, eligible_BxT, jnp.floor(ratio * n.astype(jnp.float32)))
   return jnp.where(masked, tokenizers.MASK, inputs_BxT), masked
 
 

@@ -65,6 +65,18 @@ def cross_entropy(logits_BxTxV, targets_BxT):
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
 
 
+def rank_in_row(score_BxT):
+  """0 for the lowest score of each row, 1 for the next, ..."""
+  return jnp.argsort(jnp.argsort(score_BxT, axis=1), axis=1)
+
+
+def choose_count(rng, eligible_BxT, k_B):
+  """min(k, n) of each row's n eligible positions, chosen uniformly at random."""
+  u = jax.random.uniform(rng, eligible_BxT.shape)
+  rank = rank_in_row(jnp.where(eligible_BxT, u, 2.0))
+  return eligible_BxT & (rank < k_B.astype(jnp.int32)[:, None])
+
+
 def masked_mean(x, mask):
   mask = mask.astype(jnp.float32)
   return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)

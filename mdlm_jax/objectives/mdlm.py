@@ -96,14 +96,7 @@ def choose_masked(rng, eligible_BxT, p_B, exact: bool):
   if not exact:
     return eligible_BxT & (jax.random.uniform(rng, eligible_BxT.shape) < p_B[:, None])
   n = jnp.sum(eligible_BxT, axis=1)
-  return choose_count(rng, eligible_BxT, jnp.ceil(jnp.maximum(p_B * n, 1.0)))
-
-
-def choose_count(rng, eligible_BxT, k_B):
-  """min(k, n) eligible positions per row, chosen uniformly."""
-  u = jax.random.uniform(rng, eligible_BxT.shape)
-  rank = jnp.argsort(jnp.argsort(jnp.where(eligible_BxT, u, 2.0), axis=1), axis=1)
-  return eligible_BxT & (rank < k_B.astype(jnp.int32)[:, None])
+  return base.choose_count(rng, eligible_BxT, jnp.ceil(jnp.maximum(p_B * n, 1.0)))
 
 
 def augment(rng, inputs_BxT, masked_BxT, no_replace: float, random_token: float, vocab: int):
@@ -143,7 +136,8 @@ def crop(rng, batch, prob: float):
   (positions beyond it become padding, so they are neither attended to nor scored)."""
   k_coin, k_len = jax.random.split(rng)
   t = batch["inputs"].shape[1]
-  length = jnp.where(jax.random.bernoulli(k_coin, prob), jax.random.randint(k_len, (), 1, t + 1), t)
+  cut = jax.random.randint(k_len, (), 1, t + 1)
+  length = jnp.where(jax.random.bernoulli(k_coin, prob), cut, t)
   keep = jnp.arange(t)[None, :] < length
   return dict(batch, segment_ids=jnp.where(keep, batch["segment_ids"], 0))
 
@@ -394,7 +388,7 @@ class MDLM(base.Objective):
 
     def one(k):
       l = jnp.clip(jnp.floor((k + u) / samples * nf) + 1, 1, jnp.maximum(nf, 1))
-      masked = choose_count(jax.random.fold_in(rng, k + 2), answer, l)
+      masked = base.choose_count(jax.random.fold_in(rng, k + 2), answer, l)
       ce, _ = self._masked_ce(model, batch, jnp.where(masked, tokenizers.MASK, batch["inputs"]),
                               masked, t_B=l / jnp.maximum(nf, 1))
       return nf / l * jnp.sum(ce, axis=1)
