@@ -259,6 +259,11 @@ class Transformer(nnx.Module):
 
   def decode(self, tokens_BxT, cache):
     """Appends T tokens at position cache index; returns (float32 logits (B, T, V), cache)."""
+    h, cache = self.decode_hidden(tokens_BxT, cache)
+    return self.logits(h), cache
+
+  def decode_hidden(self, tokens_BxT, cache):
+    """`decode` up to the final norm: (final states (B, T, D), cache)."""
     b, t = tokens_BxT.shape
     index = cache[0]["index"]
     s = cache[0]["k"].shape[1]
@@ -272,7 +277,7 @@ class Transformer(nnx.Module):
     for block, c in zip(self.blocks, cache):
       x, c = block(x, rope, mask, False, c)
       new_cache.append(dict(c, index=index + t))
-    return self.logits(self.final_norm(x)), new_cache
+    return self.final_norm(x), new_cache
 
 
 def count_params(params) -> int:

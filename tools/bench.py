@@ -34,13 +34,15 @@ _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 256, "Denoising steps of th
 _SAMPLE_LEN = flags.DEFINE_integer("sample_len", 256, "Tokens to generate per row.")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 8, "Rows sampled at once.")
 _SAMPLE_REPEATS = flags.DEFINE_integer("sample_repeats", 3, "Timed runs (the median is kept).")
+_DOC_LEN = flags.DEFINE_integer("doc_len", 128, "Mean document length of the synthetic packed "
+                                "rows; 0: one document per row (e.g. bst with all pairs).")
 
 
-def synthetic_batch(rng, batch: int, seq_len: int, vocab: int):
+def synthetic_batch(rng, batch: int, seq_len: int, vocab: int, doc_len: int = 128):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mdlm_jax import tokenizers  # pylint: disable=g-import-not-at-top
   inputs = rng.integers(tokenizers.NUM_SPECIAL, vocab, (batch, seq_len), dtype=np.int32)
-  starts = rng.random((batch, seq_len)) < 1.0 / 128  # documents of ~128 tokens
+  starts = rng.random((batch, seq_len)) < (1.0 / doc_len if doc_len else 0.0)
   starts[:, 0] = True
   seg = np.cumsum(starts, axis=1).astype(np.int32)
   pos = np.zeros_like(seg)
@@ -126,7 +128,8 @@ def main(argv):
   rng = np.random.default_rng(0)
   b, t = config.train.batch_size, config.data.seq_len
   local = pipeline.local_batch_size(b)
-  batches = [pipeline.to_global(synthetic_batch(rng, local, t, setup.tokenizer.vocab_size),
+  batches = [pipeline.to_global(synthetic_batch(rng, local, t, setup.tokenizer.vocab_size,
+                                                _DOC_LEN.value),
                                 setup.batch_sharding) for _ in range(2)]
   for i in range(_WARMUP.value):
     state, m = step_fn(state, batches[i % 2])

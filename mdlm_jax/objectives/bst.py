@@ -1,0 +1,429 @@
+"""`bst`: the Belief State Transformer (OBJECTIVES.md section 4; Hu et al. 2024).
+
+A forward decoder F reads each row left to right; f_i summarises x_0..x_i (x_0 is the
+document's BOS, so f_0 is the empty prefix). A backward decoder B reads each document right to
+left after a learned "empty suffix" embedding; b_j summarises x_j..x_e (e the document's last
+token) and b_{e+1} is the empty suffix. For every pair j - i >= 2 in one document the head
+MLP(concat(f_i, b_j)) gives next-token logits for x_{i+1} and previous-token logits for x_{j-1}.
+
+Layout. B runs on the row shifted by one: slot k holds x_{k+1}, and a document's last slot holds
+the empty-suffix embedding, so the state at slot k is b_{k+1}, each document gets its own empty
+suffix, and pairs become (i, k) with i < k in one segment (targets x_{i+1} and x_k). B never
+reads a token before its own target, nor past its document's end.
+
+Cost. The head's first layer on a concatenation is W_f f_i + W_b b_j: it runs once per position
+(A = f W_f + bias, C = b W_b) and pairs only add and gather. Pairs are enumerated by gap slots
+g = 1..n/2: slot g holds the n pairs (i, i + g) and, folded into the same n lanes, (i + g - n, i)
+(gap n - g), so every pair is computed once and (almost) nothing is wasted on the triangle.
+A `lax.scan` walks chunks of slots; the loss of a chunk and its exact gradient are computed
+together (a fused custom VJP), so the (pairs, 2V) logits of only one chunk exist at a time
+and nothing is recomputed in the backward pass.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mdlm_jax import model as model_lib
+from mdlm_jax import objectives
+from mdlm_jax import sampling
+from mdlm_jax import tokenizers
+from mdlm_jax.objectives import base
+
+LEAK = 0.01  # LeakyReLU slope of the head MLPs
+
+
+class BeliefStateNet(nnx.Module):
+  """F, B (or F shared), the empty-suffix embedding, the text head (2d -> d -> 2V) and an
+  optional distance head (2d -> d -> classes). First layers are stored split: w_f, w_b."""
+
+  def __init__(self, cfg: model_lib.ModelConfig, shared: bool, distance_classes: int,
+               rngs: nnx.Rngs):
+    d, v = cfg.d_model, cfg.vocab_size
+    self.forward_net = model_lib.Transformer(cfg, rngs)
+    self.backward_net = None if shared else model_lib.Transformer(cfg, rngs)
+    self.suffix = model_lib.param(rngs, (d,), ("embed",), cfg.init_std)
+    self.text = _Head(d, 2 * v, cfg.init_std, rngs)
+    self.distance = _Head(d, distance_classes, cfg.init_std, rngs) if distance_classes else None
+
+  @property
+  def backward(self) -> model_lib.Transformer:
+    return self.forward_net if self.backward_net is None else self.backward_net
+
+  def forward_states(self, x_BxT, positions, segment_ids):
+    net = self.forward_net
+    return net.hidden(net.embed_tokens(x_BxT), positions, segment_ids, causal=True)
+
+  def states(self, x_BxT, positions, segment_ids):
+    """(forward states f, backward states); with shared weights both run as one batch."""
+    fwd, bwd = self.forward_net, self.backward
+    f_in = (fwd.embed_tokens(x_BxT), positions, segment_ids)
+    b_in = self.backward_inputs(bwd.embed_tokens(x_BxT), segment_ids)
+    if self.backward_net is not None:
+      return fwd.hidden(*f_in, causal=True), jnp.flip(bwd.hidden(*b_in, causal=True), 1)
+    h = fwd.hidden(*(jnp.concatenate(p, axis=0) for p in zip(f_in, b_in)), causal=True)
+    b = x_BxT.shape[0]
+    return h[:b], jnp.flip(h[b:], 1)
+
+  def backward_inputs(self, emb_BxTxD, segment_ids):
+    """B's flipped input (embeddings, positions, segment ids): slot k holds x_{k+1}, or the
+    empty-suffix embedding at a document's last slot. B's state at slot k is then b_{k+1}:
+    x_{k+1}..x_e and the empty suffix, read from the document's end (the row is flipped, so
+    B is an ordinary causal decoder)."""
+    b, t, _ = emb_BxTxD.shape
+    same = (jnp.roll(segment_ids, -1, axis=1) == segment_ids) & (jnp.arange(t) < t - 1)
+    e = jnp.where(same[..., None], jnp.roll(emb_BxTxD, -1, axis=1),
+                  self.suffix[...].astype(emb_BxTxD.dtype))
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return jnp.flip(e, 1), pos, jnp.flip(segment_ids, 1)
+
+  def suffix_state(self, suffix_BxS):
+    """b at the start of the given suffix (S may be 0: the empty suffix), (B, D)."""
+    net, b = self.backward, suffix_BxS.shape[0]
+    e = jnp.broadcast_to(self.suffix[...].astype(net.cfg.compute_dtype), (b, 1, net.cfg.d_model))
+    x = jnp.concatenate([e, net.embed_tokens(jnp.flip(suffix_BxS, 1))], axis=1)
+    t = x.shape[1]
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return net.hidden(x, pos, jnp.ones((b, t), jnp.int32), causal=True)
+
+
+class _Head(nnx.Module):
+  def __init__(self, d: int, out: int, std: float, rngs: nnx.Rngs):
+    self.w_f = model_lib.param(rngs, (d, d), ("embed", "mlp"), std)
+    self.w_b = model_lib.param(rngs, (d, d), ("embed", "mlp"), std)
+    self.bias = nnx.Param(jnp.zeros((d,), jnp.float32), axes=("mlp",))
+    self.w_out = model_lib.param(rngs, (d, out), ("mlp", "vocab"), std)
+    self.b_out = nnx.Param(jnp.zeros((out,), jnp.float32), axes=("vocab",))
+
+  def first_f(self, f_BxTxD):
+    """Per-position first-layer terms: the pair (i, k) pre-activation is A_i + C_k."""
+    return model_lib.dense(f_BxTxD, self.w_f[...]) + self.bias[...].astype(f_BxTxD.dtype)
+
+  def first_b(self, b_BxTxD):
+    return model_lib.dense(b_BxTxD, self.w_b[...])
+
+  def split(self, f_BxTxD, b_BxTxD):
+    return self.first_f(f_BxTxD), self.first_b(b_BxTxD)
+
+  def weights(self):
+    return self.w_out[...], self.b_out[...]
+
+
+def leaky(x):
+  return jnp.where(x > 0, x, LEAK * x)
+
+
+def head_logits(a, c, w, bias):
+  h = leaky(a + c)
+  return jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32) + bias
+
+
+# ------------------------------------------------------------------------------------------
+# All pairs, chunked, with a fused gradient.
+
+
+class PairSpec(NamedTuple):
+  """Static settings of the pair loss. `groups`: per head, the (size, label kind, weight) of
+  each softmax group of its outputs; kinds are 'next' (x_{i+1}), 'prev' (x_k, i.e. x_{j-1})
+  and 'gap' (j - i, clipped to size - 1)."""
+  groups: tuple
+  max_k_gap: int       # largest k - i (= max j - i minus 1)
+  slots_per_chunk: int
+
+
+def gap_slots(n: int, max_k_gap: int) -> int:
+  """Slots 1..S cover every gap k - i in [1, max_k_gap]; see the module docstring."""
+  return max(1, min(max_k_gap, n // 2)) if n >= 2 else 0
+
+
+def pair_lanes(slots_BxG, n: int):
+  """Slot g's n lanes: lane l < n - g pairs (l, l + g); lane l >= n - g pairs (l + g - n, l).
+  Returns forward index, backward slot, gap k - i and a validity mask, each (B, G, n)."""
+  lane = jnp.arange(n)
+  g = slots_BxG[..., None]
+  straight = lane < n - g
+  fi = jnp.where(straight, lane, lane + g - n)
+  bk = jnp.where(straight, lane + g, lane)
+  gap = jnp.where(straight, g, n - g)
+  ok = (straight | (n - g > g)) & (g >= 1)  # a folded lane must not repeat a pair
+  return fi, bk, gap, ok
+
+
+def _take(x, idx_BxP):
+  return jnp.take_along_axis(x, idx_BxP[..., None] if x.ndim == 3 else idx_BxP, axis=1)
+
+
+def _chunk(spec: PairSpec, heads, data, slots_BxG, with_grad: bool):
+  """Sums (one per group, then the pair count) of one chunk, and the gradient of
+  sum_g weight_g * sum_g with respect to `heads` when `with_grad`."""
+  next_BxT, prev_BxT, seg_BxT = data
+  b, n = seg_BxT.shape
+  fi, bk, gap, ok = (x.reshape(b, -1) for x in
+                     jnp.broadcast_arrays(*pair_lanes(slots_BxG, n)))
+  seg_f = _take(seg_BxT, fi)
+  mask = ok & (gap <= spec.max_k_gap) & (seg_f == _take(seg_BxT, bk)) & (seg_f > 0)
+  maskf = mask.astype(jnp.float32)
+  labels = {"next": _take(next_BxT, fi), "prev": _take(prev_BxT, bk), "gap": gap + 1}
+  sums, grads = [], []
+  for (a, c, w, bias), groups in zip(heads, spec.groups):
+    pre = _take(a, fi) + _take(c, bk)                       # (B, P, d)
+    h = leaky(pre)
+    z = jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32) + bias
+    dz, lo = [], 0
+    for size, kind, weight in groups:
+      zg = z[..., lo:lo + size]
+      lo += size
+      label = jnp.minimum(labels[kind], size - 1)
+      lse = jax.nn.logsumexp(zg, axis=-1)
+      ce = lse - jnp.take_along_axis(zg, label[..., None], axis=-1)[..., 0]
+      sums.append(jnp.sum(ce * maskf))
+      if with_grad:
+        onehot = jnp.arange(size) == label[..., None]
+        dz.append((weight * maskf)[..., None] * (jnp.exp(zg - lse[..., None]) - onehot))
+    if with_grad:
+      dz = jnp.concatenate(dz, axis=-1) if len(dz) > 1 else dz[0]
+      dw = jnp.einsum("bpd,bpv->dv", h, dz.astype(h.dtype), preferred_element_type=jnp.float32)
+      dh = jnp.dot(dz.astype(h.dtype), w.astype(h.dtype).T, preferred_element_type=jnp.float32)
+      dpre = (dh * jnp.where(pre > 0, 1.0, LEAK)).astype(a.dtype)
+      rows = jnp.arange(b)[:, None]
+      da = jnp.zeros(a.shape, jnp.float32).at[rows, fi].add(dpre.astype(jnp.float32))
+      dc = jnp.zeros(c.shape, jnp.float32).at[rows, bk].add(dpre.astype(jnp.float32))
+      grads.append((da, dc, dw, jnp.sum(dz, axis=(0, 1))))
+  sums.append(jnp.sum(maskf))
+  return jnp.stack(sums), grads
+
+
+def _scan(spec: PairSpec, heads, data, slots_BxK, with_grad: bool):
+  b, k = slots_BxK.shape
+  g = max(1, min(spec.slots_per_chunk, k))
+  chunks = -(-k // g)
+  slots = jnp.pad(slots_BxK, ((0, 0), (0, chunks * g - k)))  # slot 0 is empty
+  xs = slots.reshape(b, chunks, g).transpose(1, 0, 2)
+  zero_sums = jnp.zeros(1 + sum(len(gr) for gr in spec.groups), jnp.float32)
+  zero_grads = [tuple(jnp.zeros(x.shape, jnp.float32) for x in head) for head in heads]
+
+  def body(carry, slots_BxG):
+    sums, grads = carry
+    s, gr = _chunk(spec, heads, data, slots_BxG, with_grad)
+    if with_grad:
+      grads = jax.tree.map(jnp.add, grads, gr)
+    return (sums + s, grads), None
+
+  if chunks == 1:
+    (sums, grads), _ = body((zero_sums, zero_grads), xs[0])
+  else:
+    (sums, grads), _ = jax.lax.scan(body, (zero_sums, zero_grads), xs)
+  return sums, grads
+
+
+def _weighted(spec, sums):
+  weights = [w for groups in spec.groups for _, _, w in groups]
+  return sum(w * sums[i] for i, w in enumerate(weights))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def pair_loss(spec: PairSpec, heads, data, slots_BxK):
+  """(sum_g weight_g * S_g, sums): S_g the summed cross-entropy of group g over the valid
+  pairs of the slots, sums = (S_1, ..., count). Only the first output is differentiable;
+  `heads` is a list of (A, C, w_out, b_out) per head, `data` (next, prev, segment_ids)."""
+  sums, _ = _scan(spec, heads, data, slots_BxK, with_grad=False)
+  return _weighted(spec, sums), sums
+
+
+def _pair_loss_fwd(spec, heads, data, slots_BxK):
+  sums, grads = _scan(spec, heads, data, slots_BxK, with_grad=True)
+  return (_weighted(spec, sums), sums), (grads, heads)
+
+
+def _pair_loss_bwd(spec, res, cotangents):
+  grads, heads = res
+  g = cotangents[0]
+  out = [tuple((g * d).astype(x.dtype) for d, x in zip(gr, head))
+         for gr, head in zip(grads, heads)]
+  return out, None, None
+
+
+pair_loss.defvjp(_pair_loss_fwd, _pair_loss_bwd)
+
+
+def segment_last(segment_ids_BxT):
+  """Index of the last position of each position's segment."""
+  t = segment_ids_BxT.shape[1]
+  idx = jnp.arange(t)
+  last = (jnp.roll(segment_ids_BxT, -1, axis=1) != segment_ids_BxT) | (idx == t - 1)
+  return jax.lax.cummin(jnp.where(last, idx, t), axis=1, reverse=True)
+
+
+# ------------------------------------------------------------------------------------------
+
+
+@objectives.register
+class BST(base.Objective):
+  name = "bst"
+  defaults = dict(shared_decoders=False, backward_weight=1.0, pair_fraction=1.0, max_gap=0,
+                  distance_weight=0.0, distance_classes=64, pairs_per_chunk=128)
+  causal = True
+
+  @classmethod
+  def validate(cls, opts):
+    checks = (
+        (0.0 < opts.pair_fraction <= 1.0,
+         f"objective.pair_fraction={opts.pair_fraction} must be in (0, 1] (1 trains on all "
+         "pairs)."),
+        (opts.max_gap == 0 or opts.max_gap >= 2,
+         f"objective.max_gap={opts.max_gap} must be 0 (no limit) or >= 2 (pairs have "
+         "j - i >= 2)."),
+        (opts.backward_weight >= 0,
+         f"objective.backward_weight={opts.backward_weight} must be >= 0."),
+        (opts.distance_weight >= 0,
+         f"objective.distance_weight={opts.distance_weight} must be >= 0 (0: no distance head)."),
+        (opts.distance_classes >= 2,
+         f"objective.distance_classes={opts.distance_classes} must be >= 2."),
+        (opts.pairs_per_chunk >= 1,
+         f"objective.pairs_per_chunk={opts.pairs_per_chunk} must be >= 1."),
+    )
+    for ok, msg in checks:
+      if not ok:
+        raise ValueError(msg)
+
+  def build(self, rngs):
+    o = self.opts
+    return BeliefStateNet(self.model_config, o.shared_decoders,
+                          o.distance_classes if o.distance_weight > 0 else 0, rngs)
+
+  # --- training ---
+  def spec(self, n: int) -> PairSpec:
+    o, v = self.opts, self.vocab_size
+    groups = (((v, "next", 1.0), (v, "prev", float(o.backward_weight))),)
+    if o.distance_weight > 0:
+      groups += (((o.distance_classes, "gap", float(o.distance_weight)),),)
+    max_k_gap = (o.max_gap - 1) if o.max_gap else n - 1
+    return PairSpec(groups, min(max_k_gap, n - 1), max(1, o.pairs_per_chunk // n))
+
+  def slots(self, rng, batch: int, n: int, fraction: float = 1.0):
+    """Each row's gap slots: all, or a random `fraction` of them (every pair then has the
+    same chance to be trained on)."""
+    num = gap_slots(n, self.spec(n).max_k_gap)
+    all_slots = jnp.broadcast_to(jnp.arange(1, num + 1, dtype=jnp.int32), (batch, num))
+    if fraction >= 1.0:
+      return all_slots
+    keep = max(1, round(fraction * num))
+    order = jnp.argsort(jax.random.uniform(rng, (batch, num)), axis=1)
+    return jnp.take_along_axis(all_slots, order[:, :keep], axis=1)
+
+  def pair_inputs(self, net: BeliefStateNet, batch):
+    x, seg = batch["inputs"], batch["segment_ids"]
+    f, bst = net.states(x, batch["positions"], seg)
+    heads = [net.text.split(f, bst) + net.text.weights()]
+    if net.distance is not None:
+      heads.append(net.distance.split(f, bst) + net.distance.weights())
+    data = (jnp.roll(x, -1, axis=1), x, seg)
+    return heads, data
+
+  def loss(self, model, batch, rng):
+    b, n = batch["inputs"].shape
+    spec = self.spec(n)
+    heads, data = self.pair_inputs(model, batch)
+    total, sums = pair_loss(spec, heads, data, self.slots(rng, b, n, self.opts.pair_fraction))
+    count = jnp.maximum(jax.lax.stop_gradient(sums[-1]), 1.0)
+    metrics = {"ce_forward": sums[0] / count, "ce_backward": sums[1] / count,
+               "pairs_per_row": sums[-1] / b}
+    if len(sums) > 3:
+      metrics["ce_distance"] = sums[2] / count
+    return total / count, metrics
+
+  def eval_sums(self, model, batch, rng):
+    """The forward likelihood with the empty suffix (a left-to-right factorisation, so its
+    bits/byte compare with `ar`'s), plus the all-pairs cross-entropies."""
+    x, seg = batch["inputs"], batch["segment_ids"]
+    b, n = x.shape
+    heads, data = self.pair_inputs(model, batch)
+    a, c, w, bias = heads[0]
+    last = segment_last(seg)
+    v = self.vocab_size
+    logits = head_logits(a, _take(c, last), w[:, :v], bias[:v])
+    targets = jnp.roll(x, -1, axis=1)
+    valid = ((seg > 0) & (last > jnp.arange(n))).astype(jnp.float32)
+    nll = base.cross_entropy(logits, targets)
+    token_bytes = jnp.asarray(self.tokenizer.token_bytes, jnp.float32)
+    _, sums = pair_loss(self.spec(n), heads, data, self.slots(rng, b, n))
+    return {"nll": jnp.sum(nll * valid), "tokens": jnp.sum(valid),
+            "bytes": jnp.sum(token_bytes[targets] * valid),
+            "pair_ce_forward": sums[0], "pair_ce_backward": sums[1], "pairs": sums[-1]}
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Two decoders, plus the head: its first layer per position (2 d^2 x 2), its output
+    layer on every pair (about seq_len / 2 pairs per token), forward and backward."""
+    cfg = self.model_config
+    d, v = cfg.d_model, cfg.vocab_size
+    decoders = 2 * base.forward_flops_per_token(cfg, seq_len) - 2 * 2 * d * v  # no unembed
+    out = 2 * v + (self.opts.distance_classes if self.opts.distance_weight > 0 else 0)
+    per_pos = 2 * 2 * d * d
+    per_pair = 2 * d * out + 2 * d  # output layer + the pair sum
+    pairs_per_token = (seq_len - 1) / 2 * self.opts.pair_fraction
+    return 3.0 * (decoders + per_pos + pairs_per_token * per_pair)
+
+  # --- generation ---
+  def generate(self, model, prompt_BxP, rng, *, max_new_tokens=256, temperature=1.0, top_k=0,
+               top_p=1.0, min_p=0.0, suffix_BxS=None, num_candidates=1):
+    """Samples middles between each prompt row and `suffix_BxS` (None or width 0: the empty
+    suffix, i.e. unconditional continuation) with F's KV cache and the suffix encoded once.
+    With num_candidates K > 1, K middles are drawn per row and the one the backward head finds
+    most likely given the suffix is kept. Returns (B, P + max_new_tokens) int32."""
+    b = prompt_BxP.shape[0]
+    if suffix_BxS is None:
+      suffix_BxS = jnp.zeros((b, 0), jnp.int32)
+    k = num_candidates
+    prompts = jnp.repeat(prompt_BxP, k, axis=0)
+    suffixes = jnp.repeat(suffix_BxS, k, axis=0)
+    suffix_states = model.suffix_state(suffixes)
+    out = sampling.generate_ar(_ForwardHead(model, suffix_states[:, -1]), prompts, rng,
+                               max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, min_p=min_p)
+    if k == 1:
+      return out
+    score = self.middle_log_likelihood(model, prompts, out[:, prompts.shape[1]:], suffixes)
+    best = jnp.argmax(score.reshape(b, k), axis=1)
+    return out.reshape(b, k, -1)[jnp.arange(b), best]
+
+  def middle_log_likelihood(self, model, prompt_BxP, middle_BxL, suffix_BxS):
+    """log p(middle | prefix, suffix) under the backward head, right to left: the middle's
+    token m_t is scored from (f at the prefix end, b after m_{t+1}..m_L and the suffix).
+    PAD (after an EOS) counts as EOS."""
+    middle = jnp.where(middle_BxL == tokenizers.PAD, tokenizers.EOS, middle_BxL)
+    f = model.forward_states(prompt_BxP, jnp.broadcast_to(
+        jnp.arange(prompt_BxP.shape[1], dtype=jnp.int32), prompt_BxP.shape),
+        jnp.ones_like(prompt_BxP))[:, -1:]
+    states = model.suffix_state(jnp.concatenate([middle, suffix_BxS], axis=1))
+    s, l = suffix_BxS.shape[1], middle.shape[1]
+    states = states[:, s:s + l]            # after the suffix, after m_L, ..., after m_2
+    a, c = model.text.split(f, states)
+    w, bias = model.text.weights()
+    v = self.vocab_size
+    logits = head_logits(a, c, w[:, v:], bias[v:])
+    targets = jnp.flip(middle, 1)          # m_L, ..., m_1
+    return -jnp.sum(base.cross_entropy(logits, targets), axis=1)
+
+
+class _ForwardHead:
+  """Duck-types the Transformer's decoding API for `sampling.generate_ar`: logits are the
+  text head's next-token half on (F's state, the fixed suffix state)."""
+
+  def __init__(self, net: BeliefStateNet, suffix_state_BxD):
+    self.net = net
+    self.c = net.text.first_b(suffix_state_BxD[:, None])
+
+  def init_cache(self, batch, length):
+    return self.net.forward_net.init_cache(batch, length)
+
+  def decode(self, tokens_BxT, cache):
+    h, cache = self.net.forward_net.decode_hidden(tokens_BxT, cache)
+    a = self.net.text.first_f(h)
+    w, bias = self.net.text.weights()
+    v = w.shape[1] // 2
+    return head_logits(a, self.c, w[:, :v], bias[:v]), cache
+
