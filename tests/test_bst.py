@@ -60,19 +60,20 @@ def reference_loss(net, obj, batch):
   alone: f_i by F over x_s..x_i, b_j by B over [empty suffix, x_e, ..., x_j]; numpy head."""
   o, x = obj.opts, np.asarray(batch["inputs"])
   fwd, bwd = net.forward_net, net.backward
+  hidden = {m: jax.jit(lambda e, m=m: m.hidden(e, jnp.arange(e.shape[1])[None],
+                                               jnp.ones(e.shape[:2], jnp.int32)))
+            for m in (fwd, bwd)}
   p = lambda a: np.asarray(a, np.float64)
   text_w1 = np.concatenate([p(net.text.w_f[...]), p(net.text.w_b[...])])
   sums, count = np.zeros(3), 0
   for r, s, e in documents(batch):
     toks = x[r, s:e + 1]
     n = len(toks)
-    f = p(fwd.hidden(fwd.embed_tokens(toks[None]), jnp.arange(n)[None], jnp.ones((1, n),
-                                                                               jnp.int32))[0])
+    f = p(hidden[fwd](fwd.embed_tokens(toks[None]))[0])
     b = {}
     for j in range(1, n + 1):
       emb = jnp.concatenate([net.suffix[...][None], bwd.embed_tokens(toks[j:][::-1].copy())])
-      m = emb.shape[0]
-      b[j] = p(bwd.hidden(emb[None], jnp.arange(m)[None], jnp.ones((1, m), jnp.int32))[0, -1])
+      b[j] = p(hidden[bwd](emb[None])[0, -1])
     for i in range(n):
       for j in range(i + 2, n + 1):
         if o.max_gap and j - i > o.max_gap:
@@ -223,10 +224,11 @@ def test_empty_suffix_likelihood_is_a_left_to_right_factorisation(make_config):
   x = np.asarray(batch["inputs"])
   total, tokens = 0.0, 0
   empty = net.suffix_state(jnp.zeros((1, 0), jnp.int32))[:, -1]
+  forward = jax.jit(lambda t: net.forward_states(t, jnp.arange(t.shape[1])[None],
+                                                 jnp.ones(t.shape, jnp.int32)))
   for r, s, e in documents(batch):
     toks = x[r, s:e + 1]
-    f = net.forward_states(toks[None], jnp.arange(len(toks))[None], jnp.ones((1, len(toks)),
-                                                                              jnp.int32))
+    f = forward(toks[None])
     a, c = net.text.first_f(f), net.text.first_b(empty[:, None])
     logp = jax.nn.log_softmax(bst.head_logits(a, c, net.text.w_out[...][:, :V],
                                               net.text.b_out[...][:V]))[0]
@@ -242,18 +244,18 @@ def test_cached_decoding_equals_uncached_and_keeps_the_prefix(make_config):
   prompt = jnp.asarray(np.concatenate([[[tokenizers.BOS]] * 2, rng.integers(20, 200, (2, 4))],
                                       axis=1), jnp.int32)
   suffix = jnp.asarray(rng.integers(20, 200, (2, 3)), jnp.int32)
-  out = np.asarray(obj.generate(net, prompt, jax.random.key(0), max_new_tokens=6,
-                                temperature=0.0, suffix_BxS=suffix))
+  out = np.asarray(jax.jit(lambda p, s: obj.generate(
+      net, p, jax.random.key(0), max_new_tokens=6, temperature=0.0, suffix_BxS=s))(prompt,
+                                                                                   suffix))
   np.testing.assert_array_equal(out[:, :5], prompt)
-  # greedy: every generated token is the argmax of an uncached pass over the row so far
+  # greedy: every generated token is the argmax of one uncached (causal) pass over the rows
   c = net.text.first_b(net.suffix_state(suffix)[:, -1:])
-  for t in range(5, out.shape[1]):
-    row = jnp.asarray(out[:, :t])
-    f = net.forward_states(row, jnp.broadcast_to(jnp.arange(t), row.shape),
-                           jnp.ones_like(row))[:, -1:]
-    logits = bst.head_logits(net.text.first_f(f), c, net.text.w_out[...][:, :V],
-                             net.text.b_out[...][:V])
-    np.testing.assert_array_equal(out[:, t], np.argmax(logits[:, 0], -1))
+  row = jnp.asarray(out)
+  f = net.forward_states(row, jnp.broadcast_to(jnp.arange(row.shape[1]), row.shape),
+                         jnp.ones_like(row))
+  logits = bst.head_logits(net.text.first_f(f), c, net.text.w_out[...][:, :V],
+                           net.text.b_out[...][:V])
+  np.testing.assert_array_equal(out[:, 5:], np.argmax(logits[:, 4:-1], -1))
 
 
 def test_candidate_score_is_the_backward_heads_likelihood_of_the_middle(make_config):
@@ -279,11 +281,11 @@ def test_candidates_are_ranked_by_the_backward_score(make_config):
   obj, net = make(make_config)
   prompt = jnp.full((1, 1), tokenizers.BOS, jnp.int32)
   suffix = jnp.asarray([[60, 61]], jnp.int32)
-  best = obj.generate(net, prompt, jax.random.key(4), max_new_tokens=5, temperature=1.0,
-                      suffix_BxS=suffix, num_candidates=6)
+  gen = jax.jit(lambda p, s, k: obj.generate(net, p, jax.random.key(4), max_new_tokens=5,
+                                             suffix_BxS=s, num_candidates=k), static_argnums=2)
+  best = gen(prompt, suffix, 6)
   # the same draws, unranked (the candidates are the rows of one batched sample)
-  all6 = obj.generate(net, jnp.repeat(prompt, 6, 0), jax.random.key(4), max_new_tokens=5,
-                      temperature=1.0, suffix_BxS=jnp.repeat(suffix, 6, 0))
+  all6 = gen(jnp.repeat(prompt, 6, 0), jnp.repeat(suffix, 6, 0), 1)
   scores = obj.middle_log_likelihood(net, jnp.repeat(prompt, 6, 0), all6[:, 1:],
                                      jnp.repeat(suffix, 6, 0))
   np.testing.assert_array_equal(best[0], all6[int(jnp.argmax(scores))])
