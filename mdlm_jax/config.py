@@ -28,7 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
       init_std=0.02))
   c.data = ml_collections.ConfigDict(dict(
       name="python_stdlib", data_dir=os.path.join("~", "tensorflow_datasets"), files="",
-      tokenizer="bytes", seq_len=256, prefetch=2))
+      tokenizer="bytes", seq_len=256, prefetch=2, pack=True,
+      graph=ml_collections.ConfigDict(dict(degree=2, path_length=5, nodes=50,
+                                           train_examples=200_000, validation_examples=1000))))
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=16, learning_rate=1e-3, warmup_steps=100, schedule="cosine",
       min_lr_ratio=0.1, grad_clip=1.0, weight_decay=0.1, b1=0.9, b2=0.95, ema_decay=0.0,
@@ -95,6 +97,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "lower data.seq_len or raise model.max_seq_len.")
   _check(d.name != "text_files" or bool(d.files),
          "data.name='text_files' needs data.files, a glob such as '/path/*.txt'.")
+  if d.name == "star_graph":
+    from mdlm_jax.data import builders  # pylint: disable=g-import-not-at-top
+    g = d.graph
+    try:
+      builders.check_graph(g.degree, g.path_length, g.nodes)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   _check(t.steps >= 1, f"train.steps={t.steps} must be >= 1.")
   _check(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be >= 1.")
   _check(t.grad_accum_steps >= 1 and t.batch_size % t.grad_accum_steps == 0,

@@ -89,7 +89,32 @@ def test_ar_train_and_sample(tmp_path, corpus, data_dir):
                 "--max_new_tokens=16", "--top_p=0.9", "--top_k=20", "--min_p=0.01"]).stdout
   assert sample.count("--- sample") == 2 and sample.count("alpha ") >= 2
   p = run(["tools/sample.py", f"--workdir={wd}", "--suffix=x"], check=False)
-  assert p.returncode != 0 and "--suffix needs a model that fills masked positions" in p.stderr
+  assert p.returncode != 0 and "cannot condition on a suffix" in p.stderr
+  assert "objective.fim_rate > 0" in p.stderr
+
+
+def test_bst_train_sample_with_suffix_and_infill(tmp_path, corpus, data_dir):
+  wd = str(tmp_path / "wd")
+  run(["train.py", f"--workdir={wd}", "--config.objective.name=bst",
+       *tiny_flags(corpus, data_dir, **{"train.steps": 2, "eval.every_steps": 2})])
+  out = run(["tools/sample.py", f"--workdir={wd}", "--prefix=alpha ", "--suffix= omega",
+             "--num_samples=2", "--num_candidates=3", "--max_new_tokens=6",
+             "--temperature=0.5"]).stdout
+  texts = [l for l in out.splitlines() if l.startswith("alpha ")]
+  assert out.count("--- sample") == 2 and len(texts) == 2
+  assert all(t.endswith(" omega") for t in texts), out
+  for bad, msg in ((["--suffix=" + "x" * 200], "model.max_seq_len=128"),
+                   (["--prefix=" + "x" * 200], "model.max_seq_len=128"),
+                   (["--num_candidates=0"], "--num_candidates=0")):
+    p = run(["tools/sample.py", f"--workdir={wd}", "--max_new_tokens=4", *bad], check=False)
+    assert p.returncode != 0 and msg in p.stderr, (bad, p.stderr[-500:])
+  ev = run(["tools/evaluate.py", f"--workdir={wd}", "--task=infill", "--examples=4",
+            "--infill_context=8", "--infill_span=4"]).stdout
+  result = json.loads(ev.strip().splitlines()[-1])
+  assert result["examples"] == 4 and 0 <= result["token_accuracy"] <= 1
+  p = run(["train.py", f"--workdir={tmp_path / 'x'}", "--config.objective.name=bst",
+           "--config.objective.pair_fraction=0"], check=False)
+  assert p.returncode != 0 and "objective.pair_fraction=0" in p.stderr
 
 
 def test_unknown_config_key_and_bad_value_fail_fast(tmp_path, corpus, data_dir):

@@ -3,7 +3,13 @@
 Reports the objective's NLL (or its bound) per token, bits per token, bits per byte and
 perplexity over the split (all of it by default), and prints them as one JSON line. For
 masked diffusion the figure is the ELBO bound estimated with --time_samples draws of t per
-sequence, with its standard error (`loss_stderr`, `bits_per_byte_stderr`).
+sequence, with its standard error (`loss_stderr`, `bits_per_byte_stderr`). For `bst` it is the
+forward likelihood with the empty suffix (a left-to-right factorisation).
+
+--task=star_graph: exact path accuracy on the star-graph problems the model was trained on.
+--task=infill: spans of --infill_span tokens cut from held-out documents between
+--infill_context tokens each side, filled greedily; exact match and per-token accuracy
+(ar needs objective.fim_rate > 0; mdlm fills with the confidence sampler).
 """
 import json
 import os
@@ -25,6 +31,12 @@ _EMA = flags.DEFINE_bool("use_ema", True, "Use the EMA params when the run kept 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Override data.data_dir of the run.")
 _TIME_SAMPLES = flags.DEFINE_integer("time_samples", None,
                                      "mdlm: time samples per sequence for the bound.")
+_TASK = flags.DEFINE_enum("task", "likelihood", ["likelihood", "star_graph", "infill"],
+                          "What to measure.")
+_EXAMPLES = flags.DEFINE_integer("examples", 200, "star_graph / infill: problems to score "
+                                 "(-1: every star-graph problem of the split).")
+_SPAN = flags.DEFINE_integer("infill_span", 16, "infill: tokens removed and regenerated.")
+_CONTEXT = flags.DEFINE_integer("infill_context", 64, "infill: tokens kept on each side.")
 
 
 def main(argv):
@@ -38,6 +50,16 @@ def main(argv):
   setup, params, step = restore.load(_WORKDIR.value, use_ema=_EMA.value, step=_STEP.value,
                                      mesh_overrides={"data": -1, "tensor": 1},
                                      config_overrides=overrides)
+  if _TASK.value != "likelihood":
+    from mdlm_jax import tasks  # pylint: disable=g-import-not-at-top
+    if _TASK.value == "star_graph":
+      result = tasks.star_graph_accuracy(setup, params, _SPLIT.value, _EXAMPLES.value)
+    else:
+      result = tasks.infill_scores(setup, params, _SPLIT.value, _EXAMPLES.value,
+                                   _CONTEXT.value, _SPAN.value)
+    print(json.dumps({"step": step, "split": _SPLIT.value, "task": _TASK.value,
+                      "objective": setup.config.objective.name, **result}))
+    return
   result = evaluate.Evaluator(setup, split=_SPLIT.value).run(params, _BATCHES.value)
   print(evaluate.format_line(step, result))
   print(json.dumps({"step": step, "split": _SPLIT.value,

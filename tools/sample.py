@@ -3,7 +3,10 @@
 Restores the latest params (their EMA when the run kept one) onto the local devices and calls
 the objective's sampler.
 - `ar`: continues --prefix (alias --prompt) with temperature, top-k, top-p, min-p, a KV cache
-  and EOS stop.
+  and EOS stop; trained with objective.fim_rate > 0 it also fills between --prefix and
+  --suffix (prefix-suffix-middle prompt).
+- `bst`: continues --prefix towards --suffix (none: the empty suffix) with F's KV cache and
+  the suffix encoded once; --num_candidates=K keeps the best of K by the backward head.
 - `mdlm`: fills masked positions; the canvas is --prefix, then --max_new_tokens masks, then
   --suffix, or a --template whose `<mask:N>` spans are N masked tokens, e.g.
     --template='def f(<mask:12>):'
@@ -24,7 +27,10 @@ from mdlm_jax import distributed  # noqa: E402
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
 _PROMPT = flags.DEFINE_string("prefix", "", "Text before the generated span.")
 flags.DEFINE_alias("prompt", "prefix")
-_SUFFIX = flags.DEFINE_string("suffix", None, "Text after the generated span (mdlm).")
+_SUFFIX = flags.DEFINE_string("suffix", None, "Text after the generated span (mdlm, bst, "
+                               "ar trained with objective.fim_rate > 0).")
+_CANDIDATES = flags.DEFINE_integer("num_candidates", 1, "bst: middles drawn per sample; the "
+                                   "one the backward head finds most likely is kept.")
 _TEMPLATE = flags.DEFINE_string("template", None, "Text with <mask:N> spans to fill (mdlm).")
 _SAMPLER = flags.DEFINE_string("sampler", None, "mdlm: ancestral (default), confidence, llada.")
 _STEPS = flags.DEFINE_integer("steps", None, "mdlm: denoising steps (default: masked count).")
@@ -70,19 +76,35 @@ def main(argv):
   name = setup.config.objective.name
   if hasattr(setup.objective, "sample"):
     return sample_canvas(setup, params, step)
-  for flag, value in (("--suffix", _SUFFIX.value), ("--template", _TEMPLATE.value),
-                      ("--sampler", _SAMPLER.value), ("--steps", _STEPS.value)):
+  for flag, value in (("--template", _TEMPLATE.value), ("--sampler", _SAMPLER.value),
+                      ("--steps", _STEPS.value)):
     if value is not None:
       raise app.UsageError(f"{flag} needs a model that fills masked positions (objective "
                            f"mdlm); {_WORKDIR.value} holds objective {name!r}.")
+  if _SUFFIX.value is not None and not setup.objective.accepts_suffix:
+    hint = (" (an ar model reads a suffix only when trained with objective.fim_rate > 0)"
+            if name == "ar" else "")
+    raise app.UsageError(f"--suffix: objective {name!r} of {_WORKDIR.value} cannot condition on "
+                         f"a suffix{hint}; use a bst, mdlm or FIM-trained ar model.")
+  if _CANDIDATES.value != 1 and name != "bst":
+    raise app.UsageError("--num_candidates needs a bst model (its backward head ranks them).")
+  if _CANDIDATES.value < 1:
+    raise app.UsageError(f"--num_candidates={_CANDIDATES.value} must be >= 1.")
   prompt = np.concatenate([[tokenizers.BOS], tok.encode(_PROMPT.value)]).astype(np.int32)
+  suffix = tok.encode(_SUFFIX.value or "").astype(np.int32)
   limit = setup.config.model.max_seq_len
-  if len(prompt) + _MAX_NEW.value > limit:
-    raise app.UsageError(f"prompt ({len(prompt)} tokens) + --max_new_tokens={_MAX_NEW.value} "
-                         f"exceeds the model's limit model.max_seq_len={limit}.")
+  used = len(prompt) + len(suffix) + 3 if name == "ar" and len(suffix) else len(prompt)
+  if used + _MAX_NEW.value > limit or len(suffix) + 1 > limit:
+    raise app.UsageError(f"prefix ({len(prompt)} tokens), suffix ({len(suffix)}) and "
+                         f"--max_new_tokens={_MAX_NEW.value} exceed the model's limit "
+                         f"model.max_seq_len={limit}; shorten them.")
   prompts = np.tile(prompt, (_NUM.value, 1))
   options = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMP.value, top_k=_TOP_K.value,
                  top_p=_TOP_P.value, min_p=_MIN_P.value)
+  if _SUFFIX.value is not None:
+    options["suffix_BxS"] = np.tile(suffix, (_NUM.value, 1))
+  if name == "bst":
+    options["num_candidates"] = _CANDIDATES.value
 
   @functools.partial(jax.jit)
   def run(params, prompts, rng):
@@ -94,7 +116,7 @@ def main(argv):
     ids = row[len(prompt):]
     end = np.flatnonzero(ids == tokenizers.EOS)
     ids = ids[: end[0]] if len(end) else ids
-    print(f"--- sample {i} ---\n{_PROMPT.value}{tok.decode(ids)}")
+    print(f"--- sample {i} ---\n{_PROMPT.value}{tok.decode(ids)}{_SUFFIX.value or ''}")
 
 
 def parse_template(template: str, tok):

@@ -4,6 +4,8 @@ random access (`as_data_source`) and TensorFlow is never needed.
 - `python_stdlib`: the running interpreter's standard-library `.py` files (the default corpus).
 - `text_files`: any glob of `.txt` / `.py` / `.md` files, or `.jsonl` with a `text` field.
 - `sft_pairs`: `.jsonl` files whose lines hold `prompt` and `answer` (supervised fine-tuning).
+- `star_graph`: generated path-finding problems on star graphs (Bachmann & Nagarajan 2024),
+  sized by `data.graph` (degree, path_length, nodes, train/validation examples).
 
 Documents go to `validation` when a hash of their path (and line, for jsonl) falls in the
 lowest VALIDATION_PERCENT, so the split is deterministic and independent of file order; a
@@ -200,14 +202,90 @@ def text_files_config(pattern: str) -> TextFilesConfig:
                          description=f"text files matching {pattern}")
 
 
+NODE_SYMBOLS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+GRAPH_QUERY, GRAPH_ANSWER = "/", "="
+
+
+def check_graph(degree: int, path_length: int, nodes: int) -> None:
+  needed = 1 + degree * (path_length - 1)
+  if degree < 1 or path_length < 2:
+    raise ValueError(f"data.graph: degree={degree} must be >= 1 and path_length={path_length} "
+                     ">= 2.")
+  if nodes < needed:
+    raise ValueError(f"data.graph: a star graph of degree {degree} with arms of path_length "
+                     f"{path_length} has {needed} nodes and {needed - 1} edges, more than "
+                     f"nodes={nodes} allow; raise data.graph.nodes or lower degree/path_length.")
+  if nodes > len(NODE_SYMBOLS):
+    raise ValueError(f"data.graph.nodes={nodes}: at most {len(NODE_SYMBOLS)} (one byte-level "
+                     "symbol per node).")
+
+
+def star_graph(rng: np.random.Generator, degree: int, path_length: int, nodes: int):
+  """One problem: `degree` arms of `path_length - 1` edges from a centre on distinct random
+  nodes. Returns (text, path): text = shuffled edges 'uv|...|', then '/', start and goal, '=',
+  then the path from start to goal, each node one symbol."""
+  ids = rng.choice(nodes, 1 + degree * (path_length - 1), replace=False)
+  start, arms = ids[0], ids[1:].reshape(degree, path_length - 1)
+  edges = [(a, b) for arm in arms for a, b in zip(np.concatenate([[start], arm[:-1]]), arm)]
+  edges = [edges[i] for i in rng.permutation(len(edges))]
+  path = np.concatenate([[start], arms[rng.integers(degree)]])
+  sym = lambda v: NODE_SYMBOLS[int(v)]
+  text = ("".join(f"{sym(a)}{sym(b)}|" for a, b in edges) + GRAPH_QUERY + sym(start)
+          + sym(path[-1]) + GRAPH_ANSWER + "".join(sym(v) for v in path))
+  return text, [int(v) for v in path]
+
+
+class StarGraphConfig(tfds.core.BuilderConfig):
+  def __init__(self, *, degree: int, path_length: int, nodes: int, train_examples: int,
+               validation_examples: int, **kwargs):
+    super().__init__(**kwargs)
+    self.graph = (degree, path_length, nodes)
+    self.examples = {"train": train_examples, "validation": validation_examples}
+
+
+class StarGraph(_TextBuilder):
+  """Star-graph path finding; validation problems never appear in train."""
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = []
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    val = {text for _, text in self._problems("validation")}
+    return {split: self._generate(split, val) for split in ("train", "validation")}
+
+  def _problems(self, split):
+    rng = np.random.default_rng(0 if split == "validation" else 1)
+    for i in range(self.builder_config.examples[split]):
+      yield i, star_graph(rng, *self.builder_config.graph)[0]
+
+  def _generate(self, split, val):  # pylint: disable=arguments-differ
+    for i, text in self._problems(split):
+      if split == "validation" or text not in val:
+        yield f"{split}:{i}", {"text": text, "key": f"{split}:{i}"}
+
+
+def star_graph_config(g) -> StarGraphConfig:
+  check_graph(g.degree, g.path_length, g.nodes)
+  return StarGraphConfig(
+      name=f"d{g.degree}_l{g.path_length}_n{g.nodes}_{g.train_examples}_{g.validation_examples}",
+      degree=g.degree, path_length=g.path_length, nodes=g.nodes,
+      train_examples=g.train_examples, validation_examples=g.validation_examples,
+      description="star-graph path finding")
+
+
 def load_builder(data_cfg) -> tfds.core.DatasetBuilder:
   """The builder for `data.name`, prepared into `data.data_dir` on first use when it is one of
   ours; any other TFDS name must already be prepared there (as array_record)."""
   data_dir = os.path.expanduser(data_cfg.data_dir)
-  if data_cfg.name in ("python_stdlib", "text_files", "sft_pairs"):
-    cls = {"python_stdlib": PythonStdlib, "text_files": TextFiles,
-           "sft_pairs": SftPairs}[data_cfg.name]
-    kwargs = {} if cls is PythonStdlib else {"config": text_files_config(data_cfg.files)}
+  if data_cfg.name in ("python_stdlib", "text_files", "sft_pairs", "star_graph"):
+    cls = {"python_stdlib": PythonStdlib, "text_files": TextFiles, "sft_pairs": SftPairs,
+           "star_graph": StarGraph}[data_cfg.name]
+    if cls is PythonStdlib:
+      kwargs = {}
+    elif cls is StarGraph:
+      kwargs = {"config": star_graph_config(data_cfg.graph)}
+    else:
+      kwargs = {"config": text_files_config(data_cfg.files)}
     builder = cls(data_dir=data_dir, file_format="array_record", **kwargs)
     if not builder.is_prepared():
       print(f"Preparing dataset {data_cfg.name} into {builder.data_dir} (once) ...", flush=True)

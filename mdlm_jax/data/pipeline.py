@@ -37,6 +37,39 @@ class Tokenize:
     return {"inputs": np.concatenate([[tokenizers.BOS], ids, [tokenizers.EOS]]).astype(np.int32)}
 
 
+def fim_permute(ids, rng: np.random.Generator):
+  """[BOS] t [EOS] -> [BOS, <fim_prefix>] t[:a] [<fim_suffix>] t[b:] [<fim_middle>] t[a:b] [EOS]
+  with 0 <= a <= b <= len(t) uniform (prefix-suffix-middle, Bavarian et al. 2022)."""
+  body = ids[1:-1]
+  a, b = np.sort(rng.integers(0, len(body) + 1, 2))
+  return np.concatenate([[tokenizers.BOS, tokenizers.FIM_PREFIX], body[:a],
+                         [tokenizers.FIM_SUFFIX], body[b:], [tokenizers.FIM_MIDDLE], body[a:b],
+                         [tokenizers.EOS]]).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fim:
+  """Turns a `rate` share of tokenized documents into prefix-suffix-middle order."""
+  rate: float
+
+  def __call__(self, record, rng: np.random.Generator):
+    if rng.random() >= self.rate:
+      return record
+    return {"inputs": fim_permute(record["inputs"], rng)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Unpacked:
+  """One document per row: [BOS] text [EOS] cut at `seq_len`, then padding (segment 0)."""
+  seq_len: int
+
+  def __call__(self, record):
+    ids = record["inputs"][: self.seq_len]
+    n = len(ids)
+    pad = lambda x: np.pad(x, (0, self.seq_len - n)).astype(np.int32)
+    return {"inputs": pad(ids), "segment_ids": pad(np.ones(n)), "positions": pad(np.arange(n))}
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenizePair:
   """One prompt/answer pair -> a full row of `seq_len` (see the module docstring)."""
@@ -62,11 +95,13 @@ def _rename(x):
 
 def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
                  train: bool, process_index: int = 0, process_count: int = 1,
-                 prefetch: int = 2, pairs: bool = False) -> grain.IterDataset:
+                 prefetch: int = 2, pairs: bool = False, pack: bool = True,
+                 fim_rate: float = 0.0) -> grain.IterDataset:
   """A per-process dataset of packed batches {inputs, segment_ids, positions} (batch, seq_len).
 
   train: shuffled (reshuffled each epoch) and repeated forever; otherwise one ordered pass
-  whose last rows are zero-padded (segment id 0 marks padding)."""
+  whose last rows are zero-padded (segment id 0 marks padding). pack=False: one document per
+  row. fim_rate: that share of documents in prefix-suffix-middle order (train only)."""
   ds = grain.MapDataset.source(source)
   if train:
     ds = ds.shuffle(seed=seed).repeat()
@@ -74,8 +109,13 @@ def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
     it = ds[process_index::process_count].map(TokenizePair(tokenizer, seq_len)).to_iter_dataset()
   else:
     ds = ds[process_index::process_count].map(Tokenize(tokenizer))
-    it = grain.experimental.ConcatThenSplitIterDataset(
-        ds.to_iter_dataset(), length_struct={"inputs": seq_len}).map(_rename)
+    if fim_rate > 0 and train:
+      ds = ds.random_map(Fim(fim_rate), seed=seed + 1)
+    if pack:
+      it = grain.experimental.ConcatThenSplitIterDataset(
+          ds.to_iter_dataset(), length_struct={"inputs": seq_len}).map(_rename)
+    else:
+      it = ds.map(Unpacked(seq_len)).to_iter_dataset()
   it = it.batch(batch_size, drop_remainder=train)
   if not train:
     it = it.map(lambda b: pad_batch(b, batch_size))
@@ -114,7 +154,9 @@ def train_dataset(config, tokenizer) -> grain.IterDataset:
       builders.data_source(builder, "train"), tokenizer, seq_len=config.data.seq_len,
       batch_size=local_batch_size(config.train.batch_size), seed=config.seed, train=True,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      prefetch=config.data.prefetch, pairs=config.data.name == "sft_pairs")
+      prefetch=config.data.prefetch, pairs=config.data.name == "sft_pairs",
+      pack=config.data.pack, fim_rate=config.objective.get("fim_rate", 0.0)
+      if config.objective.name == "ar" else 0.0)
 
 
 def eval_dataset(config, tokenizer, split: str = "validation") -> grain.IterDataset:
@@ -123,4 +165,4 @@ def eval_dataset(config, tokenizer, split: str = "validation") -> grain.IterData
       builders.data_source(builder, split), tokenizer, seq_len=config.data.seq_len,
       batch_size=local_batch_size(config.train.batch_size), seed=config.seed, train=False,
       process_index=jax.process_index(), process_count=jax.process_count(), prefetch=0,
-      pairs=config.data.name == "sft_pairs")
+      pairs=config.data.name == "sft_pairs", pack=config.data.pack)

@@ -1,4 +1,6 @@
-"""`ar`: next-token prediction, with MEAP input masking and z-loss (OBJECTIVES.md section 1)."""
+"""`ar`: next-token prediction, with MEAP input masking and z-loss (OBJECTIVES.md section 1),
+and fill-in-the-middle training (`fim_rate`: the data pipeline turns that share of documents into
+prefix-suffix-middle order with sentinel tokens, Bavarian et al. 2022)."""
 from __future__ import annotations
 
 import jax
@@ -30,14 +32,22 @@ def meap_mask(inputs_BxT, eligible_BxT, ratio: float, rng):
 @objectives.register
 class AR(base.Objective):
   name = "ar"
-  defaults = dict(meap_mask_ratio=0.0, z_loss=0.0)
+  defaults = dict(meap_mask_ratio=0.0, z_loss=0.0, fim_rate=0.0)
   causal = True
+
+  @property
+  def accepts_suffix(self) -> bool:
+    """Fill-in-the-middle needs a model trained on prefix-suffix-middle documents."""
+    return self.opts.fim_rate > 0
 
   @classmethod
   def validate(cls, opts):
     if not 0.0 <= opts.meap_mask_ratio < 1.0:
       raise ValueError(f"objective.meap_mask_ratio={opts.meap_mask_ratio} must be in [0, 1) "
                        "(0 disables MEAP; the paper uses 0.15).")
+    if not 0.0 <= opts.fim_rate <= 1.0:
+      raise ValueError(f"objective.fim_rate={opts.fim_rate} must be in [0, 1] (the share of "
+                       "training documents turned into prefix-suffix-middle; 0.5 is usual).")
     if opts.z_loss < 0:
       raise ValueError(f"objective.z_loss={opts.z_loss} must be >= 0 (0 disables; 1e-4 is usual).")
 
@@ -72,6 +82,18 @@ class AR(base.Objective):
             "bytes": jnp.sum(token_bytes[targets] * v)}
 
   def generate(self, model, prompt_BxP, rng, *, max_new_tokens=256, temperature=1.0, top_k=0,
-               top_p=1.0, min_p=0.0):
-    return sampling.generate_ar(model, prompt_BxP, rng, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+               top_p=1.0, min_p=0.0, suffix_BxS=None):
+    """Continues the prompt; with `suffix_BxS` (FIM-trained models) generates the middle from
+    the prompt [BOS, <fim_prefix>, prefix, <fim_suffix>, suffix, <fim_middle>] and returns
+    (B, P + max_new_tokens): the prompt, then the middle (EOS ends it)."""
+    if suffix_BxS is None:
+      return sampling.generate_ar(model, prompt_BxP, rng, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    b = prompt_BxP.shape[0]
+    sentinel = lambda t: jnp.full((b, 1), t, jnp.int32)
+    psm = jnp.concatenate([prompt_BxP[:, :1], sentinel(tokenizers.FIM_PREFIX), prompt_BxP[:, 1:],
+                           sentinel(tokenizers.FIM_SUFFIX), suffix_BxS.astype(jnp.int32),
+                           sentinel(tokenizers.FIM_MIDDLE)], axis=1)
+    out = sampling.generate_ar(model, psm, rng, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    return jnp.concatenate([prompt_BxP, out[:, psm.shape[1]:]], axis=1)

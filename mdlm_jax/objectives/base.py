@@ -18,6 +18,7 @@ class Objective:
   name: ClassVar[str]
   defaults: ClassVar[dict[str, Any]] = {}
   causal: ClassVar[bool] = True
+  accepts_suffix: ClassVar[bool] = False  # generate() takes suffix_BxS
 
   def __init__(self, config, tokenizer):
     self.config = config

@@ -267,6 +267,7 @@ class BST(base.Objective):
   defaults = dict(shared_decoders=False, backward_weight=1.0, pair_fraction=1.0, max_gap=0,
                   distance_weight=0.0, distance_classes=64, pairs_per_chunk=128)
   causal = True
+  accepts_suffix = True
 
   @classmethod
   def validate(cls, opts):

@@ -1,0 +1,116 @@
+"""Generation tasks that score a trained model: star-graph path finding and infilling.
+
+- `star_graph_accuracy`: the prompt is a validation problem up to '=' (edges, start, goal); the
+  model writes the path greedily; a problem counts when the whole path is right.
+- `infill_scores`: spans cut from held-out documents: prefix, a middle of `span` tokens, suffix;
+  the model fills the middle greedily; exact match (the whole span) and per-token (for byte
+  tokens, per-character) accuracy.
+
+Each objective fills a middle its own way (`fill_middle`): `ar` continues the prompt (with a
+suffix only when trained with FIM: prefix-suffix-middle prompt), `bst` decodes forward towards
+the suffix encoded by its backward decoder, `mdlm` unmasks the span with a sampler.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mdlm_jax import tokenizers
+from mdlm_jax.data import builders
+
+
+def fill_middle(setup, model, prefix_BxP, suffix_BxS, length: int, rng, *,
+                sampler: str = "confidence"):
+  """(B, length) greedy middles between prefix rows (starting with BOS) and suffix rows
+  (width 0: no suffix). Traceable (jit it)."""
+  obj = setup.objective
+  name = setup.config.objective.name
+  p = prefix_BxP.shape[1]
+  if name == "mdlm":
+    canvas = jnp.concatenate([prefix_BxP, jnp.full((prefix_BxP.shape[0], length),
+                                                   tokenizers.MASK, jnp.int32), suffix_BxS], 1)
+    out, _ = obj.sample(model, canvas, rng, sampler=sampler, steps=length, temperature=0.0)
+    return out[:, p:p + length]
+  suffix = suffix_BxS if suffix_BxS.shape[1] else None
+  if suffix is not None and not obj.accepts_suffix:
+    raise ValueError(f"objective {name!r} cannot condition on a suffix (train ar with "
+                     "objective.fim_rate > 0 to infill).")
+  out = obj.generate(model, prefix_BxP, rng, max_new_tokens=length, temperature=0.0,
+                     **({} if suffix is None else {"suffix_BxS": suffix}))
+  return out[:, p:p + length]
+
+
+def _batched(setup, params, prefixes, suffixes, length, batch, seed):
+  """Runs fill_middle over numpy rows in jitted batches (the last one padded)."""
+  fn = jax.jit(lambda prm, pre, suf, rng: fill_middle(setup, nnx.merge(setup.graphdef, prm),
+                                                      pre, suf, length, rng))
+  out = []
+  for i in range(0, len(prefixes), batch):
+    pre, suf = prefixes[i:i + batch], suffixes[i:i + batch]
+    n = len(pre)
+    pad = lambda a: np.concatenate([a, np.repeat(a[-1:], batch - n, 0)]) if n < batch else a
+    out.append(np.asarray(fn(params, pad(pre), pad(suf), jax.random.key(seed + i)))[:n])
+  return np.concatenate(out)
+
+
+def star_graph_accuracy(setup, params, split: str = "validation", max_examples: int = -1,
+                        batch: int = 256) -> dict[str, float]:
+  cfg = setup.config
+  if cfg.data.name != "star_graph":
+    raise ValueError(f"the star-graph task needs a model trained on data.name='star_graph' "
+                     f"(this one: {cfg.data.name!r}).")
+  source = builders.data_source(builders.load_builder(cfg.data), split)
+  n = len(source) if max_examples < 0 else min(max_examples, len(source))
+  tok = setup.tokenizer
+  prompts, answers = [], []
+  for i in range(n):
+    text = builders.text_of(source[i]).decode()
+    cut = text.index(builders.GRAPH_ANSWER) + 1
+    prompts.append(np.concatenate([[tokenizers.BOS], tok.encode(text[:cut])]))
+    answers.append(tok.encode(text[cut:]))
+  prompts, answers = np.stack(prompts).astype(np.int32), np.stack(answers)
+  got = _batched(setup, params, prompts, np.zeros((n, 0), np.int32), answers.shape[1], batch,
+                 cfg.seed)
+  right = np.all(got == answers, axis=1)
+  first = got[:, 1] == answers[:, 1]  # the first step after the start: the hard choice
+  return {"path_accuracy": float(right.mean()), "first_step_accuracy": float(first.mean()),
+          "examples": n, "degree": cfg.data.graph.degree,
+          "path_length": cfg.data.graph.path_length, "nodes": cfg.data.graph.nodes}
+
+
+def infill_examples(setup, split: str, examples: int, context: int, span: int, seed: int):
+  """(prefixes with BOS, middles, suffixes) cut at random places of documents long enough."""
+  source = builders.data_source(builders.load_builder(setup.config.data), split)
+  rng = np.random.default_rng(seed)
+  need = 2 * context + span
+  prefixes, middles, suffixes = [], [], []
+  for i in rng.permutation(len(source)):
+    ids = setup.tokenizer.encode(builders.text_of(source[int(i)]))
+    if len(ids) < need:
+      continue
+    s = int(rng.integers(0, len(ids) - need + 1))
+    prefixes.append(np.concatenate([[tokenizers.BOS], ids[s:s + context]]))
+    middles.append(ids[s + context:s + context + span])
+    suffixes.append(ids[s + context + span:s + need])
+    if len(prefixes) == examples:
+      break
+  if not prefixes:
+    raise ValueError(f"no {split} document has the {need} tokens that --infill_context="
+                     f"{context} and --infill_span={span} need; lower them.")
+  return tuple(np.stack(a).astype(np.int32) for a in (prefixes, middles, suffixes))
+
+
+def infill_scores(setup, params, split: str = "validation", examples: int = 200,
+                  context: int = 64, span: int = 16, batch: int = 32) -> dict[str, float]:
+  limit = setup.config.data.seq_len
+  if 2 * context + span + 4 > limit:
+    raise ValueError(f"2 * --infill_context + --infill_span + 4 sentinels = "
+                     f"{2 * context + span + 4} exceeds data.seq_len={limit}.")
+  prefixes, middles, suffixes = infill_examples(setup, split, examples, context, span,
+                                                setup.config.seed)
+  got = _batched(setup, params, prefixes, suffixes, span, batch, setup.config.seed)
+  return {"exact_match": float(np.all(got == middles, axis=1).mean()),
+          "token_accuracy": float((got == middles).mean()), "examples": len(middles),
+          "context": context, "span": span}

@@ -1,0 +1,167 @@
+"""Star-graph data, fill-in-the-middle data for `ar`, unpacked rows, and the generation tasks."""
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mdlm_jax import config as config_lib
+from mdlm_jax import tasks
+from mdlm_jax import tokenizers
+from mdlm_jax import trainer
+from mdlm_jax.data import builders
+from mdlm_jax.data import pipeline
+
+TOK = tokenizers.get_tokenizer("bytes")
+SYM = {s: i for i, s in enumerate(builders.NODE_SYMBOLS)}
+
+
+def parse(text):
+  edges, query = text.split(builders.GRAPH_QUERY)
+  ends, path = query.split(builders.GRAPH_ANSWER)
+  pairs = [(SYM[e[0]], SYM[e[1]]) for e in edges.split("|") if e]
+  return pairs, SYM[ends[0]], SYM[ends[1]], [SYM[c] for c in path]
+
+
+def paths_between(pairs, start, goal):
+  """Every simple directed path from start to goal (depth-first)."""
+  out, children = [], collections.defaultdict(list)
+  for a, b in pairs:
+    children[a].append(b)
+  stack = [[start]]
+  while stack:
+    p = stack.pop()
+    if p[-1] == goal:
+      out.append(p)
+    stack += [p + [c] for c in children[p[-1]] if c not in p]
+  return out
+
+
+@pytest.mark.parametrize("degree,length,nodes", [(2, 5, 50), (5, 5, 50), (3, 2, 4), (1, 6, 62)])
+def test_star_graph_paths_are_valid_and_unique(degree, length, nodes):
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    text, path = builders.star_graph(rng, degree, length, nodes)
+    pairs, start, goal, written = parse(text)
+    assert written == path and len(path) == length and path[0] == start and path[-1] == goal
+    assert len(pairs) == degree * (length - 1) and len(set(pairs)) == len(pairs)
+    assert len({v for e in pairs for v in e}) == 1 + degree * (length - 1)  # distinct nodes
+    assert sum(a == start for a, _ in pairs) == degree  # the centre has `degree` arms
+    assert paths_between(pairs, start, goal) == [path]  # the only path
+
+
+def test_star_graph_edge_order_is_shuffled():
+  rng = np.random.default_rng(1)
+  graphs = [parse(builders.star_graph(rng, 2, 5, 50)[0]) for _ in range(400)]
+  share = np.mean([pairs[0][0] == start for pairs, start, _, _ in graphs])
+  assert 0.15 < share < 0.35  # the first listed edge leaves the centre for 2 of 8 edges
+
+
+@pytest.mark.parametrize("graph,msg", [((2, 5, 8), "more than nodes=8 allow"),
+                                       ((2, 5, 99), "at most 62"), ((0, 5, 50), "degree=0")])
+def test_impossible_star_graphs_are_refused(make_config, graph, msg):
+  cfg = make_config({"data.name": "star_graph", "data.graph.degree": graph[0],
+                     "data.graph.path_length": graph[1], "data.graph.nodes": graph[2]})
+  with pytest.raises(config_lib.ConfigError, match=msg):
+    config_lib.validate(cfg)
+
+
+def test_star_graph_builder_splits_are_disjoint(make_config):
+  cfg = make_config({"data.name": "star_graph", "data.graph.train_examples": 300,
+                     "data.graph.validation_examples": 50, "data.graph.nodes": 12})
+  builder = builders.load_builder(cfg.data)
+  texts = {s: {builders.text_of(r).decode() for r in builders.data_source(builder, s)}
+           for s in ("train", "validation")}
+  assert len(texts["validation"]) == 50 and 250 <= len(texts["train"]) <= 300
+  assert not texts["train"] & texts["validation"]
+
+
+def test_fim_permutation_moves_the_middle_last():
+  rng = np.random.default_rng(0)
+  body = np.arange(100, 120, dtype=np.int32)
+  ids = np.concatenate([[tokenizers.BOS], body, [tokenizers.EOS]])
+  cuts = []
+  for _ in range(300):
+    out = pipeline.fim_permute(ids, rng)
+    assert len(out) == len(ids) + 3 and out[0] == tokenizers.BOS and out[-1] == tokenizers.EOS
+    p, s, m = (int(np.flatnonzero(out == t)[0]) for t in
+               (tokenizers.FIM_PREFIX, tokenizers.FIM_SUFFIX, tokenizers.FIM_MIDDLE))
+    assert p == 1 < s < m
+    prefix, suffix, middle = out[2:s], out[s + 1:m], out[m + 1:-1]
+    np.testing.assert_array_equal(np.concatenate([prefix, middle, suffix]), body)
+    cuts.append(len(prefix))
+  assert 0 in cuts and len(set(cuts)) > 10  # cut points spread over the document
+
+
+def test_fim_rate_share_of_training_documents(make_config):
+  src = builders.data_source(builders.load_builder(make_config().data), "train")
+  it = iter(pipeline.make_dataset(src, TOK, seq_len=32, batch_size=8, seed=0, train=True,
+                                  prefetch=0, pack=False, fim_rate=0.5))
+  rows = np.concatenate([next(it)["inputs"] for _ in range(40)])
+  share = np.mean(rows[:, 1] == tokenizers.FIM_PREFIX)
+  assert 0.4 < share < 0.6
+  it = iter(pipeline.make_dataset(src, TOK, seq_len=32, batch_size=8, seed=0, train=False,
+                                  prefetch=0, pack=False, fim_rate=0.5))
+  assert not np.any(next(it)["inputs"] == tokenizers.FIM_PREFIX)  # evaluation stays plain
+
+
+def test_unpacked_rows_hold_one_document_then_padding(make_config):
+  src = builders.data_source(builders.load_builder(make_config().data), "train")
+  it = iter(pipeline.make_dataset(src, TOK, seq_len=32, batch_size=8, seed=0, train=True,
+                                  prefetch=0, pack=False))
+  b = next(it)
+  for x, seg, pos in zip(b["inputs"], b["segment_ids"], b["positions"]):
+    n = int(seg.sum())
+    assert x[0] == tokenizers.BOS and set(seg[:n]) == {1} and not seg[n:].any()
+    np.testing.assert_array_equal(pos[:n], np.arange(n))
+    assert n == 32 or x[n - 1] == tokenizers.EOS
+
+
+@pytest.mark.parametrize("objective,extra", [("ar", {"objective.fim_rate": 0.5}), ("bst", {}),
+                                             ("mdlm", {})])
+def test_fill_middle_keeps_length_and_is_greedy(make_config, objective, extra):
+  cfg = make_config({"objective.name": objective, **extra})
+  setup = trainer.build(cfg)
+  model = nnx.merge(setup.graphdef, setup.init_params())
+  rng = np.random.default_rng(0)
+  prefix = np.concatenate([[[tokenizers.BOS]] * 3, rng.integers(20, 200, (3, 5))], 1)
+  suffix = rng.integers(20, 200, (3, 4))
+  fn = jax.jit(lambda p, s, k: tasks.fill_middle(setup, model, p, s, 6, k))
+  a = np.asarray(fn(jnp.asarray(prefix, jnp.int32), jnp.asarray(suffix, jnp.int32),
+                    jax.random.key(0)))
+  b = np.asarray(fn(jnp.asarray(prefix, jnp.int32), jnp.asarray(suffix, jnp.int32),
+                    jax.random.key(1)))
+  assert a.shape == (3, 6) and not np.any(a == tokenizers.MASK)
+  np.testing.assert_array_equal(a, b)  # greedy: the key does not matter
+
+
+def test_plain_ar_cannot_infill(make_config):
+  setup = trainer.build(make_config({"objective.name": "ar"}))
+  model = nnx.merge(setup.graphdef, setup.init_params())
+  x = jnp.ones((1, 3), jnp.int32)
+  with pytest.raises(ValueError, match="fim_rate"):
+    tasks.fill_middle(setup, model, x, x, 4, jax.random.key(0))
+
+
+def test_fim_prompt_is_prefix_suffix_middle(make_config):
+  """The FIM model sees [BOS, <fim_prefix>, prefix, <fim_suffix>, suffix, <fim_middle>]."""
+  cfg = make_config({"objective.name": "ar", "objective.fim_rate": 0.5})
+  setup = trainer.build(cfg)
+  seen = []
+
+  class Recorder:
+    def init_cache(self, b, n):
+      return jnp.zeros((b, n), jnp.int32)
+
+    def decode(self, tokens, cache):
+      seen.append(tokens)
+      return jnp.zeros(tokens.shape + (setup.tokenizer.vocab_size,)), cache
+
+  prefix, suffix = jnp.asarray([[tokenizers.BOS, 50, 51]]), jnp.asarray([[60, 61]])
+  out = setup.objective.generate(Recorder(), prefix, jax.random.key(0), max_new_tokens=2,
+                                 temperature=0.0, suffix_BxS=suffix)
+  np.testing.assert_array_equal(seen[0][0], [tokenizers.BOS, tokenizers.FIM_PREFIX, 50, 51,
+                                             tokenizers.FIM_SUFFIX, 60, 61, tokenizers.FIM_MIDDLE])
+  assert out.shape == (1, 5) and list(out[0, :3]) == [tokenizers.BOS, 50, 51]
