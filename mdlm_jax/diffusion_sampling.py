@@ -78,13 +78,19 @@ def time_grid(steps: int, grid: str):
 
 
 def ancestral(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0, top_p=1.0,
-              min_p=0.0, grid="uniform", cache=True, snapshots=0):
+              min_p=0.0, grid="uniform", cache=True, sync_rows=True, snapshots=0):
   """From t to s every masked position is revealed with probability
   (alpha_s - alpha_t) / (1 - alpha_t) with a token drawn from p_theta; revealed tokens never
   change; masks left at t = 0 take the argmax. With `cache`, the network is called only when
   the canvas changed since its last call (the model is not time-conditioned, so its output
   would be the same); a self-conditioned or time-conditioned model is called at every step,
-  since its input changes with the previous call's states or with t."""
+  since its input changes with the previous call's states or with t.
+
+  `sync_rows`: while every row has the same number of masks, the number revealed at a step,
+  Binomial(masks, prob), is drawn once and each row reveals that many of its masks chosen
+  uniformly. Each row's distribution is exactly the independent sampler's (a Binomial count,
+  then a uniform subset); only the timing is shared, so a batch changes at no more steps than
+  one row does and the cache skips as many calls for B rows as for one."""
   net = network(objective, model)
   cache = cache and not (objective.self_conditioned or objective.time_conditioned)
   ts = time_grid(steps, grid)
@@ -100,9 +106,14 @@ def ancestral(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0,
       (logits, cond), calls = net(x, cond, ts[k]), calls + 1
     p_t, p_s = mdlm_lib.mask_prob(opts, ts[k]), mdlm_lib.mask_prob(opts, ts[k + 1])
     reveal_prob = jnp.where(ts[k + 1] <= 0.0, 1.0, (p_t - p_s) / p_t)
-    k_tok, k_rev = jax.random.split(jax.random.fold_in(rng, k))
+    k_tok, k_rev, k_pick = jax.random.split(jax.random.fold_in(rng, k), 3)
     tok, _ = draw(k_tok, logits, temperature, top_k, top_p, min_p)
-    reveal = (x == tokenizers.MASK) & (jax.random.uniform(k_rev, x.shape) < reveal_prob)
+    masked = x == tokenizers.MASK
+    reveal = masked & (jax.random.uniform(k_rev, x.shape) < reveal_prob)
+    if sync_rows:
+      counts = jnp.sum(masked, axis=1)
+      shared = base.choose_count(k_pick, masked, jnp.broadcast_to(jnp.sum(reveal[0]), (b,)))
+      reveal = jnp.where(jnp.all(counts == counts[0]), shared.at[0].set(reveal[0]), reveal)
     x = jnp.where(reveal, tok, x)
     return x, logits, cond, jnp.any(reveal), calls, _record(history, x, k, steps)
 

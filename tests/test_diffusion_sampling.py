@@ -67,6 +67,24 @@ def test_cached_ancestral_matches_uncached_with_fewer_network_calls(setup):
   assert int(info_c["calls"]) <= masks + 1 < steps / 3
 
 
+def test_synced_rows_share_reveal_steps_and_keep_each_rows_distribution(setup):
+  obj, model = setup
+  x0 = jnp.asarray(np.tile(np.concatenate([[tokenizers.BOS], [MASK] * 16]), (4, 1)), jnp.int32)
+  run = jax.jit(lambda x, r, sync: ds.ancestral(obj, model, x, r, steps=64, sync_rows=sync,
+                                                snapshots=64), static_argnums=2)
+  out, info = run(x0, jax.random.key(3), True)
+  left = (np.asarray(info["history"]) == MASK).sum(-1)        # (steps, rows)
+  assert (left == left[:, :1]).all() and left[-1, 0] == 0     # the same count in every row
+  assert int(info["calls"]) <= 16 + 1                          # as few calls as for one row
+  _, info_u = run(x0, jax.random.key(3), False)
+  assert int(info_u["calls"]) > int(info["calls"])
+  # each row on its own: after the first of 2 linear steps Binomial(16, 1/2) masks are revealed
+  first = jax.jit(jax.vmap(lambda r: (ds.ancestral(obj, model, x0, r, steps=2, snapshots=2)[1][
+      "history"][0] != MASK).sum(-1) - 1))(jax.random.split(jax.random.key(4), 400))
+  counts = np.asarray(first)[:, 2]                              # a row other than the first
+  assert abs(counts.mean() - 8) < 0.4 and abs(counts.var() - 4) < 1.2
+
+
 def test_llada_fills_blocks_in_order(setup):
   obj, model = setup
   x0 = jnp.asarray(np.concatenate([[tokenizers.BOS, 20, 21], [MASK] * 16])[None], jnp.int32)

@@ -29,7 +29,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
 _PIPELINE = flags.DEFINE_bool("pipeline", False, "Also time the Grain pipeline alone.")
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 200, "Batches to time.")
 _SAMPLER = flags.DEFINE_string("sampler", None, "Time a sampler instead of the train step: "
-                               "ar (KV cache), ancestral, ancestral_nocache, confidence, llada.")
+                               "ar (KV cache), ancestral, ancestral_nocache, ancestral_unsynced, "
+                               "confidence, llada.")
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 256, "Denoising steps of the sampler.")
 _SAMPLE_LEN = flags.DEFINE_integer("sample_len", 256, "Tokens to generate per row.")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 8, "Rows sampled at once.")
@@ -87,6 +88,8 @@ def bench_sampler(config):
     sampler, extra = name, {}
     if name == "ancestral_nocache":
       sampler, extra = "ancestral", {"cache": False}
+    elif name == "ancestral_unsynced":
+      sampler, extra = "ancestral", {"sync_rows": False}
     fn = lambda p, r: setup.objective.sample(nnx.merge(setup.graphdef, p), canvas, r,
                                              sampler=sampler, steps=_SAMPLE_STEPS.value, **extra)
   run = jax.jit(fn)
