@@ -81,21 +81,21 @@ def star_graph_accuracy(setup, params, split: str = "validation", max_examples: 
 
 
 def infill_examples(setup, split: str, examples: int, context: int, span: int, seed: int):
-  """(prefixes with BOS, middles, suffixes) cut at random places of documents long enough."""
+  """(prefixes with BOS, middles, suffixes) cut at random places of the documents long enough,
+  visited in a random order, again with new places when there are fewer than `examples`."""
   source = builders.data_source(builders.load_builder(setup.config.data), split)
   rng = np.random.default_rng(seed)
   need = 2 * context + span
+  docs = [ids for ids in (setup.tokenizer.encode(builders.text_of(source[i]))
+                          for i in range(len(source))) if len(ids) >= need]
   prefixes, middles, suffixes = [], [], []
-  for i in rng.permutation(len(source)):
-    ids = setup.tokenizer.encode(builders.text_of(source[int(i)]))
-    if len(ids) < need:
-      continue
-    s = int(rng.integers(0, len(ids) - need + 1))
-    prefixes.append(np.concatenate([[tokenizers.BOS], ids[s:s + context]]))
-    middles.append(ids[s + context:s + context + span])
-    suffixes.append(ids[s + context + span:s + need])
-    if len(prefixes) == examples:
-      break
+  while docs and len(prefixes) < examples:
+    for i in rng.permutation(len(docs))[:examples - len(prefixes)]:
+      ids = docs[i]
+      s = int(rng.integers(0, len(ids) - need + 1))
+      prefixes.append(np.concatenate([[tokenizers.BOS], ids[s:s + context]]))
+      middles.append(ids[s + context:s + context + span])
+      suffixes.append(ids[s + context + span:s + need])
   if not prefixes:
     raise ValueError(f"no {split} document has the {need} tokens that --infill_context="
                      f"{context} and --infill_span={span} need; lower them.")
