@@ -87,8 +87,8 @@ def ancestral(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0,
   since its input changes with the previous call's states or with t.
 
   `sync_rows`: while every row has the same number of masks, the number revealed at a step,
-  Binomial(masks, prob), is drawn once and each row reveals that many of its masks chosen
-  uniformly. Each row's distribution is exactly the independent sampler's (a Binomial count,
+  Binomial(masks, prob) (row 0's draw), is shared and each row reveals that many of its masks
+  chosen uniformly. Each row's distribution is exactly the independent sampler's (a Binomial count,
   then a uniform subset); only the timing is shared, so a batch changes at no more steps than
   one row does and the cache skips as many calls for B rows as for one."""
   net = network(objective, model)
@@ -113,7 +113,7 @@ def ancestral(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0,
     if sync_rows:
       counts = jnp.sum(masked, axis=1)
       shared = base.choose_count(k_pick, masked, jnp.broadcast_to(jnp.sum(reveal[0]), (b,)))
-      reveal = jnp.where(jnp.all(counts == counts[0]), shared.at[0].set(reveal[0]), reveal)
+      reveal = jnp.where(jnp.all(counts == counts[0]), shared, reveal)
     x = jnp.where(reveal, tok, x)
     return x, logits, cond, jnp.any(reveal), calls, _record(history, x, k, steps)
 

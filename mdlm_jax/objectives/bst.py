@@ -61,10 +61,11 @@ class BeliefStateNet(nnx.Module):
   def states(self, x_BxT, positions, segment_ids):
     """(forward states f, backward states); with shared weights both run as one batch."""
     fwd, bwd = self.forward_net, self.backward
-    f_in = (fwd.embed_tokens(x_BxT), positions, segment_ids)
     b_in = self.backward_inputs(bwd.embed_tokens(x_BxT), segment_ids)
     if self.backward_net is not None:
-      return fwd.hidden(*f_in, causal=True), jnp.flip(bwd.hidden(*b_in, causal=True), 1)
+      return (self.forward_states(x_BxT, positions, segment_ids),
+              jnp.flip(bwd.hidden(*b_in, causal=True), 1))
+    f_in = (fwd.embed_tokens(x_BxT), positions, segment_ids)
     h = fwd.hidden(*(jnp.concatenate(p, axis=0) for p in zip(f_in, b_in)), causal=True)
     b = x_BxT.shape[0]
     return h[:b], jnp.flip(h[b:], 1)
