@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
       init_std=0.02))
   c.data = ml_collections.ConfigDict(dict(
       name="python_stdlib", data_dir=os.path.join("~", "tensorflow_datasets"), files="",
-      tokenizer="bytes", seq_len=256, prefetch=2, pack=True,
+      tokenizer="bytes", seq_len=256, prefetch=2, workers=0, pack=True,
       graph=ml_collections.ConfigDict(dict(degree=2, path_length=5, nodes=50,
                                            train_examples=200_000, validation_examples=1000))))
   c.train = ml_collections.ConfigDict(dict(
@@ -91,6 +91,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(m.dtype in DTYPES, f"model.dtype={m.dtype!r}; choose one of {DTYPES}.")
   _check(m.remat in REMAT, f"model.remat={m.remat!r}; choose one of {REMAT}.")
   _check(m.attention in ATTENTION, f"model.attention={m.attention!r}; choose one of {ATTENTION}.")
+  _check(m.attention != "cudnn" or m.dtype == "bfloat16",
+         f"model.attention='cudnn' needs model.dtype='bfloat16' (got {m.dtype!r}); "
+         "use model.attention='auto' or 'xla' for float32.")
+  _check(d.workers >= 0, f"data.workers={d.workers} must be >= 0 (0: no worker processes).")
   _check(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2.")
   _check(d.seq_len <= m.max_seq_len,
          f"data.seq_len={d.seq_len} exceeds the model's limit model.max_seq_len={m.max_seq_len}; "

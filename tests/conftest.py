@@ -9,6 +9,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()  # library flags (Grain's worker options) read their defaults
 
 from helpers import tiny_config, write_corpus  # noqa: E402
 

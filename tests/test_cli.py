@@ -5,6 +5,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
@@ -132,18 +134,22 @@ def test_sampling_a_workdir_without_checkpoint_is_a_clear_error(tmp_path):
   assert p.returncode != 0 and "no config.json" in p.stderr
 
 
-def test_sigterm_saves_and_the_resumed_run_matches(tmp_path, corpus, data_dir):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_saves_and_the_resumed_run_matches(tmp_path, corpus, data_dir, workers):
+  """SIGTERM to the whole process group (as schedulers and `timeout` send it), Grain worker
+  processes included."""
   over = {"train.steps": 40, "train.log_every_steps": 1, "train.schedule": "constant",
-          "checkpoint.every_steps": 1000, "eval.every_steps": 0}
+          "checkpoint.every_steps": 1000, "eval.every_steps": 0, "data.workers": workers}
   ref = str(tmp_path / "ref")
   run(["train.py", f"--workdir={ref}", *tiny_flags(corpus, data_dir, **over)])
   wd = str(tmp_path / "wd")
   proc = subprocess.Popen([sys.executable, "train.py", f"--workdir={wd}",
                            *tiny_flags(corpus, data_dir, **over)], cwd=ROOT, env=ENV,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
   for line in proc.stdout:
     if line.startswith("step 3/"):
-      proc.send_signal(signal.SIGTERM)
+      os.killpg(proc.pid, signal.SIGTERM)
       break
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-2000:]

@@ -1,6 +1,9 @@
 """TFDS builders and the Grain pipeline: splits, packing, determinism, resume, sharding."""
 import json
+import multiprocessing
 import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -71,22 +74,56 @@ def test_pipeline_is_deterministic(make_config):
   assert any((x["inputs"] != z["inputs"]).any() for x, z in zip(a, c)), "seed must matter"
 
 
-@pytest.mark.parametrize("prefetch", [0, 2])
-def test_mid_epoch_resume_continues_the_same_stream(make_config, prefetch):
+@pytest.mark.parametrize("prefetch,workers", [(0, 0), (2, 0), (0, 2)])
+def test_mid_epoch_resume_continues_the_same_stream(make_config, prefetch, workers):
   src = source(make_config)
-  reference, it = batches(src, 120, prefetch=prefetch)  # > 1 epoch: crosses a reshuffle
+  kw = dict(prefetch=prefetch, workers=workers)
+  reference, it = batches(src, 120, **kw)  # > 1 epoch: crosses a reshuffle
   it.close()
-  _, it = batches(src, 37, prefetch=prefetch)
+  _, it = batches(src, 37, **kw)
   state = json.loads(json.dumps(it.get_state()))  # as stored in a checkpoint
   it.close()
   fresh = iter(pipeline.make_dataset(src, TOK, seq_len=32, batch_size=4, seed=0, train=True,
-                                     prefetch=prefetch))
+                                     **kw))
   fresh.set_state(state)
   for i in range(37, 120):
     got = next(fresh)
     for k in pipeline.KEYS:
       np.testing.assert_array_equal(got[k], reference[i][k], err_msg=f"batch {i} key {k}")
   fresh.close()
+
+
+def test_worker_processes_serve_every_document_once_per_epoch(make_config):
+  """data.workers > 0: each worker batches its own slice; over one epoch the rows are the same
+  documents as with the single-thread pipeline, each exactly once."""
+  src = source(make_config)
+  n = len(src)
+  kw = dict(batch_size=1, seq_len=4096, pack=False)
+  single, it = batches(src, n, **kw)
+  it.close()
+  multi, it = batches(src, n, workers=2, **kw)
+  it.close()
+  rows = lambda bs: sorted(b["inputs"][0][b["segment_ids"][0] > 0].tobytes() for b in bs)
+  assert rows(multi) == rows(single)
+  assert len(set(rows(single))) == n
+
+
+def test_worker_processes_survive_sigterm(make_config):
+  """A scheduler's SIGTERM reaches the whole process group; the workers must keep serving
+  so that the trainer can read its last batch and save."""
+  src = source(make_config)
+  reference, it = batches(src, 30, workers=2)
+  it.close()
+  got, it = batches(src, 2, workers=2)
+  children = multiprocessing.active_children()
+  assert children, "expected worker processes"
+  for child in children:
+    os.kill(child.pid, signal.SIGTERM)
+  time.sleep(1.0)
+  got += [next(it) for _ in range(28)]
+  it.close()
+  for a, b in zip(got, reference):
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
 
 
 def test_processes_read_disjoint_documents(make_config):

@@ -39,23 +39,6 @@ _DOC_LEN = flags.DEFINE_integer("doc_len", 128, "Mean document length of the syn
                                 "rows; 0: one document per row (e.g. bst with all pairs).")
 
 
-def synthetic_batch(rng, batch: int, seq_len: int, vocab: int, doc_len: int = 128):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from mdlm_jax import tokenizers  # pylint: disable=g-import-not-at-top
-  inputs = rng.integers(tokenizers.NUM_SPECIAL, vocab, (batch, seq_len), dtype=np.int32)
-  starts = rng.random((batch, seq_len)) < (1.0 / doc_len if doc_len else 0.0)
-  starts[:, 0] = True
-  seg = np.cumsum(starts, axis=1).astype(np.int32)
-  pos = np.zeros_like(seg)
-  for b in range(batch):
-    begin = 0
-    for t in range(seq_len):
-      if starts[b, t]:
-        begin = t
-      pos[b, t] = t - begin
-  return {"inputs": inputs, "segment_ids": seg, "positions": pos}
-
-
 def pipeline_tokens_per_s(config, tokenizer, batches: int) -> float:
   from mdlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   it = iter(pipeline.train_dataset(config, tokenizer))
@@ -131,7 +114,7 @@ def main(argv):
   rng = np.random.default_rng(0)
   b, t = config.train.batch_size, config.data.seq_len
   local = pipeline.local_batch_size(b)
-  batches = [pipeline.to_global(synthetic_batch(rng, local, t, setup.tokenizer.vocab_size,
+  batches = [pipeline.to_global(pipeline.synthetic_batch(rng, local, t, setup.tokenizer.vocab_size,
                                                 _DOC_LEN.value),
                                 setup.batch_sharding) for _ in range(2)]
   for i in range(_WARMUP.value):

@@ -12,6 +12,7 @@ BOS and the prompt).
 from __future__ import annotations
 
 import dataclasses
+import signal
 
 import grain
 import jax
@@ -96,12 +97,15 @@ def _rename(x):
 def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
                  train: bool, process_index: int = 0, process_count: int = 1,
                  prefetch: int = 2, pairs: bool = False, pack: bool = True,
-                 fim_rate: float = 0.0) -> grain.IterDataset:
+                 fim_rate: float = 0.0, workers: int = 0) -> grain.IterDataset:
   """A per-process dataset of packed batches {inputs, segment_ids, positions} (batch, seq_len).
 
   train: shuffled (reshuffled each epoch) and repeated forever; otherwise one ordered pass
   whose last rows are zero-padded (segment id 0 marks padding). pack=False: one document per
-  row. fim_rate: that share of documents in prefix-suffix-middle order (train only)."""
+  row. fim_rate: that share of documents in prefix-suffix-middle order (train only).
+  workers > 0: that many processes each read, tokenize and batch their own slice of the
+  records (Grain multiprocess prefetch; batches come round-robin from the workers), for
+  accelerators that consume batches faster than one host thread makes them."""
   ds = grain.MapDataset.source(source)
   if train:
     ds = ds.shuffle(seed=seed).repeat()
@@ -119,9 +123,33 @@ def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
   it = it.batch(batch_size, drop_remainder=train)
   if not train:
     it = it.map(lambda b: pad_batch(b, batch_size))
-  if prefetch > 0:
+  if workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
+                        worker_init_fn=_leave_sigterm_to_the_trainer)
+  elif prefetch > 0:
     it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
   return it
+
+
+def synthetic_batch(rng: np.random.Generator, batch: int, seq_len: int, vocab: int,
+                    doc_len: int = 128) -> dict[str, np.ndarray]:
+  """Random tokens in packed rows whose documents average `doc_len` tokens (0: one document
+  per row), for benchmarks and checks that must not depend on a dataset."""
+  inputs = rng.integers(tokenizers.NUM_SPECIAL, vocab, (batch, seq_len), dtype=np.int32)
+  starts = rng.random((batch, seq_len)) < (1.0 / doc_len if doc_len else 0.0)
+  starts[:, 0] = True
+  idx = np.broadcast_to(np.arange(seq_len), (batch, seq_len))
+  begin = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+  return {"inputs": inputs, "segment_ids": np.cumsum(starts, axis=1).astype(np.int32),
+          "positions": (idx - begin).astype(np.int32)}
+
+
+def _leave_sigterm_to_the_trainer(worker_index: int, worker_count: int) -> None:
+  """Schedulers (and `timeout`) signal the whole process group: a worker that died of it would
+  break the trainer's last batch before it saves. Workers ignore SIGTERM; the trainer closes
+  them after its checkpoint."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def pad_batch(batch, batch_size: int):
@@ -156,7 +184,7 @@ def train_dataset(config, tokenizer) -> grain.IterDataset:
       process_index=jax.process_index(), process_count=jax.process_count(),
       prefetch=config.data.prefetch, pairs=config.data.name == "sft_pairs",
       pack=config.data.pack, fim_rate=config.objective.get("fim_rate", 0.0)
-      if config.objective.name == "ar" else 0.0)
+      if config.objective.name == "ar" else 0.0, workers=config.data.workers)
 
 
 def eval_dataset(config, tokenizer, split: str = "validation") -> grain.IterDataset:
