@@ -114,8 +114,8 @@ def main(argv):
   rng = np.random.default_rng(0)
   b, t = config.train.batch_size, config.data.seq_len
   local = pipeline.local_batch_size(b)
-  batches = [pipeline.to_global(pipeline.synthetic_batch(rng, local, t, setup.tokenizer.vocab_size,
-                                                _DOC_LEN.value),
+  vocab = setup.tokenizer.vocab_size
+  batches = [pipeline.to_global(pipeline.synthetic_batch(rng, local, t, vocab, _DOC_LEN.value),
                                 setup.batch_sharding) for _ in range(2)]
   for i in range(_WARMUP.value):
     state, m = step_fn(state, batches[i % 2])
