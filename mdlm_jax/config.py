@@ -37,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
       grad_accum_steps=1, log_every_steps=25))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))
-  c.eval = ml_collections.ConfigDict(dict(every_steps=500, batches=16, sample_tokens=128))
+  c.eval = ml_collections.ConfigDict(dict(every_steps=500, batches=16, sample_tokens=128,
+                                          task_examples=256))
   return c
 
 
@@ -108,6 +109,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
       builders.check_graph(g.degree, g.path_length, g.nodes)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+    row = builders.star_graph_tokens(g.degree, g.path_length)[1]
+    _check(d.tokenizer != "bytes" or d.seq_len >= row,
+           f"data.seq_len={d.seq_len} is shorter than a star-graph problem of degree "
+           f"{g.degree} and path_length {g.path_length} ({row} tokens); raise data.seq_len.")
   _check(t.steps >= 1, f"train.steps={t.steps} must be >= 1.")
   _check(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be >= 1.")
   _check(t.grad_accum_steps >= 1 and t.batch_size % t.grad_accum_steps == 0,
@@ -128,5 +133,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "checkpoint.every_steps and checkpoint.keep must be >= 1.")
   _check(c.eval.every_steps >= 0 and c.eval.batches >= 1,
          "eval.every_steps must be >= 0 (0 disables) and eval.batches >= 1.")
+  _check(c.eval.task_examples >= 0,
+         f"eval.task_examples={c.eval.task_examples} must be >= 0 (0: no task evaluation).")
   _check(0 <= c.eval.sample_tokens <= m.max_seq_len - 1,
          f"eval.sample_tokens={c.eval.sample_tokens} must be in [0, model.max_seq_len - 1].")

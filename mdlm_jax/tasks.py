@@ -42,10 +42,14 @@ def fill_middle(setup, model, prefix_BxP, suffix_BxS, length: int, rng, *,
   return out[:, p:p + length]
 
 
-def _batched(setup, params, prefixes, suffixes, length, batch, seed):
-  """Runs fill_middle over numpy rows in jitted batches (the last one padded)."""
-  fn = jax.jit(lambda prm, pre, suf, rng: fill_middle(setup, nnx.merge(setup.graphdef, prm),
-                                                      pre, suf, length, rng))
+def _filler(setup, length: int):
+  """A jitted (params, prefixes, suffixes, rng) -> (B, length) greedy middles."""
+  return jax.jit(lambda prm, pre, suf, rng: fill_middle(setup, nnx.merge(setup.graphdef, prm),
+                                                        pre, suf, length, rng))
+
+
+def _batched(fn, params, prefixes, suffixes, batch, seed):
+  """Runs a `_filler` over numpy rows in batches (the last one padded)."""
   out = []
   for i in range(0, len(prefixes), batch):
     pre, suf = prefixes[i:i + batch], suffixes[i:i + batch]
@@ -55,8 +59,11 @@ def _batched(setup, params, prefixes, suffixes, length, batch, seed):
   return np.concatenate(out)
 
 
-def star_graph_accuracy(setup, params, split: str = "validation", max_examples: int = -1,
-                        batch: int = 256) -> dict[str, float]:
+def star_graph_eval(setup, split: str = "validation", max_examples: int = -1,
+                    batch: int = 256):
+  """(params) -> path accuracy and first-step accuracy over the split's first `max_examples`
+  problems (-1: all); the problems are read and the decoder compiled once, so training can
+  call it at every evaluation."""
   cfg = setup.config
   if cfg.data.name != "star_graph":
     raise ValueError(f"the star-graph task needs a model trained on data.name='star_graph' "
@@ -71,13 +78,22 @@ def star_graph_accuracy(setup, params, split: str = "validation", max_examples: 
     prompts.append(np.concatenate([[tokenizers.BOS], tok.encode(text[:cut])]))
     answers.append(tok.encode(text[cut:]))
   prompts, answers = np.stack(prompts).astype(np.int32), np.stack(answers)
-  got = _batched(setup, params, prompts, np.zeros((n, 0), np.int32), answers.shape[1], batch,
-                 cfg.seed)
-  right = np.all(got == answers, axis=1)
-  first = got[:, 1] == answers[:, 1]  # the first step after the start: the hard choice
-  return {"path_accuracy": float(right.mean()), "first_step_accuracy": float(first.mean()),
-          "examples": n, "degree": cfg.data.graph.degree,
-          "path_length": cfg.data.graph.path_length, "nodes": cfg.data.graph.nodes}
+  suffixes = np.zeros((n, 0), np.int32)
+  fn = _filler(setup, answers.shape[1])
+
+  def run(params) -> dict[str, float]:
+    got = _batched(fn, params, prompts, suffixes, min(batch, n), cfg.seed)
+    right = np.all(got == answers, axis=1)
+    first = got[:, 1] == answers[:, 1]  # the first step after the start: the hard choice
+    return {"path_accuracy": float(right.mean()), "first_step_accuracy": float(first.mean()),
+            "examples": n, "degree": cfg.data.graph.degree,
+            "path_length": cfg.data.graph.path_length, "nodes": cfg.data.graph.nodes}
+  return run
+
+
+def star_graph_accuracy(setup, params, split: str = "validation", max_examples: int = -1,
+                        batch: int = 256) -> dict[str, float]:
+  return star_graph_eval(setup, split, max_examples, batch)(params)
 
 
 def infill_examples(setup, split: str, examples: int, context: int, span: int, seed: int):
@@ -110,7 +126,7 @@ def infill_scores(setup, params, split: str = "validation", examples: int = 200,
                      f"{2 * context + span + 4} exceeds data.seq_len={limit}.")
   prefixes, middles, suffixes = infill_examples(setup, split, examples, context, span,
                                                 setup.config.seed)
-  got = _batched(setup, params, prefixes, suffixes, span, batch, setup.config.seed)
+  got = _batched(_filler(setup, span), params, prefixes, suffixes, batch, setup.config.seed)
   return {"exact_match": float(np.all(got == middles, axis=1).mean()),
           "token_accuracy": float((got == middles).mean()), "examples": len(middles),
           "context": context, "span": span}

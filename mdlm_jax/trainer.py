@@ -25,6 +25,7 @@ from mdlm_jax import evaluate as evaluate_lib
 from mdlm_jax import metrics as metrics_lib
 from mdlm_jax import objectives
 from mdlm_jax import sharding
+from mdlm_jax import tasks
 from mdlm_jax import tokenizers
 from mdlm_jax.data import pipeline
 
@@ -252,6 +253,9 @@ def train(config, workdir: str, *, log: Callable[[str], None] = _print) -> dict[
       setup.objective.flops_per_token(config.data.seq_len), jax.device_count())
   evaluator = evaluate_lib.Evaluator(setup)
   sampler = evaluate_lib.make_sampler(setup, config.eval.sample_tokens)
+  task = None  # star-graph data: path accuracy of eval.task_examples validation problems
+  if config.data.name == "star_graph" and config.eval.task_examples and jax.process_count() == 1:
+    task = tasks.star_graph_eval(setup, max_examples=config.eval.task_examples)
   last: dict[str, float] = {}
   pending = None
 
@@ -285,6 +289,13 @@ def train(config, workdir: str, *, log: Callable[[str], None] = _print) -> dict[
         writer.scalars(step, result)
         log(evaluate_lib.format_line(step, result))
         last.update(result)
+        if task is not None:
+          found = task(params)
+          row = {f"eval/{k}": found[k] for k in ("path_accuracy", "first_step_accuracy")}
+          writer.scalars(step, row)
+          log(f"star graph @ step {step}: path accuracy {found['path_accuracy']:.4f} | first "
+              f"step {found['first_step_accuracy']:.4f} | {found['examples']} problems")
+          last.update(row)
         if sampler is not None:
           text = sampler(params, jax.random.fold_in(jax.random.key(config.seed + 2), step))
           writer.text(step, "samples/unconditional", text)

@@ -32,17 +32,39 @@ def objective(make_config, **opts):
   return obj, obj.build(nnx.Rngs(0))
 
 
-def numpy_next_token_nll(logits, inputs, seg):
-  """Independent reference: mean over (t, t+1) pairs inside one real segment."""
+def numpy_next_token_nll(logits, inputs, seg, prompt=None):
+  """Independent reference: mean over (t, t+1) pairs inside one real segment (and, given a
+  prompt mask, whose target t+1 is not in the prompt)."""
   logits = np.asarray(logits, np.float64)
   total, count = 0.0, 0
   for b in range(inputs.shape[0]):
     for t in range(inputs.shape[1] - 1):
+      if prompt is not None and prompt[b, t + 1]:
+        continue
       if seg[b, t] > 0 and seg[b, t + 1] == seg[b, t]:
         z = logits[b, t]
         total += np.log(np.exp(z - z.max()).sum()) + z.max() - z[inputs[b, t + 1]]
         count += 1
   return total / count, count
+
+
+def test_prompt_tokens_are_never_targets(make_config):
+  """Prompt/answer rows (SFT pairs, star-graph problems): the loss and the evaluation count the
+  answer's tokens only; the prompt is read, never predicted."""
+  obj, model = objective(make_config)
+  batch = dict(packed_batch())
+  pm = np.zeros((3, 20), np.int32)
+  pm[0, :5], pm[1, :9], pm[2, :1] = 1, 1, 1
+  batch["prompt_mask"] = jnp.asarray(pm)
+  loss, _ = obj.loss(model, batch, jax.random.key(0))
+  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  ref, count = numpy_next_token_nll(logits, np.asarray(batch["inputs"]),
+                                    np.asarray(batch["segment_ids"]), pm)
+  assert count == (7 - 4) + 11 + (14 - 8) + 19
+  np.testing.assert_allclose(loss, ref, rtol=1e-5)
+  sums = obj.eval_sums(model, batch, jax.random.key(0))
+  np.testing.assert_allclose(sums["nll"] / sums["tokens"], ref, rtol=1e-5)
+  assert sums["tokens"] == count
 
 
 def test_next_token_loss_matches_numpy(make_config):

@@ -55,9 +55,10 @@ def log_softmax(z):
   return z - np.log(np.exp(z).sum())
 
 
-def reference_loss(net, obj, batch):
+def reference_loss(net, obj, batch, first_i=None):
   """Every pair (i, j), j - i >= 2, of every document, from states computed on the document
-  alone: f_i by F over x_s..x_i, b_j by B over [empty suffix, x_e, ..., x_j]; numpy head."""
+  alone: f_i by F over x_s..x_i, b_j by B over [empty suffix, x_e, ..., x_j]; numpy head.
+  first_i: per row, the smallest i (a prompt's last position: answer pairs only)."""
   o, x = obj.opts, np.asarray(batch["inputs"])
   fwd, bwd = net.forward_net, net.backward
   hidden = {m: jax.jit(lambda e, m=m: m.hidden(e, jnp.arange(e.shape[1])[None],
@@ -74,7 +75,7 @@ def reference_loss(net, obj, batch):
     for j in range(1, n + 1):
       emb = jnp.concatenate([net.suffix[...][None], bwd.embed_tokens(toks[j:][::-1].copy())])
       b[j] = p(hidden[bwd](emb[None])[0, -1])
-    for i in range(n):
+    for i in range(0 if first_i is None else first_i[r], n):
       for j in range(i + 2, n + 1):
         if o.max_gap and j - i > o.max_gap:
           continue
@@ -100,6 +101,42 @@ def test_chunked_loss_equals_every_pair_computed_directly(make_config, option):
   want, count = reference_loss(net, obj, batch)
   np.testing.assert_allclose(float(loss), want, rtol=2e-5)
   np.testing.assert_allclose(float(metrics["pairs_per_row"]) * 3, count)
+
+
+def prompted_batch(seed=0):
+  """One document per row with a prompt: lengths 11, 8 (then padding), 11; prompts of 4, 3
+  and 1 (BOS only) tokens."""
+  batch = packed_batch(seed)
+  seg = np.asarray(batch["segment_ids"]).copy()
+  seg[0] = 1
+  x = np.asarray(batch["inputs"]).copy()
+  x[0, 5] = 77
+  pm = np.zeros_like(seg)
+  for r, n in enumerate((4, 3, 1)):
+    pm[r, :n] = 1
+  return {"inputs": jnp.asarray(x), "segment_ids": jnp.asarray(seg),
+          "positions": jnp.asarray(positions_of(seg)), "prompt_mask": jnp.asarray(pm)}
+
+
+@pytest.mark.parametrize("window", [0, 11, 12])
+@pytest.mark.parametrize("option", ["separate", "max_gap", "distance"])
+def test_prompted_rows_train_on_answer_pairs_only(make_config, option, window):
+  """With a prompt, only pairs (i, j) with i at or after the prompt's last token count: both
+  targets then lie in the answer. The answer window (11: the longest answer plus EOS plus 1)
+  gives the same loss and cuts no row."""
+  obj, net = make(make_config, answer_window=window, **OPTIONS[option])
+  batch = prompted_batch()
+  loss, metrics = obj.loss(net, batch, jax.random.key(0))
+  want, count = reference_loss(net, obj, batch, first_i=[3, 2, 0])
+  np.testing.assert_allclose(float(loss), want, rtol=2e-5)
+  np.testing.assert_allclose(float(metrics["pairs_per_row"]) * 3, count)
+  assert float(metrics["rows_cut"]) == 0
+
+
+def test_a_short_answer_window_reports_the_rows_it_cuts(make_config):
+  obj, net = make(make_config, answer_window=9)  # answers: 7, 5 and 10 tokens, EOS included
+  _, metrics = obj.loss(net, prompted_batch(), jax.random.key(0))
+  np.testing.assert_allclose(float(metrics["rows_cut"]), 1 / 3)  # row 2 (10 + 1 > 9)
 
 
 def direct_loss(obj, net, batch):

@@ -38,7 +38,7 @@ def sft_config(make_config, pairs_glob, **opts):
 def test_pair_rows_are_bos_prompt_answer_eos_padded(make_config, pairs_glob):
   cfg = sft_config(make_config, pairs_glob)
   batch = next(iter(pipeline.train_dataset(cfg, TOK)))
-  assert set(batch) == set(pipeline.SFT_KEYS)
+  assert set(batch) == set(pipeline.PROMPT_KEYS)
   for row, pm in zip(batch["inputs"], batch["prompt_mask"]):
     n_prompt = int(pm.sum())
     text = TOK.decode(row[1:n_prompt])

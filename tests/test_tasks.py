@@ -165,3 +165,94 @@ def test_fim_prompt_is_prefix_suffix_middle(make_config):
   np.testing.assert_array_equal(seen[0][0], [tokenizers.BOS, tokenizers.FIM_PREFIX, 50, 51,
                                              tokenizers.FIM_SUFFIX, 60, 61, tokenizers.FIM_MIDDLE])
   assert out.shape == (1, 5) and list(out[0, :3]) == [tokenizers.BOS, 50, 51]
+
+
+def star_graph_config(make_config, objective="ar", **overrides):
+  """configs/star_graph.py with the tiny test model and a small generated dataset."""
+  from configs import star_graph  # pylint: disable=g-import-not-at-top
+  cfg = star_graph.get_config(objective)
+  small = make_config()
+  with cfg.unlocked():
+    cfg.data.data_dir = small.data.data_dir
+    cfg.model.update({k: small.model[k] for k in ("num_layers", "d_model", "num_heads",
+                                                  "mlp_dim")})
+  for key, value in {"data.graph.train_examples": 300, "data.graph.validation_examples": 40,
+                     "data.graph.nodes": 20, **overrides}.items():
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
+@pytest.mark.parametrize("degree,length", [(2, 5), (3, 4)])
+def test_star_graph_rows_are_prompt_then_path(make_config, degree, length):
+  cfg = star_graph_config(make_config, "bst", **{"data.graph.degree": degree,
+                                                 "data.graph.path_length": length})
+  prompt_len, row_len = builders.star_graph_tokens(degree, length)
+  assert cfg.data.seq_len == row_len and cfg.objective.answer_window == length + 2
+  config_lib.validate(cfg)
+  it = iter(pipeline.train_dataset(cfg, TOK))
+  batch = next(it)
+  assert set(batch) == set(pipeline.PROMPT_KEYS)
+  for x, seg, pm in zip(batch["inputs"], batch["segment_ids"], batch["prompt_mask"]):
+    assert seg.all() and pm.sum() == prompt_len and not pm[prompt_len:].any()
+    text = TOK.decode(x[1:-1])
+    assert text[prompt_len - 2] == builders.GRAPH_ANSWER and x[-1] == tokenizers.EOS
+    pairs, start, goal, path = parse(text)
+    assert paths_between(pairs, start, goal) == [path] and len(path) == length
+  it.close()
+
+
+def test_star_graph_rows_must_fit(make_config):
+  cfg = star_graph_config(make_config)
+  with cfg.unlocked():
+    cfg.data.seq_len = 30
+  with pytest.raises(config_lib.ConfigError, match="shorter than a star-graph problem"):
+    config_lib.validate(cfg)
+
+
+def test_star_graph_path_accuracy_scores_whole_paths(make_config, monkeypatch):
+  """The evaluation's prompts end at '=' and its answers are the paths: a decoder that answers
+  every third problem wrong in its second node scores exactly the rest."""
+  cfg = star_graph_config(make_config)
+  setup = trainer.build(cfg)
+  source = builders.data_source(builders.load_builder(cfg.data), "validation")
+  truth = {}
+  for i in range(len(source)):
+    text = builders.text_of(source[i]).decode()
+    cut = text.index(builders.GRAPH_ANSWER) + 1
+    truth[text[:cut]] = TOK.encode(text[cut:])
+
+  def fake_filler(setup_, length):
+    def fn(params, prefixes, suffixes, rng):
+      del params, rng
+      assert suffixes.shape[1] == 0
+      out = np.stack([truth[TOK.decode(p[1:])] for p in prefixes])
+      assert out.shape[1] == length
+      for k, p in enumerate(prefixes):
+        if sum(map(ord, TOK.decode(p[1:]))) % 3 == 0:
+          out[k, 1] = out[k, 1] + 1
+      return out
+    return fn
+
+  monkeypatch.setattr(tasks, "_filler", fake_filler)
+  result = tasks.star_graph_eval(setup, max_examples=-1, batch=16)(None)
+  wrong = np.mean([sum(map(ord, p)) % 3 == 0 for p in truth])
+  assert result["examples"] == len(truth) == 40
+  np.testing.assert_allclose(result["path_accuracy"], 1 - wrong)
+  np.testing.assert_allclose(result["first_step_accuracy"], 1 - wrong)
+  assert 0 < wrong < 1
+
+
+def test_training_on_star_graphs_reports_path_accuracy(make_config, tmp_path):
+  cfg = star_graph_config(make_config, "bst", **{"train.steps": 4, "train.batch_size": 8,
+                                                 "eval.every_steps": 4, "eval.batches": 1,
+                                                 "eval.task_examples": 10,
+                                                 "checkpoint.every_steps": 4})
+  lines = []
+  last = trainer.train(cfg, str(tmp_path), log=lines.append)
+  assert any(l.startswith("star graph @ step 4: path accuracy") for l in lines)
+  # a right path starts with a right first step
+  assert 0.0 <= last["eval/path_accuracy"] <= last["eval/first_step_accuracy"] <= 1.0

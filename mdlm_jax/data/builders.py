@@ -220,6 +220,13 @@ def check_graph(degree: int, path_length: int, nodes: int) -> None:
                      "symbol per node).")
 
 
+def star_graph_tokens(degree: int, path_length: int) -> tuple[int, int]:
+  """(prompt, row) lengths of a problem in byte tokens: BOS, 'uv|' per edge, '/', start, goal,
+  '=' | the path's nodes and EOS."""
+  prompt = 1 + 3 * degree * (path_length - 1) + 4
+  return prompt, prompt + path_length + 1
+
+
 def star_graph(rng: np.random.Generator, degree: int, path_length: int, nodes: int):
   """One problem: `degree` arms of `path_length - 1` edges from a centre on distinct random
   nodes. Returns (text, path): text = shuffled edges 'uv|...|', then '/', start and goal, '=',

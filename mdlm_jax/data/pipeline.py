@@ -7,7 +7,9 @@ padding is wasted); segment ids restart per row, positions continue within a doc
 Prompt/answer data (`data.name=sft_pairs`) is not packed: each row is one pair,
 [BOS] prompt answer [EOS], filled up to `seq_len` with EOS (the padding belongs to the answer,
 so a model learns where to stop; LLaDA SFT) or cut at `seq_len`, plus `prompt_mask` (1 on
-BOS and the prompt).
+BOS and the prompt). Star-graph problems (`data.name=star_graph`) are one per row too, the
+prompt being the graph and the query up to '=', the answer the path; their padding is
+segment 0 (nothing to learn there).
 """
 from __future__ import annotations
 
@@ -22,11 +24,12 @@ from mdlm_jax import tokenizers
 from mdlm_jax.data import builders
 
 KEYS = ("inputs", "segment_ids", "positions")
-SFT_KEYS = KEYS + ("prompt_mask",)
+PROMPT_KEYS = KEYS + ("prompt_mask",)
+PROMPTED = ("sft_pairs", "star_graph")  # datasets whose rows are a prompt and its answer
 
 
 def batch_keys(data_cfg) -> tuple[str, ...]:
-  return SFT_KEYS if data_cfg.name == "sft_pairs" else KEYS
+  return PROMPT_KEYS if data_cfg.name in PROMPTED else KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +92,26 @@ class TokenizePair:
             "positions": np.arange(self.seq_len, dtype=np.int32), "prompt_mask": prompt_mask}
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenizeProblem:
+  """One star-graph problem -> [BOS] graph and query up to '=' | path [EOS], then padding
+  (segment 0), with `prompt_mask` 1 on BOS and the prompt. The row fits (config check)."""
+  tokenizer: tokenizers.Tokenizer
+  seq_len: int
+
+  def __call__(self, record) -> dict[str, np.ndarray]:
+    text = builders.text_of(record)
+    cut = text.index(builders.GRAPH_ANSWER.encode()) + 1
+    prompt = np.concatenate([[tokenizers.BOS], self.tokenizer.encode(text[:cut])])
+    answer = np.concatenate([self.tokenizer.encode(text[cut:]), [tokenizers.EOS]])
+    if len(prompt) + len(answer) > self.seq_len:
+      raise ValueError(f"a star-graph problem takes {len(prompt) + len(answer)} tokens, more "
+                       f"than data.seq_len={self.seq_len}; raise data.seq_len.")
+    row = Unpacked(self.seq_len)({"inputs": np.concatenate([prompt, answer])})
+    row["prompt_mask"] = (np.arange(self.seq_len) < len(prompt)).astype(np.int32)
+    return row
+
+
 def _rename(x):
   return {"inputs": x["inputs"], "segment_ids": x["inputs_segment_ids"].astype(np.int32),
           "positions": x["inputs_positions"].astype(np.int32)}
@@ -97,20 +120,23 @@ def _rename(x):
 def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
                  train: bool, process_index: int = 0, process_count: int = 1,
                  prefetch: int = 2, pairs: bool = False, pack: bool = True,
-                 fim_rate: float = 0.0, workers: int = 0) -> grain.IterDataset:
+                 fim_rate: float = 0.0, workers: int = 0,
+                 problems: bool = False) -> grain.IterDataset:
   """A per-process dataset of packed batches {inputs, segment_ids, positions} (batch, seq_len).
 
   train: shuffled (reshuffled each epoch) and repeated forever; otherwise one ordered pass
   whose last rows are zero-padded (segment id 0 marks padding). pack=False: one document per
   row. fim_rate: that share of documents in prefix-suffix-middle order (train only).
+  pairs / problems: prompt/answer rows of `sft_pairs` / `star_graph` (see the module docstring).
   workers > 0: that many processes each read, tokenize and batch their own slice of the
   records (Grain multiprocess prefetch; batches come round-robin from the workers), for
   accelerators that consume batches faster than one host thread makes them."""
   ds = grain.MapDataset.source(source)
   if train:
     ds = ds.shuffle(seed=seed).repeat()
-  if pairs:
-    it = ds[process_index::process_count].map(TokenizePair(tokenizer, seq_len)).to_iter_dataset()
+  if pairs or problems:
+    row = (TokenizePair if pairs else TokenizeProblem)(tokenizer, seq_len)
+    it = ds[process_index::process_count].map(row).to_iter_dataset()
   else:
     ds = ds[process_index::process_count].map(Tokenize(tokenizer))
     if fim_rate > 0 and train:
@@ -184,7 +210,8 @@ def train_dataset(config, tokenizer) -> grain.IterDataset:
       process_index=jax.process_index(), process_count=jax.process_count(),
       prefetch=config.data.prefetch, pairs=config.data.name == "sft_pairs",
       pack=config.data.pack, fim_rate=config.objective.get("fim_rate", 0.0)
-      if config.objective.name == "ar" else 0.0, workers=config.data.workers)
+      if config.objective.name == "ar" else 0.0, workers=config.data.workers,
+      problems=config.data.name == "star_graph")
 
 
 def eval_dataset(config, tokenizer, split: str = "validation") -> grain.IterDataset:
@@ -193,4 +220,5 @@ def eval_dataset(config, tokenizer, split: str = "validation") -> grain.IterData
       builders.data_source(builder, split), tokenizer, seq_len=config.data.seq_len,
       batch_size=local_batch_size(config.train.batch_size), seed=config.seed, train=False,
       process_index=jax.process_index(), process_count=jax.process_count(), prefetch=0,
-      pairs=config.data.name == "sft_pairs", pack=config.data.pack)
+      pairs=config.data.name == "sft_pairs", pack=config.data.pack,
+      problems=config.data.name == "star_graph")

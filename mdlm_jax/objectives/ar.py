@@ -1,5 +1,5 @@
 """`ar`: next-token prediction, with MEAP input masking and z-loss (OBJECTIVES.md section 1),
-and fill-in-the-middle training (`fim_rate`: the data pipeline turns that share of documents into
+on the answer tokens only when rows are prompt/answer pairs, and fill-in-the-middle training (`fim_rate`: the data pipeline turns that share of documents into
 prefix-suffix-middle order with sentinel tokens, Bavarian et al. 2022)."""
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ class AR(base.Objective):
 
   def _nll(self, model, batch, inputs):
     targets, valid = next_token_targets(batch)
+    valid = valid & base.next_is_answer(batch)
     logits = model(inputs, batch["positions"], batch["segment_ids"])
     lse = jax.nn.logsumexp(logits, axis=-1)
     nll = lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]

@@ -1,5 +1,6 @@
 """What every objective provides. Batches are dicts of int32 (B, T) arrays: `inputs`,
-`segment_ids` (0 = padding; packed documents are 1, 2, ...) and `positions`."""
+`segment_ids` (0 = padding; packed documents are 1, 2, ...) and `positions`; prompt/answer
+data (`sft_pairs`, `star_graph`) adds `prompt_mask` (1 on BOS and the prompt)."""
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -60,6 +61,15 @@ def forward_flops_per_token(cfg: model_lib.ModelConfig, seq_len: int) -> float:
   dense = layers * (4 * d * d + 3 * d * f) + d * cfg.vocab_size
   attn = layers * 2 * seq_len * d * (0.5 if cfg.causal else 1.0)
   return 2.0 * (dense + attn)
+
+
+def next_is_answer(batch):
+  """(B, T) bool: the token after position t is not a prompt token (all True without a
+  `prompt_mask`). Left-to-right objectives are trained and scored on these targets only: a
+  prompt is given, never predicted (as in SFT and the star-graph task)."""
+  if "prompt_mask" not in batch:
+    return jnp.ones(batch["inputs"].shape, bool)
+  return jnp.roll(batch["prompt_mask"], -1, axis=1) == 0
 
 
 def cross_entropy(logits_BxTxV, targets_BxT):

@@ -18,6 +18,12 @@ g = 1..n/2: slot g holds the n pairs (i, i + g) and, folded into the same n lane
 A `lax.scan` walks chunks of slots; the loss of a chunk and its exact gradient are computed
 together (a fused custom VJP), so the (pairs, 2V) logits of only one chunk exist at a time
 and nothing is recomputed in the backward pass.
+
+Prompt/answer rows (a `prompt_mask`: SFT pairs, star-graph problems). The prompt is given,
+never a target: only pairs whose targets lie in the answer are formed, i.e. i >= o, o the
+prompt's last position. Each row's per-position arrays are read from o on into
+`answer_window` lanes (0: the row length), so the head's cost follows the answer's length
+squared, not the row's.
 """
 from __future__ import annotations
 
@@ -251,6 +257,26 @@ def _pair_loss_bwd(spec, res, cotangents):
 pair_loss.defvjp(_pair_loss_fwd, _pair_loss_bwd)
 
 
+def answer_window(heads, data, prompt_mask_BxT, width: int):
+  """Prompt/answer rows: only pairs whose targets lie in the answer are formed. Each row's
+  per-position arrays are read from its last prompt token o on into `width` lanes (0: the row
+  length), so lane 0 holds f_o (whose next token starts the answer) and lanes past the row are
+  padding. Returns (heads, data, rows_cut): rows whose answer (EOS included) does not fit."""
+  b, n = prompt_mask_BxT.shape
+  w = width or n
+  o = jnp.maximum(jnp.sum(prompt_mask_BxT, axis=1) - 1, 0)
+  idx = o[:, None] + jnp.arange(w)
+  inside = idx < n
+  idx = jnp.minimum(idx, n - 1)
+  nxt, prev, seg = data
+  row_seg = _take(seg, o[:, None])[:, 0]
+  after = _take(seg, jnp.minimum(o + w, n - 1)[:, None])[:, 0]
+  cut = (o + w < n) & (after == row_seg) & (row_seg > 0)
+  heads = [(_take(a, idx), _take(c, idx), wo, bo) for a, c, wo, bo in heads]
+  data = (_take(nxt, idx), _take(prev, idx), jnp.where(inside, _take(seg, idx), 0))
+  return heads, data, jnp.sum(cut)
+
+
 def segment_last(segment_ids_BxT):
   """Index of the last position of each position's segment."""
   t = segment_ids_BxT.shape[1]
@@ -266,7 +292,8 @@ def segment_last(segment_ids_BxT):
 class BST(base.Objective):
   name = "bst"
   defaults = dict(shared_decoders=False, backward_weight=1.0, pair_fraction=1.0, max_gap=0,
-                  distance_weight=0.0, distance_classes=64, pairs_per_chunk=128)
+                  distance_weight=0.0, distance_classes=64, pairs_per_chunk=128,
+                  answer_window=0)
   causal = True
   accepts_suffix = True
 
@@ -287,6 +314,9 @@ class BST(base.Objective):
          f"objective.distance_classes={opts.distance_classes} must be >= 2."),
         (opts.pairs_per_chunk >= 1,
          f"objective.pairs_per_chunk={opts.pairs_per_chunk} must be >= 1."),
+        (opts.answer_window == 0 or opts.answer_window >= 2,
+         f"objective.answer_window={opts.answer_window} must be 0 (the whole row) or >= 2 "
+         "(the answer's length with its EOS, plus 1)."),
     )
     for ok, msg in checks:
       if not ok:
@@ -326,14 +356,26 @@ class BST(base.Objective):
     data = (jnp.roll(x, -1, axis=1), x, seg)
     return heads, data
 
+  def pair_sums(self, heads, data, batch, rng, fraction: float = 1.0):
+    """pair_loss over every pair of each row (`answer_window` lanes from the prompt's end
+    with prompt/answer rows); returns (weighted sum, sums, rows cut by the window)."""
+    cut = jnp.zeros((), jnp.int32)
+    if "prompt_mask" in batch:
+      heads, data, cut = answer_window(heads, data, batch["prompt_mask"],
+                                       self.opts.answer_window)
+    b, n = data[2].shape
+    total, sums = pair_loss(self.spec(n), heads, data, self.slots(rng, b, n, fraction))
+    return total, sums, cut
+
   def loss(self, model, batch, rng):
-    b, n = batch["inputs"].shape
-    spec = self.spec(n)
+    b = batch["inputs"].shape[0]
     heads, data = self.pair_inputs(model, batch)
-    total, sums = pair_loss(spec, heads, data, self.slots(rng, b, n, self.opts.pair_fraction))
+    total, sums, cut = self.pair_sums(heads, data, batch, rng, self.opts.pair_fraction)
     count = jnp.maximum(jax.lax.stop_gradient(sums[-1]), 1.0)
     metrics = {"ce_forward": sums[0] / count, "ce_backward": sums[1] / count,
                "pairs_per_row": sums[-1] / b}
+    if "prompt_mask" in batch:
+      metrics["rows_cut"] = cut / b
     if len(sums) > 3:
       metrics["ce_distance"] = sums[2] / count
     return total / count, metrics
@@ -342,31 +384,34 @@ class BST(base.Objective):
     """The forward likelihood with the empty suffix (a left-to-right factorisation, so its
     bits/byte compare with `ar`'s), plus the all-pairs cross-entropies."""
     x, seg = batch["inputs"], batch["segment_ids"]
-    b, n = x.shape
+    n = x.shape[1]
     heads, data = self.pair_inputs(model, batch)
     a, c, w, bias = heads[0]
     last = segment_last(seg)
     v = self.vocab_size
     logits = head_logits(a, _take(c, last), w[:, :v], bias[:v])
     targets = jnp.roll(x, -1, axis=1)
-    valid = ((seg > 0) & (last > jnp.arange(n))).astype(jnp.float32)
+    valid = ((seg > 0) & (last > jnp.arange(n)) & base.next_is_answer(batch)).astype(jnp.float32)
     nll = base.cross_entropy(logits, targets)
     token_bytes = jnp.asarray(self.tokenizer.token_bytes, jnp.float32)
-    _, sums = pair_loss(self.spec(n), heads, data, self.slots(rng, b, n))
+    _, sums, _ = self.pair_sums(heads, data, batch, rng)
     return {"nll": jnp.sum(nll * valid), "tokens": jnp.sum(valid),
             "bytes": jnp.sum(token_bytes[targets] * valid),
             "pair_ce_forward": sums[0], "pair_ce_backward": sums[1], "pairs": sums[-1]}
 
   def flops_per_token(self, seq_len: int) -> float:
     """Two decoders, plus the head: its first layer per position (2 d^2 x 2), its output
-    layer on every pair (about seq_len / 2 pairs per token), forward and backward."""
+    layer on every pair (about seq_len / 2 pairs per token, or W (W - 1) / 2 per row with an
+    `answer_window` W), forward and backward."""
     cfg = self.model_config
     d, v = cfg.d_model, cfg.vocab_size
     decoders = 2 * base.forward_flops_per_token(cfg, seq_len) - 2 * 2 * d * v  # no unembed
     out = 2 * v + (self.opts.distance_classes if self.opts.distance_weight > 0 else 0)
     per_pos = 2 * 2 * d * d
     per_pair = 2 * d * out + 2 * d  # output layer + the pair sum
-    pairs_per_token = (seq_len - 1) / 2 * self.opts.pair_fraction
+    w = self.opts.answer_window
+    pairs_per_token = ((w * (w - 1) / 2 / seq_len) if w else (seq_len - 1) / 2) * \
+        self.opts.pair_fraction
     return 3.0 * (decoders + per_pos + pairs_per_token * per_pair)
 
   # --- generation ---
