@@ -112,6 +112,21 @@ class TokenizeProblem:
     return row
 
 
+@dataclasses.dataclass(frozen=True)
+class ReadRows:
+  """Record indices -> a batch of rows. A TFDS ArrayRecord source reads a list of records in
+  one call (`__getitems__`) about 14x faster than one at a time."""
+  source: object
+  row: object
+
+  def __call__(self, indices) -> dict[str, np.ndarray]:
+    keys = [int(i) for i in indices]
+    many = getattr(self.source, "__getitems__", None)
+    records = many(keys) if many is not None else [self.source[k] for k in keys]
+    rows = [self.row(r) for r in records]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
 def _rename(x):
   return {"inputs": x["inputs"], "segment_ids": x["inputs_segment_ids"].astype(np.int32),
           "positions": x["inputs_positions"].astype(np.int32)}
@@ -131,13 +146,17 @@ def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
   workers > 0: that many processes each read, tokenize and batch their own slice of the
   records (Grain multiprocess prefetch; batches come round-robin from the workers), for
   accelerators that consume batches faster than one host thread makes them."""
-  ds = grain.MapDataset.source(source)
-  if train:
-    ds = ds.shuffle(seed=seed).repeat()
-  if pairs or problems:
+  if pairs or problems:  # fixed rows: batches of record indices, each read in one call
     row = (TokenizePair if pairs else TokenizeProblem)(tokenizer, seq_len)
-    it = ds[process_index::process_count].map(row).to_iter_dataset()
+    idx = grain.MapDataset.range(len(source))
+    if train:
+      idx = idx.shuffle(seed=seed).repeat()
+    it = idx[process_index::process_count].batch(batch_size, drop_remainder=train).map(
+        ReadRows(source, row)).to_iter_dataset()
   else:
+    ds = grain.MapDataset.source(source)
+    if train:
+      ds = ds.shuffle(seed=seed).repeat()
     ds = ds[process_index::process_count].map(Tokenize(tokenizer))
     if fim_rate > 0 and train:
       ds = ds.random_map(Fim(fim_rate), seed=seed + 1)
@@ -146,7 +165,7 @@ def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
           ds.to_iter_dataset(), length_struct={"inputs": seq_len}).map(_rename)
     else:
       it = ds.map(Unpacked(seq_len)).to_iter_dataset()
-  it = it.batch(batch_size, drop_remainder=train)
+    it = it.batch(batch_size, drop_remainder=train)
   if not train:
     it = it.map(lambda b: pad_batch(b, batch_size))
   if workers > 0:
