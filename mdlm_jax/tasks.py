@@ -73,10 +73,9 @@ def star_graph_eval(setup, split: str = "validation", max_examples: int = -1,
   tok = setup.tokenizer
   prompts, answers = [], []
   for i in range(n):
-    text = builders.text_of(source[i]).decode()
-    cut = text.index(builders.GRAPH_ANSWER) + 1
-    prompts.append(np.concatenate([[tokenizers.BOS], tok.encode(text[:cut])]))
-    answers.append(tok.encode(text[cut:]))
+    question, path = builders.problem_parts(builders.text_of(source[i]))
+    prompts.append(np.concatenate([[tokenizers.BOS], tok.encode(question)]))
+    answers.append(tok.encode(path))
   prompts, answers = np.stack(prompts).astype(np.int32), np.stack(answers)
   suffixes = np.zeros((n, 0), np.int32)
   fn = _filler(setup, answers.shape[1])

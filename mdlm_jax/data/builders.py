@@ -227,6 +227,12 @@ def star_graph_tokens(degree: int, path_length: int) -> tuple[int, int]:
   return prompt, prompt + path_length + 1
 
 
+def problem_parts(text):
+  """A problem's text (str or bytes) -> (prompt up to and with '=', the path)."""
+  cut = text.index(GRAPH_ANSWER if isinstance(text, str) else GRAPH_ANSWER.encode()) + 1
+  return text[:cut], text[cut:]
+
+
 def star_graph(rng: np.random.Generator, degree: int, path_length: int, nodes: int):
   """One problem: `degree` arms of `path_length - 1` edges from a centre on distinct random
   nodes. Returns (text, path): text = shuffled edges 'uv|...|', then '/', start and goal, '=',

@@ -100,10 +100,9 @@ class TokenizeProblem:
   seq_len: int
 
   def __call__(self, record) -> dict[str, np.ndarray]:
-    text = builders.text_of(record)
-    cut = text.index(builders.GRAPH_ANSWER.encode()) + 1
-    prompt = np.concatenate([[tokenizers.BOS], self.tokenizer.encode(text[:cut])])
-    answer = np.concatenate([self.tokenizer.encode(text[cut:]), [tokenizers.EOS]])
+    question, path = builders.problem_parts(builders.text_of(record))
+    prompt = np.concatenate([[tokenizers.BOS], self.tokenizer.encode(question)])
+    answer = np.concatenate([self.tokenizer.encode(path), [tokenizers.EOS]])
     if len(prompt) + len(answer) > self.seq_len:
       raise ValueError(f"a star-graph problem takes {len(prompt) + len(answer)} tokens, more "
                        f"than data.seq_len={self.seq_len}; raise data.seq_len.")
