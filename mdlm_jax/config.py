@@ -14,7 +14,7 @@ from mdlm_jax import objectives
 
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
-ATTENTION = ("auto", "xla", "cudnn", "chunked")
+ATTENTION = ("auto", "xla", "cudnn", "cudnn_packed", "chunked")
 SCHEDULES = ("cosine", "constant")
 
 
@@ -24,8 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective = objectives.default_options("ar")
   c.model = ml_collections.ConfigDict(dict(
       num_layers=4, d_model=256, num_heads=4, mlp_dim=768, dtype="float32", remat="none",
-      max_seq_len=2048, tied_embeddings=True, attention="auto", rope_base=10000.0,
-      init_std=0.02))
+      max_seq_len=2048, tied_embeddings=True, attention="auto", max_segments=32,
+      rope_base=10000.0, init_std=0.02))
   c.data = ml_collections.ConfigDict(dict(
       name="python_stdlib", data_dir=os.path.join("~", "tensorflow_datasets"), files="",
       tokenizer="bytes", seq_len=256, prefetch=2, workers=0, pack=True,
@@ -92,9 +92,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(m.dtype in DTYPES, f"model.dtype={m.dtype!r}; choose one of {DTYPES}.")
   _check(m.remat in REMAT, f"model.remat={m.remat!r}; choose one of {REMAT}.")
   _check(m.attention in ATTENTION, f"model.attention={m.attention!r}; choose one of {ATTENTION}.")
-  _check(m.attention != "cudnn" or m.dtype == "bfloat16",
-         f"model.attention='cudnn' needs model.dtype='bfloat16' (got {m.dtype!r}); "
+  _check(not m.attention.startswith("cudnn") or m.dtype == "bfloat16",
+         f"model.attention={m.attention!r} needs model.dtype='bfloat16' (got {m.dtype!r}); "
          "use model.attention='auto' or 'xla' for float32.")
+  _check(m.max_segments >= 2, f"model.max_segments={m.max_segments} must be >= 2 (segments per "
+         "row that model.attention='cudnn_packed' lays out; rows with more use the masked kernel).")
   _check(d.workers >= 0, f"data.workers={d.workers} must be >= 0 (0: no worker processes).")
   _check(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2.")
   _check(d.seq_len <= m.max_seq_len,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ class ModelConfig:
   max_seq_len: int = 2048
   tied_embeddings: bool = True
   attention: str = "auto"
+  max_segments: int = 32
   rope_base: float = 10000.0
   init_std: float = 0.02
   causal: bool = True
@@ -131,10 +132,63 @@ def attention_impl(name: str, dtype) -> str:
   return "chunked" if platform == "cpu" else "xla"
 
 
+class PackedSegments(NamedTuple):
+  """Segment ids (B, T) and their cuDNN packed layout: `offsets` (B, M+1), the first index of
+  each run of equal ids, then -1; `lengths` (B, M), each run's length, then -1; `fits`, whether
+  every row has at most M runs (the layout then describes the rows exactly)."""
+  ids: jax.Array
+  offsets: jax.Array
+  lengths: jax.Array
+  fits: jax.Array
+
+
+def packed_segments(segment_ids_BxT, max_segments: int) -> PackedSegments:
+  """The layout of rows made of contiguous segments, as the pipeline packs them (padding is
+  one more run at the row's end, attending to itself as in `attention_mask`)."""
+  b, _ = segment_ids_BxT.shape
+  new_run = jnp.concatenate([jnp.ones((b, 1), bool),
+                             segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+  run_BxT = jnp.cumsum(new_run, axis=1, dtype=jnp.int32) - 1
+  m_M = jnp.arange(max_segments, dtype=jnp.int32)
+  lengths = (run_BxT[:, None, :] == m_M[:, None]).sum(-1, dtype=jnp.int32)
+  starts = jnp.cumsum(lengths, axis=1, dtype=jnp.int32) - lengths
+  runs_B = run_BxT[:, -1] + 1
+  used = m_M < runs_B[:, None]
+  offsets = jnp.concatenate([jnp.where(used, starts, -1), jnp.full((b, 1), -1, jnp.int32)], 1)
+  return PackedSegments(segment_ids_BxT, offsets, jnp.where(used, lengths, -1),
+                        jnp.all(runs_B <= max_segments))
+
+
+def _cudnn_packed(q, k, v, offsets, lengths, causal: bool):
+  """cuDNN flash attention over the runs given by offsets/lengths (no mask, no bias). The
+  public `jax.nn.dot_product_attention` takes no segments; a mask there becomes a (B, 1, T, S)
+  bias whose gradient cuDNN computes and writes in every backward pass."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
+  mask_type = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
+  return cudnn.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths,
+                                     q_offsets=offsets, kv_offsets=offsets,
+                                     scale=q.shape[-1] ** -0.5, mask_type=mask_type)
+
+
+def _packed_attention(q, k, v, segs: PackedSegments, causal: bool):
+  """Exact either way: cuDNN's packed layout when every row fits in `max_segments` runs, else
+  the masked kernel `auto` picks (rematerialised, so the branch keeps no (T, S) residual)."""
+  def masked(q, k, v, ids):
+    idx = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    mask = attention_mask(ids, ids, idx, idx, causal)
+    return dot_product_attention(q, k, v, mask, causal, attention_impl("auto", q.dtype))
+  return jax.lax.cond(segs.fits,
+                      lambda: _cudnn_packed(q, k, v, segs.offsets, segs.lengths, causal),
+                      lambda: jax.checkpoint(masked)(q, k, v, segs.ids))
+
+
 def dot_product_attention(q, k, v, mask, causal: bool, impl: str):
-  """q (B, T, N, H), k/v (B, S, N, H), mask (B, 1, T, S) -> (B, T, N, H)."""
+  """q (B, T, N, H), k/v (B, S, N, H), mask (B, 1, T, S) -> (B, T, N, H); for 'cudnn_packed'
+  the mask is a `PackedSegments` (self-attention, T == S)."""
   if impl == "chunked":
     return _chunked_attention(q, k, v, mask, causal)
+  if impl == "cudnn_packed":
+    return _packed_attention(q, k, v, mask, causal)
   full_causal = causal and q.shape[1] == k.shape[1]
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=full_causal,
                                       implementation=impl)
@@ -169,7 +223,7 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
       cache = dict(k=k, v=v, index=index)
-      impl = "xla" if impl == "chunked" else impl
+      impl = {"chunked": "xla", "cudnn_packed": "cudnn"}.get(impl, impl)
     o = dot_product_attention(q, k, v, mask_Bx1xTxS, causal and cache is None, impl)
     return dense(o, self.wo[...], in_dims=2), cache
 
@@ -224,8 +278,11 @@ class Transformer(nnx.Module):
   def hidden(self, x_BxTxD, positions_BxT, segment_ids_BxT, causal: bool | None = None):
     """Runs the blocks on input embeddings; returns final-normed states (B, T, D)."""
     causal = self.cfg.causal if causal is None else causal
-    idx_BxT = jnp.broadcast_to(jnp.arange(x_BxTxD.shape[1]), positions_BxT.shape)
-    mask = attention_mask(segment_ids_BxT, segment_ids_BxT, idx_BxT, idx_BxT, causal)
+    if attention_impl(self.cfg.attention, self.cfg.dtype) == "cudnn_packed":
+      mask = packed_segments(segment_ids_BxT, self.cfg.max_segments)
+    else:
+      idx_BxT = jnp.broadcast_to(jnp.arange(x_BxTxD.shape[1]), positions_BxT.shape)
+      mask = attention_mask(segment_ids_BxT, segment_ids_BxT, idx_BxT, idx_BxT, causal)
     rope = rope_tables(positions_BxT, self.cfg.head_dim, self.cfg.rope_base,
                        self.cfg.max_seq_len)
 

@@ -90,6 +90,84 @@ def test_chunked_attention_matches_reference_softmax():
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
+def runs_of(seg_row):
+  """(start, length) of each run of equal ids, by walking the row."""
+  runs, start = [], 0
+  for i in range(1, len(seg_row) + 1):
+    if i == len(seg_row) or seg_row[i] != seg_row[i - 1]:
+      runs.append((start, i - start))
+      start = i
+  return runs
+
+
+def test_packed_segments_layout_matches_the_runs_of_each_row():
+  rows = [[1] * 170 + [2] * 170 + [3] * 172,             # cuDNN's own example: 3 segments
+          [1] * 150 + [2] * 187 + [3] * 175,
+          [1] * 190 + [2] * 190 + [0] * 132,             # the padding is a run of its own
+          [4] * 512]
+  for m in (3, 5):
+    got = model_lib.packed_segments(jnp.asarray(rows, jnp.int32), m)
+    for b, seg_row in enumerate(rows):
+      runs = runs_of(seg_row)
+      want_off = [s for s, _ in runs] + [-1] * (m + 1 - len(runs))
+      want_len = [n for _, n in runs] + [-1] * (m - len(runs))
+      np.testing.assert_array_equal(got.offsets[b], want_off)
+      np.testing.assert_array_equal(got.lengths[b], want_len)
+    assert bool(got.fits)
+  np.testing.assert_array_equal(model_lib.packed_segments(jnp.asarray(rows), 3).offsets[0],
+                                [0, 170, 340, -1])
+  too_many = jnp.asarray([[1, 1, 2, 3, 3, 4, 0, 0], [1] * 8], jnp.int32)
+  assert not bool(model_lib.packed_segments(too_many, 4).fits)
+  assert bool(model_lib.packed_segments(too_many, 5).fits)
+
+
+def packed_reference(q, k, v, offsets, lengths, causal, scale_out=1.0):
+  """Attention within the runs that offsets/lengths describe (read back from them alone);
+  a token in no described run gets zeros, as cuDNN leaves tokens outside its sequences."""
+  t = q.shape[1]
+  pos = jnp.arange(t)
+  off, n = offsets[:, :-1, None], lengths[:, :, None]
+  member = (pos >= off) & (pos < off + n) & (n > 0)                 # (B, M, T)
+  run = jnp.where(member.any(1), jnp.argmax(member, axis=1), -1)    # (B, T)
+  mask = (run[:, :, None] == run[:, None, :]) & (run[:, :, None] >= 0)
+  if causal:
+    mask &= pos[None, None, :] <= pos[None, :, None]
+  s = jnp.einsum("btnh,bsnh->bnts", q, k) * q.shape[-1] ** -0.5
+  s = jnp.where(mask[:, None], s, -1e30)
+  p = jax.nn.softmax(s, axis=-1) * mask[:, None].any(-1, keepdims=True)
+  return scale_out * jnp.einsum("bnts,bsnh->btnh", p, v)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_packed_attention_is_exact_with_and_without_room(causal, monkeypatch):
+  """The packed path (its cuDNN call replaced by a reference reading offsets/lengths back)
+  gives the masked model's outputs and gradients; a batch with a row of more runs than
+  max_segments takes the exact masked kernel instead (the replaced call doubles its output,
+  so the branch taken shows)."""
+  seg_fit = [[1] * 5 + [2] * 7 + [3] * 4, [1] * 12 + [0] * 4]
+  seg_over = [[1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8], [1] * 16]
+  tokens = jax.random.randint(jax.random.key(6), (2, 16), 0, 40)
+  for seg, doubled in ((seg_fit, False), (seg_over, False), (seg_fit, True), (seg_over, True)):
+    scale = 2.0 if doubled else 1.0
+    monkeypatch.setattr(model_lib, "_cudnn_packed",
+                        lambda *a, s=scale: packed_reference(*a, scale_out=s))
+    seg = jnp.asarray(seg, jnp.int32)
+    pos = jnp.stack([row(16, r)[0][0] for r in np.asarray(seg)])
+
+    def hidden_and_grad(model):
+      graphdef, params = nnx.split(model)
+      h = lambda p: nnx.merge(graphdef, p).hidden(
+          nnx.merge(graphdef, p).embed_tokens(tokens), pos, seg, causal)
+      return jax.jit(h)(params), jax.jit(jax.grad(lambda p: jnp.mean(h(p) ** 2)))(params)
+
+    ref = hidden_and_grad(make(attention="xla"))
+    got = hidden_and_grad(make(attention="cudnn_packed", max_segments=4))
+    if doubled and bool(model_lib.packed_segments(seg, 4).fits):
+      assert np.abs(got[0] - ref[0]).max() > 1e-3, "the packed kernel was not used"
+    else:
+      chex.assert_trees_all_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_kv_cache_decoding_matches_full_forward():
   model = make()
   t = 12

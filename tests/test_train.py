@@ -122,6 +122,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, make_con
     ({"data.name": "text_files", "data.files": ""}, "needs data.files"),
     ({"train.ema_decay": 1.0}, "train.ema_decay"),
     ({"model.attention": "cudnn"}, "model.attention='cudnn' needs model.dtype='bfloat16'"),
+    ({"model.attention": "cudnn_packed"}, "model.attention='cudnn_packed' needs model.dtype"),
+    ({"model.max_segments": 1}, "model.max_segments=1 must be >= 2"),
     ({"data.workers": -1}, "data.workers=-1"),
 ])
 def test_bad_config_values_are_refused_before_compiling(make_config, override, message):

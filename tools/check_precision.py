@@ -19,7 +19,8 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
                                           lock_config=True)
-_VARIANTS = flags.DEFINE_list("variants", ["float32:cudnn", "bfloat16:xla", "bfloat16:cudnn"],
+_VARIANTS = flags.DEFINE_list("variants",
+                              ["bfloat16:cudnn", "bfloat16:cudnn_packed", "bfloat16:xla"],
                               "dtype:attention pairs compared with float32:xla.")
 _DOC_LEN = flags.DEFINE_integer("doc_len", 128, "Mean document length of the packed rows.")
 
