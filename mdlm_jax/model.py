@@ -165,9 +165,13 @@ def _cudnn_packed(q, k, v, offsets, lengths, causal: bool):
   bias whose gradient cuDNN computes and writes in every backward pass."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
   mask_type = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
-  return cudnn.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths,
-                                     q_offsets=offsets, kv_offsets=offsets,
-                                     scale=q.shape[-1] ** -0.5, mask_type=mask_type)
+  try:
+    return cudnn.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths,
+                                       q_offsets=offsets, kv_offsets=offsets,
+                                       scale=q.shape[-1] ** -0.5, mask_type=mask_type)
+  except (NotImplementedError, RuntimeError) as e:  # no cuDNN, or a GPU before Hopper
+    raise RuntimeError(f"model.attention='cudnn_packed' is not available here ({e}); use "
+                       "model.attention='cudnn' (or 'auto').") from e
 
 
 def _packed_attention(q, k, v, segs: PackedSegments, causal: bool):

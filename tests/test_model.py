@@ -168,6 +168,13 @@ def test_cudnn_packed_attention_is_exact_with_and_without_room(causal, monkeypat
       chex.assert_trees_all_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN may be present")
+def test_cudnn_packed_without_cudnn_names_the_setting():
+  pos, seg = row(8)
+  with pytest.raises(RuntimeError, match="model.attention='cudnn_packed' is not available"):
+    make(attention="cudnn_packed", dtype="bfloat16")(jnp.zeros((1, 8), jnp.int32), pos, seg)
+
+
 def test_kv_cache_decoding_matches_full_forward():
   model = make()
   t = 12
