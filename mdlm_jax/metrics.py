@@ -1,9 +1,13 @@
 """Metric output (process 0 only): console progress, TensorBoard events, metrics.jsonl."""
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
 import json
 import math
 import os
+import re
 import time
 
 import jax
@@ -22,6 +26,38 @@ def peak_flops(device=None) -> float | None:
     if key.lower() in kind.lower():
       return value
   return None
+
+
+TRACE_KINDS = (("attention", re.compile(r"fmha|sdpa|flash|cudnn|attention", re.I)),
+         ("matmul", re.compile(r"gemm|cublas|cutlass|xmma|nvjet|matmul|convolution|dot", re.I)))
+
+
+def summarize_trace(trace_dir: str, steps: int, top: int = 12) -> dict:
+  """Device time per step from the newest Perfetto trace under `trace_dir`: complete events on
+  device tracks (`/device:...`) summed by op, then by kind (attention kernels, matmuls, the
+  rest). A trace with no device track (XLA:CPU) reports only its path."""
+  files = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
+                           recursive=True), key=os.path.getmtime)
+  if not files:
+    return {"error": f"no perfetto_trace.json.gz under {trace_dir}"}
+  with gzip.open(files[-1]) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+             and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+  per_op, kinds = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in devices:
+      op = (e.get("args") or {}).get("hlo_op") or e["name"]
+      ms = e.get("dur", 0.0) / 1e3 / steps
+      per_op[op] += ms
+      kinds[next((k for k, rx in TRACE_KINDS if rx.search(f"{e['name']} {op}")), "other")] += ms
+  total = sum(per_op.values())
+  out = {"trace": files[-1], "device_ms_per_step": total}
+  if total > 0:
+    out["share"] = {k: v / total for k, v in kinds.items()}
+    out["top_ops_ms"] = [[name, round(ms, 3)] for name, ms in per_op.most_common(top)]
+  return out
 
 
 def format_duration(seconds: float) -> str:

@@ -1,5 +1,6 @@
 """The train step and loop: sharding, exact resume, checkpoints, config contracts."""
 import glob
+import gzip
 import json
 import os
 import warnings
@@ -11,6 +12,7 @@ import pytest
 
 from mdlm_jax import checkpoint
 from mdlm_jax import config as config_lib
+from mdlm_jax import metrics
 from mdlm_jax import sharding
 from mdlm_jax import trainer
 from mdlm_jax.data import pipeline
@@ -152,3 +154,26 @@ def test_params_restore_alone_onto_another_mesh(tmp_path, make_config):
   chex.assert_trees_all_equal(jax.device_get(params_eight), jax.device_get(params_one))
   diff = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), ema_eight, params_eight)
   assert max(jax.tree.leaves(diff)) > 0, "the EMA item should differ from the raw params"
+
+
+def test_trace_summary_splits_device_time_by_kind(tmp_path):
+  """A hand-written Perfetto trace: host events are ignored, device events are summed per HLO
+  op over the traced steps and split into attention kernels, matmuls and the rest."""
+  def x(pid, name, dur_us, op=None):
+    return {"ph": "X", "pid": pid, "tid": 1, "ts": 0, "dur": dur_us, "name": name,
+            "args": {"hlo_op": op} if op else {}}
+  events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+            {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            x(1, "PjitFunction(step)", 99_000),
+            x(2, "sm90_xmma_gemm_bf16bf16", 3000, "dot.1"),
+            x(2, "sm90_xmma_gemm_bf16bf16", 1000, "dot.1"),
+            x(2, "cudnn_generated_fort_native_sdpa_sm90", 2000, "custom-call.3"),
+            x(2, "loop_add_fusion", 2000, "fusion.7")]
+  d = tmp_path / "plugins" / "profile" / "run"
+  d.mkdir(parents=True)
+  with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  s = metrics.summarize_trace(str(tmp_path), steps=2)
+  assert s["device_ms_per_step"] == pytest.approx(4.0)
+  assert s["share"] == pytest.approx({"matmul": 0.5, "attention": 0.25, "other": 0.25})
+  assert s["top_ops_ms"][0] == ["dot.1", 2.0]

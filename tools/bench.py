@@ -4,9 +4,13 @@
 
 Synthetic batches (random tokens, packed rows of several segments) so the figure is the step's
 own. With --sampler=NAME it times a sampler instead (generated tokens/s and network calls):
-  python tools/bench.py --config=configs/default.py --sampler=ancestral --sample_steps=1000 Prints one JSON line: tokens_per_s, step_time_s, compile_time_s, flops_per_token, mfu
+  python tools/bench.py --config=configs/default.py --sampler=ancestral --sample_steps=1000
+
+Prints one JSON line: tokens_per_s, step_time_s, compile_time_s, flops_per_token, mfu
 (null where the device's peak is unknown), peak_memory_bytes, and pipeline_tokens_per_s with
---pipeline (the Grain pipeline alone on the configured dataset).
+--pipeline (the Grain pipeline alone on the configured dataset). --profile_dir=DIR also traces
+a few steps with jax.profiler (open DIR in TensorBoard or Perfetto) and adds `profile`: the
+device time per step split into matmuls, attention kernels and the rest, and the top ops.
 """
 import json
 import os
@@ -35,6 +39,9 @@ _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 256, "Denoising steps of th
 _SAMPLE_LEN = flags.DEFINE_integer("sample_len", 256, "Tokens to generate per row.")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 8, "Rows sampled at once.")
 _SAMPLE_REPEATS = flags.DEFINE_integer("sample_repeats", 3, "Timed runs (the median is kept).")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Trace --profile_steps more steps "
+                                   "there and summarise the device time per step.")
+_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "Steps traced with --profile_dir.")
 _DOC_LEN = flags.DEFINE_integer("doc_len", 128, "Mean document length of the synthetic packed "
                                 "rows; 0: one document per row (e.g. bst with all pairs).")
 
@@ -145,6 +152,15 @@ def main(argv):
       "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       "loss": float(m["train/loss"]),
   }
+  if _PROFILE_DIR.value:
+    with jax.profiler.trace(_PROFILE_DIR.value, create_perfetto_trace=True):
+      for i in range(_PROFILE_STEPS.value):
+        state, m = step_fn(state, batches[i % 2])
+      jax.block_until_ready((state, m))
+    result["profile"] = metrics_lib.summarize_trace(_PROFILE_DIR.value, _PROFILE_STEPS.value)
+    if result["profile"].get("device_ms_per_step"):  # < 1: the device waits on the host
+      result["profile"]["device_busy"] = result["profile"]["device_ms_per_step"] / (
+          1e3 * step_time)
   if _PIPELINE.value:
     result["pipeline_tokens_per_s"] = pipeline_tokens_per_s(config, setup.tokenizer,
                                                             _PIPELINE_BATCHES.value)
