@@ -95,6 +95,28 @@ def test_ar_train_and_sample(tmp_path, corpus, data_dir):
   assert "objective.fim_rate > 0" in p.stderr
 
 
+def test_blm_train_fill_blanks_and_evaluate(tmp_path, corpus, data_dir):
+  wd = str(tmp_path / "wd")
+  log = run(["train.py", "--config=configs/blm.py:tiny", f"--workdir={wd}",
+             *tiny_flags(corpus, data_dir, **{"train.steps": 2, "eval.every_steps": 2})]).stdout
+  assert "eval @ step 2" in log
+  out = run(["tools/sample.py", f"--workdir={wd}", "--prefix=alpha ", "--suffix= omega",
+             "--num_samples=2", "--max_new_tokens=8"]).stdout
+  texts = [l for l in out.splitlines() if l.startswith("alpha ")]
+  assert len(texts) == 2 and all(t.endswith(" omega") for t in texts), out
+  out = run(["tools/sample.py", f"--workdir={wd}", "--template=def <blank>(x): <blank>",
+             "--num_samples=2", "--max_new_tokens=8"]).stdout
+  texts = [l for l in out.splitlines() if l.startswith("def ")]
+  assert "2 blanks" in out and len(texts) == 2 and all("(x): " in t for t in texts), out
+  p = run(["tools/sample.py", f"--workdir={wd}", "--template=no blank here"], check=False)
+  assert p.returncode != 0 and "no <blank>" in p.stderr
+  bound = json.loads(run(["tools/evaluate.py", f"--workdir={wd}", "--batches=1"]
+                         ).stdout.strip().splitlines()[-1])
+  sampled = json.loads(run(["tools/evaluate.py", f"--workdir={wd}", "--batches=1", "--orders=2"]
+                           ).stdout.strip().splitlines()[-1])
+  assert 0 < sampled["bits_per_byte"] < bound["bits_per_byte"] + 1.0, (sampled, bound)
+
+
 def test_bst_train_sample_with_suffix_and_infill(tmp_path, corpus, data_dir):
   wd = str(tmp_path / "wd")
   run(["train.py", f"--workdir={wd}", "--config.objective.name=bst",

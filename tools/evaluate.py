@@ -4,7 +4,8 @@ Reports the objective's NLL (or its bound) per token, bits per token, bits per b
 perplexity over the split (all of it by default), and prints them as one JSON line. For
 masked diffusion the figure is the ELBO bound estimated with --time_samples draws of t per
 sequence, with its standard error (`loss_stderr`, `bits_per_byte_stderr`). For `bst` it is the
-forward likelihood with the empty suffix (a left-to-right factorisation).
+forward likelihood with the empty suffix (a left-to-right factorisation). For `blm` it is the
+one-pass bound, or with --orders=M the importance-sampled -log p(x) over M orders per document.
 
 --task=star_graph: exact path accuracy on the star-graph problems the model was trained on.
 --task=infill: spans of --infill_span tokens cut from held-out documents between
@@ -31,6 +32,8 @@ _EMA = flags.DEFINE_bool("use_ema", True, "Use the EMA params when the run kept 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Override data.data_dir of the run.")
 _TIME_SAMPLES = flags.DEFINE_integer("time_samples", None,
                                      "mdlm: time samples per sequence for the bound.")
+_ORDERS = flags.DEFINE_integer("orders", None, "blm: orders sampled per document for the "
+                               "importance-sampled likelihood (0: the one-pass bound).")
 _TASK = flags.DEFINE_enum("task", "likelihood", ["likelihood", "star_graph", "infill"],
                           "What to measure.")
 _EXAMPLES = flags.DEFINE_integer("examples", 200, "star_graph / infill: problems to score "
@@ -47,6 +50,8 @@ def main(argv):
   overrides = {"data.data_dir": _DATA_DIR.value} if _DATA_DIR.value else {}
   if _TIME_SAMPLES.value is not None:
     overrides["objective.eval_time_samples"] = _TIME_SAMPLES.value
+  if _ORDERS.value is not None:
+    overrides["objective.eval_orders"] = _ORDERS.value
   setup, params, step = restore.load(_WORKDIR.value, use_ema=_EMA.value, step=_STEP.value,
                                      mesh_overrides={"data": -1, "tensor": 1},
                                      config_overrides=overrides)

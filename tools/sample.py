@@ -12,6 +12,8 @@ the objective's sampler.
     --template='def f(<mask:12>):'
   with --sampler=ancestral|confidence|llada, --steps, --grid (ancestral), --remask, --critic,
   --critic_noise (confidence), --block_length, --cfg_scale, --remasking (llada); --show_steps=K prints the canvas at K evenly spaced steps (masks shown as `_`).
+- `blm`: fills between --prefix and --suffix, or every `<blank>` of a --template with any
+  number of tokens, e.g. --template='def <blank>(path):'.
 """
 import os
 import sys
@@ -31,7 +33,8 @@ _SUFFIX = flags.DEFINE_string("suffix", None, "Text after the generated span (md
                                "ar trained with objective.fim_rate > 0).")
 _CANDIDATES = flags.DEFINE_integer("num_candidates", 1, "bst: middles drawn per sample; the "
                                    "one the backward head finds most likely is kept.")
-_TEMPLATE = flags.DEFINE_string("template", None, "Text with <mask:N> spans to fill (mdlm).")
+_TEMPLATE = flags.DEFINE_string("template", None, "Text with <mask:N> spans to fill (mdlm), "
+                                "or with <blank>s each filled with any number of tokens (blm).")
 _SAMPLER = flags.DEFINE_string("sampler", None, "mdlm: ancestral (default), confidence, llada.")
 _STEPS = flags.DEFINE_integer("steps", None, "mdlm: denoising steps (default: masked count).")
 _BLOCK = flags.DEFINE_integer("block_length", 0, "llada: semi-autoregressive block (0: one).")
@@ -76,16 +79,19 @@ def main(argv):
   name = setup.config.objective.name
   if hasattr(setup.objective, "sample"):
     return sample_canvas(setup, params, step)
+  if hasattr(setup.objective, "fill") and _TEMPLATE.value is not None:
+    return fill_blanks(setup, params, step)
   for flag, value in (("--template", _TEMPLATE.value), ("--sampler", _SAMPLER.value),
                       ("--steps", _STEPS.value)):
     if value is not None:
       raise app.UsageError(f"{flag} needs a model that fills masked positions (objective "
-                           f"mdlm); {_WORKDIR.value} holds objective {name!r}.")
+                           f"mdlm; blm takes --template with <blank>); {_WORKDIR.value} holds "
+                           f"objective {name!r}.")
   if _SUFFIX.value is not None and not setup.objective.accepts_suffix:
     hint = (" (an ar model reads a suffix only when trained with objective.fim_rate > 0)"
             if name == "ar" else "")
     raise app.UsageError(f"--suffix: objective {name!r} of {_WORKDIR.value} cannot condition on "
-                         f"a suffix{hint}; use a bst, mdlm or FIM-trained ar model.")
+                         f"a suffix{hint}; use a bst, blm, mdlm or FIM-trained ar model.")
   if _CANDIDATES.value != 1 and name != "bst":
     raise app.UsageError("--num_candidates needs a bst model (its backward head ranks them).")
   if _CANDIDATES.value < 1:
@@ -133,6 +139,45 @@ def parse_template(template: str, tok):
   if not any(len(p) and (p == tokenizers.MASK).all() for p in parts[1::2]):
     raise app.UsageError("--template has no <mask:N> span with N >= 1 to fill.")
   return parts
+
+
+def fill_blanks(setup, params, step):
+  """Blank-language-model infilling: every <blank> of --template becomes any number of tokens
+  (the canvas grows up to --max_new_tokens more than the template)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from mdlm_jax import tokenizers  # pylint: disable=g-import-not-at-top
+  if _PROMPT.value or _SUFFIX.value:
+    raise app.UsageError("give either --template or --prefix/--suffix, not both.")
+  texts = _TEMPLATE.value.split("<blank>")
+  if len(texts) < 2:
+    raise app.UsageError("--template has no <blank> to fill.")
+  tok, limit = setup.tokenizer, setup.config.model.max_seq_len
+  parts = [[tokenizers.BOS]]
+  for i, text in enumerate(texts):
+    parts += [tok.encode(text)] + ([[tokenizers.BLANK]] if i < len(texts) - 1 else [])
+  canvas = np.concatenate(parts + [[tokenizers.EOS]]).astype(np.int32)
+  width = min(len(canvas) + _MAX_NEW.value, limit)
+  if len(canvas) > width:
+    raise app.UsageError(f"the template holds {len(canvas)} tokens (with BOS and EOS), more "
+                         f"than the model's limit model.max_seq_len={limit}; shorten it.")
+  rows = np.full((_NUM.value, width), tokenizers.PAD, np.int32)
+  rows[:, :len(canvas)] = canvas
+
+  @jax.jit
+  def run(params, rows, rng):
+    return setup.objective.fill(nnx.merge(setup.graphdef, params), rows, rng,
+                                temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                                min_p=_MIN_P.value)
+
+  out = np.asarray(jax.device_get(run(params, rows, jax.random.key(_SEED.value))))
+  print(f"# {setup.config.objective.name} model from {_WORKDIR.value}, step {step}; "
+        f"{len(texts) - 1} blanks, up to {width - len(canvas)} new tokens")
+  for i, row in enumerate(out):
+    ids = row[1:]
+    end = np.flatnonzero(ids == tokenizers.EOS)
+    print(f"--- sample {i} ---\n{tok.decode(ids[:end[0]] if len(end) else ids)}")
 
 
 def sample_canvas(setup, params, step):

@@ -53,3 +53,4 @@ from mdlm_jax.objectives import ar  # noqa: E402,F401  pylint: disable=wrong-imp
 from mdlm_jax.objectives import mdlm  # noqa: E402,F401  pylint: disable=wrong-import-position
 from mdlm_jax.objectives import mlm  # noqa: E402,F401  pylint: disable=wrong-import-position
 from mdlm_jax.objectives import bst  # noqa: E402,F401  pylint: disable=wrong-import-position
+from mdlm_jax.objectives import blm  # noqa: E402,F401  pylint: disable=wrong-import-position
