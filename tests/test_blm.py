@@ -60,7 +60,7 @@ def test_canvas_collapses_each_run_of_dropped_words_per_document():
   rng = np.random.default_rng(0)
   for _ in range(5):
     keep = jnp.asarray(rng.random((2, 16)) < 0.5)
-    canvas, c_idx, dropped = blm.canvas_of(batch, keep)
+    canvas, c_idx, dropped, _ = blm.canvas_of(batch, keep)
     for r, row in enumerate(DOCS):
       want_x, want_seg, want_pos, i, c = [], [], [], 0, 0
       for s, words in enumerate(row, start=1):

@@ -57,12 +57,21 @@ class BLMNet(nnx.Module):
     return model_lib.dense(z.astype(jnp.float32), self.lr_out[...])
 
 
+def _prev(a_BxT, fill):
+  """a[:, t - 1] at t (fill at t = 0)."""
+  return jnp.concatenate([jnp.full_like(a_BxT[:, :1], fill), a_BxT[:, :-1]], axis=1)
+
+
+def _next(a_BxT, fill):
+  """a[:, t + 1] at t (fill at the end)."""
+  return jnp.concatenate([a_BxT[:, 1:], jnp.full_like(a_BxT[:, :1], fill)], axis=1)
+
+
 def _segment_key(segment_ids_BxT):
   """(B, T) int32: a flat id of each token's run of equal segment ids (row * T + its start)."""
   b, t = segment_ids_BxT.shape
   idx = jnp.arange(t, dtype=jnp.int32)
-  new = jnp.concatenate([jnp.ones((b, 1), bool),
-                         segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+  new = _prev(segment_ids_BxT, -1) != segment_ids_BxT
   start = jax.lax.cummax(jnp.where(new, idx, 0), axis=1)
   return start + t * jnp.arange(b, dtype=jnp.int32)[:, None]
 
@@ -95,14 +104,15 @@ def draw_order(rng, batch):
 def canvas_of(batch, keep_BxT):
   """The canvas of the kept tokens: every run of dropped words of a document collapsed into
   one BLANK, then padding. Returns (canvas dict {inputs, positions, segment_ids}, the canvas
-  index of each token's place (its blank for a dropped word), dropped (B, T))."""
+  index of each token's place (its blank for a dropped word), dropped (B, T), and per dropped
+  word its (left, right) class 2 * left + right: whether dropped words of its run remain on
+  each side once it is inserted)."""
   x, seg, pos = batch["inputs"], batch["segment_ids"], batch["positions"]
   b, t = x.shape
   dropped = words(batch) & ~keep_BxT
-  same_prev = jnp.concatenate([jnp.zeros((b, 1), bool), seg[:, 1:] == seg[:, :-1]], axis=1)
-  prev_dropped = jnp.concatenate([jnp.zeros((b, 1), bool), dropped[:, :-1]], axis=1)
-  run_start = dropped & ~(prev_dropped & same_prev)
-  occupies = ~dropped | run_start
+  left = dropped & _prev(dropped, False) & (_prev(seg, -1) == seg)
+  right = dropped & _next(dropped, False) & (_next(seg, -1) == seg)
+  occupies = ~dropped | ~left  # kept tokens and the first word of each dropped run
   c_idx = jnp.cumsum(occupies, axis=1, dtype=jnp.int32) - 1
   rows = jnp.arange(b)[:, None]
   target = jnp.where(occupies, c_idx, t)  # t: dropped by the scatter
@@ -115,15 +125,15 @@ def canvas_of(batch, keep_BxT):
   canvas_pos = jnp.arange(t, dtype=jnp.int32) - c_key % t + first_pos
   canvas = {"inputs": canvas_x, "segment_ids": canvas_seg,
             "positions": jnp.where(canvas_seg > 0, canvas_pos, 0)}
-  return canvas, c_idx, dropped
+  return canvas, c_idx, dropped, 2 * left.astype(jnp.int32) + right.astype(jnp.int32)
 
 
 def action_logprobs(net: BLMNet, batch, keep_BxT):
   """log p(action | canvas of the kept tokens) of inserting each dropped word (B, T) (0
   elsewhere), and the dropped mask."""
-  canvas, c_idx, dropped = canvas_of(batch, keep_BxT)
-  x, seg = batch["inputs"], batch["segment_ids"]
-  b, t = x.shape
+  canvas, c_idx, dropped, lr = canvas_of(batch, keep_BxT)
+  x = batch["inputs"]
+  b = x.shape[0]
   h, logits, score = net(canvas["inputs"], canvas["positions"], canvas["segment_ids"])
   # blank: softmax over the blanks of the document
   is_blank = canvas["inputs"] == tokenizers.BLANK
@@ -139,12 +149,6 @@ def action_logprobs(net: BLMNet, batch, keep_BxT):
   lse_w = jax.nn.logsumexp(word_logits, axis=-1)
   rows = jnp.arange(b)[:, None]
   logp_word = logits[rows, c_idx, x] - lse_w[rows, c_idx]
-  # (left, right): do dropped words of the same run remain on each side
-  same_next = jnp.concatenate([seg[:, 1:] == seg[:, :-1], jnp.zeros((b, 1), bool)], axis=1)
-  same_prev = jnp.concatenate([jnp.zeros((b, 1), bool), seg[:, 1:] == seg[:, :-1]], axis=1)
-  left = jnp.concatenate([jnp.zeros((b, 1), bool), dropped[:, :-1]], axis=1) & same_prev
-  right = jnp.concatenate([dropped[:, 1:], jnp.zeros((b, 1), bool)], axis=1) & same_next
-  lr = 2 * left.astype(jnp.int32) + right.astype(jnp.int32)
   lr_logp = jax.nn.log_softmax(net.lr_logits(h[rows, c_idx], x), axis=-1)
   logp_lr = jnp.take_along_axis(lr_logp, lr[..., None], axis=-1)[..., 0]
   return jnp.where(dropped, logp_blank + logp_word + logp_lr, 0.0), dropped
