@@ -221,8 +221,10 @@ def test_fill_keeps_every_given_token_in_order_and_leaves_no_blank(make_config):
   canvas[1, :3] = [BOS, BLANK, EOS]
   canvas[2, :18] = [BOS, *range(40, 56), EOS]  # no blank: unchanged
   for temperature in (0.0, 1.0):
-    out = np.asarray(obj.fill(net, jnp.asarray(canvas), jax.random.key(4),
-                              temperature=temperature))
+    out, info = obj.fill(net, jnp.asarray(canvas), jax.random.key(4), temperature=temperature)
+    out = np.asarray(out)
+    added = (out != PAD).sum(1) - (canvas != PAD).sum(1) + (canvas == BLANK).sum(1)
+    assert int(info["calls"]) == added.max()  # one call per inserted token
     assert not (out == BLANK).any()
     np.testing.assert_array_equal(out[2], canvas[2])
     for r in range(2):
@@ -237,7 +239,7 @@ def test_fill_keeps_every_given_token_in_order_and_leaves_no_blank(make_config):
 def test_a_full_row_still_fills_its_blanks(make_config):
   obj, net = make(make_config)
   canvas = jnp.asarray([[BOS, 40, BLANK, BLANK, 41, EOS]])
-  out = np.asarray(obj.fill(net, canvas, jax.random.key(5)))
+  out = np.asarray(obj.fill(net, canvas, jax.random.key(5))[0])
   assert not (out == BLANK).any() and out[0, 1] == 40 and out[0, 4] == 41
 
 

@@ -34,7 +34,7 @@ _PIPELINE = flags.DEFINE_bool("pipeline", False, "Also time the Grain pipeline a
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 200, "Batches to time.")
 _SAMPLER = flags.DEFINE_string("sampler", None, "Time a sampler instead of the train step: "
                                "ar (KV cache), ancestral, ancestral_nocache, ancestral_unsynced, "
-                               "confidence, llada.")
+                               "confidence, llada, blm.")
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 256, "Denoising steps of the sampler.")
 _SAMPLE_LEN = flags.DEFINE_integer("sample_len", 256, "Tokens to generate per row.")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 8, "Rows sampled at once.")
@@ -73,6 +73,11 @@ def bench_sampler(config):
   if name == "ar":
     fn = lambda p, r: (setup.objective.generate(nnx.merge(setup.graphdef, p), prompt, r,
                                                 max_new_tokens=n), {"calls": jnp.asarray(n)})
+  elif name == "blm":  # one blank grown to n tokens, one insertion per network call
+    canvas = jnp.concatenate([prompt, jnp.full((b, 1), tokenizers.BLANK, jnp.int32),
+                              jnp.full((b, 1), tokenizers.EOS, jnp.int32),
+                              jnp.full((b, n - 1), tokenizers.PAD, jnp.int32)], axis=1)
+    fn = lambda p, r: setup.objective.fill(nnx.merge(setup.graphdef, p), canvas, r)
   else:
     canvas = jnp.concatenate([prompt, jnp.full((b, n), tokenizers.MASK, jnp.int32)], axis=1)
     sampler, extra = name, {}
@@ -93,7 +98,7 @@ def bench_sampler(config):
     times.append(time.perf_counter() - t0)
   dt = sorted(times)[len(times) // 2]
   return {"objective": config.objective.name, "sampler": name, "batch": b, "length": n,
-          "steps": None if name == "ar" else _SAMPLE_STEPS.value,
+          "steps": None if name in ("ar", "blm") else _SAMPLE_STEPS.value,
           "network_calls": int(info["calls"]), "seconds": dt, "tokens_per_s": b * n / dt,
           "compile_time_s": compile_s, "device": jax.devices()[0].device_kind}
 

@@ -171,10 +171,11 @@ def fill_blanks(setup, params, step):
                                 temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                                 min_p=_MIN_P.value)
 
-  out = np.asarray(jax.device_get(run(params, rows, jax.random.key(_SEED.value))))
+  out, info = jax.device_get(run(params, rows, jax.random.key(_SEED.value)))
   print(f"# {setup.config.objective.name} model from {_WORKDIR.value}, step {step}; "
-        f"{len(texts) - 1} blanks, up to {width - len(canvas)} new tokens")
-  for i, row in enumerate(out):
+        f"{len(texts) - 1} blanks, up to {width - len(canvas)} new tokens, "
+        f"{int(info['calls'])} network calls")
+  for i, row in enumerate(np.asarray(out)):
     ids = row[1:]
     end = np.flatnonzero(ids == tokenizers.EOS)
     print(f"--- sample {i} ---\n{tok.decode(ids[:end[0]] if len(end) else ids)}")

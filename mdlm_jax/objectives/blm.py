@@ -242,8 +242,8 @@ class BLM(base.Objective):
         prompt_BxP, jnp.full((b, 1), tokenizers.BLANK, jnp.int32), suffix.astype(jnp.int32),
         jnp.full((b, 1), tokenizers.EOS, jnp.int32),
         jnp.full((b, max_new_tokens - 1), tokenizers.PAD, jnp.int32)], axis=1)
-    canvas = self.fill(model, canvas, rng, temperature=temperature, top_k=top_k, top_p=top_p,
-                       min_p=min_p)
+    canvas, _ = self.fill(model, canvas, rng, temperature=temperature, top_k=top_k, top_p=top_p,
+                          min_p=min_p)
     # drop the suffix: the middle ends s + 1 tokens before the canvas's end (EOS)
     length = jnp.sum(canvas != tokenizers.PAD, axis=1, keepdims=True)
     idx = jnp.arange(canvas.shape[1])
@@ -254,7 +254,9 @@ class BLM(base.Objective):
   def fill(self, model, canvas_BxT, rng, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     """Replaces every BLANK of `canvas_BxT` (one document per row, PAD after its end) by
     actions until none is left or the row is full (a full row adds no new blanks). Tokens
-    that are not BLANKs are never changed, only moved right by insertions."""
+    that are not BLANKs are never changed, only moved right by insertions. Returns (canvas,
+    info) with info["calls"], the network evaluations (one per inserted token of the longest
+    row)."""
     b, t = canvas_BxT.shape
     idx = jnp.arange(t, dtype=jnp.int32)
     rows = jnp.arange(b)
@@ -287,4 +289,5 @@ class BLM(base.Objective):
       canvas, _, i = state
       return jnp.any(canvas == tokenizers.BLANK) & (i < t)
 
-    return jax.lax.while_loop(cond, body, (canvas_BxT, rng, 0))[0]
+    canvas, _, calls = jax.lax.while_loop(cond, body, (canvas_BxT, rng, 0))
+    return canvas, {"calls": calls}
