@@ -38,19 +38,26 @@ def run_steps(cfg, mesh, batches):
   return out, jax.device_get(state["params"]), setup
 
 
-def test_sharded_step_on_8_devices_matches_one_device(make_config):
+@pytest.mark.parametrize("objective", ["mdlm", "blm"])
+def test_sharded_step_on_8_devices_matches_one_device(make_config, objective):
   assert jax.device_count() == 8
-  cfg = make_config({"model.num_heads": 4, "train.ema_decay": 0.9})
+  cfg = make_config({"model.num_heads": 4, "train.ema_decay": 0.9, "objective.name": objective})
   it = iter(pipeline.train_dataset(cfg, trainer.build(cfg).tokenizer))
   batches = [next(it) for _ in range(3)]
   one, params_one, _ = run_steps(cfg, sharding.make_mesh(cfg.mesh), batches)
   mesh8 = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   eight, params_eight, setup = run_steps(cfg, mesh8, batches)
   # the parameters really are split over the fsdp and tensor axes
-  wq = setup.param_shardings["blocks"][0]["attn"]["wq"]
+  shardings = setup.param_shardings
+  wq = shardings.get("backbone", shardings)["blocks"][0]["attn"]["wq"]
   assert wq.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
   np.testing.assert_allclose(eight, one, rtol=2e-5)
-  chex.assert_trees_all_close(params_eight, params_one, rtol=2e-4, atol=2e-6)
+  # Adam divides by the gradient's RMS, so a parameter whose gradient is nearly zero (blm's
+  # blank scorer at first, summed over segments in another order when sharded) moves by the
+  # sign of rounding noise: a few 1e-6 after 3 steps of lr 3e-3, against ~1e-3 for a wrong
+  # gradient
+  atol = 2e-6 if objective == "mdlm" else 2e-5
+  chex.assert_trees_all_close(params_eight, params_one, rtol=2e-4, atol=atol)
 
 
 def test_mesh_inference_and_errors():
