@@ -76,6 +76,13 @@ def _segment_key(segment_ids_BxT):
   return start + t * jnp.arange(b, dtype=jnp.int32)[:, None]
 
 
+def _log_factorial_per_document(batch, n_BxT):
+  """log n! of each document, at its first token (0 elsewhere), so a sum counts it once."""
+  t = n_BxT.shape[1]
+  first = _segment_key(batch["segment_ids"]) % t == jnp.arange(t)
+  return jnp.where(first, jax.lax.lgamma(n_BxT.astype(jnp.float32) + 1.0), 0.0), first
+
+
 def _per_segment(values_BxT, key_BxT, op=jax.ops.segment_sum):
   """`op` of the values over each segment, read back at every token of it."""
   flat = op(values_BxT.reshape(-1), key_BxT.reshape(-1), num_segments=key_BxT.size)
@@ -169,9 +176,7 @@ def bound_terms(net, batch, rng):
   """One-pass estimate of -log p(x) per document, summed: (nll, words)."""
   keep, n, k = draw_keep(rng, batch)
   logp, dropped = action_logprobs(net, batch, keep)
-  t = keep.shape[1]
-  first = _segment_key(batch["segment_ids"]) % t == jnp.arange(t)  # one token per segment
-  log_fact = jnp.where(first, jax.lax.lgamma(n.astype(jnp.float32) + 1.0), 0.0)
+  log_fact, _ = _log_factorial_per_document(batch, n)
   weight = n / jnp.maximum(n - k, 1).astype(jnp.float32)
   nll = jnp.sum(jnp.where(dropped, -logp * weight, 0.0)) - jnp.sum(log_fact)
   return nll, jnp.sum(words(batch)).astype(jnp.float32)
@@ -192,14 +197,13 @@ def order_logprob(net, batch, place_BxT, n_BxT):
 def importance_nll(net, batch, rng, orders: int):
   """-log p(x) ~ log m - log n! - logsumexp_i log p(x, order_i) over m uniform orders, summed
   over documents: (nll, words). Costs m * T network passes."""
-  key = _segment_key(batch["segment_ids"])
   n = draw_order(rng, batch)[1]
   logs = [order_logprob(net, batch, draw_order(r, batch)[0], n)
           for r in jax.random.split(rng, orders)]
-  lse = jax.nn.logsumexp(jnp.stack(logs), axis=0)
-  first = (key % key.shape[1] == jnp.arange(key.shape[1])) & (n > 0)
-  per_doc = math.log(orders) - jax.lax.lgamma(n.astype(jnp.float32) + 1.0) - lse
-  return jnp.sum(jnp.where(first, per_doc, 0.0)), jnp.sum(words(batch)).astype(jnp.float32)
+  log_fact, first = _log_factorial_per_document(batch, n)
+  per_doc = math.log(orders) - log_fact - jax.nn.logsumexp(jnp.stack(logs), axis=0)
+  return (jnp.sum(jnp.where(first & (n > 0), per_doc, 0.0)),
+          jnp.sum(words(batch)).astype(jnp.float32))
 
 
 @objectives.register
