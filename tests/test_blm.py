@@ -206,10 +206,10 @@ def test_loss_is_finite_with_gradient_and_padding_changes_nothing(make_config):
       lambda st: obj.loss(nnx.merge(graphdef, st), batch, key)[0]))(state)
   assert np.isfinite(float(loss))
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
-  sums = obj.eval_sums(net, batch, key)
+  sums = jax.jit(lambda b: obj.eval_sums(net, b, key))(batch)
   assert float(sums["tokens"]) == 11 and float(sums["bytes"]) == 11
   # more padding: the same documents, the same words, the same draws give the same bound
-  logp = lambda b: blm.action_logprobs(net, b, jnp.zeros(b["inputs"].shape, bool))[0]
+  logp = jax.jit(lambda b: blm.action_logprobs(net, b, jnp.zeros(b["inputs"].shape, bool))[0])
   np.testing.assert_allclose(np.asarray(logp(wide))[:, :16], np.asarray(logp(batch)),
                              rtol=1e-5, atol=1e-5)
 
