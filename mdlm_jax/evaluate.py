@@ -56,8 +56,7 @@ def make_sampler(setup, max_new_tokens: int, temperature: float = 0.8):
 
   def sample(params, rng) -> str:
     ids = np.asarray(jax.device_get(jitted(params, rng)))[0, 1:]
-    end = np.flatnonzero(ids == tokenizers.EOS)
-    return setup.tokenizer.decode(ids[:end[0]] if len(end) else ids)
+    return setup.tokenizer.decode_until_eos(ids)
   return sample
 
 

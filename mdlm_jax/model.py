@@ -142,13 +142,19 @@ class PackedSegments(NamedTuple):
   fits: jax.Array
 
 
+def run_starts(segment_ids_BxT):
+  """(B, T) bool: the first token of each run of equal segment ids (a document, or the
+  padding after the last one)."""
+  b, _ = segment_ids_BxT.shape
+  return jnp.concatenate([jnp.ones((b, 1), bool),
+                          segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+
+
 def packed_segments(segment_ids_BxT, max_segments: int) -> PackedSegments:
   """The layout of rows made of contiguous segments, as the pipeline packs them (padding is
   one more run at the row's end, attending to itself as in `attention_mask`)."""
   b, _ = segment_ids_BxT.shape
-  new_run = jnp.concatenate([jnp.ones((b, 1), bool),
-                             segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
-  run_BxT = jnp.cumsum(new_run, axis=1, dtype=jnp.int32) - 1
+  run_BxT = jnp.cumsum(run_starts(segment_ids_BxT), axis=1, dtype=jnp.int32) - 1
   m_M = jnp.arange(max_segments, dtype=jnp.int32)
   lengths = (run_BxT[:, None, :] == m_M[:, None]).sum(-1, dtype=jnp.int32)
   starts = jnp.cumsum(lengths, axis=1, dtype=jnp.int32) - lengths

@@ -39,6 +39,12 @@ class Tokenizer:
       return bytes(i - NUM_SPECIAL for i in ids).decode("utf-8", "replace")
     return self._sp.decode([i - NUM_SPECIAL for i in ids])
 
+  def decode_until_eos(self, ids) -> str:
+    """Decodes the ids before the first EOS (all of them when there is none)."""
+    ids = np.asarray(ids).reshape(-1)
+    end = np.flatnonzero(ids == EOS)
+    return self.decode(ids[:end[0]] if len(end) else ids)
+
   def decode_with_specials(self, ids) -> str:
     """Decodes and shows special ids as their names (for step-by-step displays)."""
     out, run = [], []

@@ -74,9 +74,8 @@ def bench_sampler(config):
     fn = lambda p, r: (setup.objective.generate(nnx.merge(setup.graphdef, p), prompt, r,
                                                 max_new_tokens=n), {"calls": jnp.asarray(n)})
   elif name == "blm":  # one blank grown to n tokens, one insertion per network call
-    canvas = jnp.concatenate([prompt, jnp.full((b, 1), tokenizers.BLANK, jnp.int32),
-                              jnp.full((b, 1), tokenizers.EOS, jnp.int32),
-                              jnp.full((b, n - 1), tokenizers.PAD, jnp.int32)], axis=1)
+    from mdlm_jax.objectives import blm  # pylint: disable=g-import-not-at-top
+    canvas = blm.one_blank(prompt, n)
     fn = lambda p, r: setup.objective.fill(nnx.merge(setup.graphdef, p), canvas, r)
   else:
     canvas = jnp.concatenate([prompt, jnp.full((b, n), tokenizers.MASK, jnp.int32)], axis=1)

@@ -119,10 +119,8 @@ def main(argv):
   out = np.asarray(jax.device_get(run(params, prompts, jax.random.key(_SEED.value))))
   print(f"# {setup.config.objective.name} model from {_WORKDIR.value}, step {step}")
   for i, row in enumerate(out):
-    ids = row[len(prompt):]
-    end = np.flatnonzero(ids == tokenizers.EOS)
-    ids = ids[: end[0]] if len(end) else ids
-    print(f"--- sample {i} ---\n{_PROMPT.value}{tok.decode(ids)}{_SUFFIX.value or ''}")
+    middle = tok.decode_until_eos(row[len(prompt):])
+    print(f"--- sample {i} ---\n{_PROMPT.value}{middle}{_SUFFIX.value or ''}")
 
 
 def parse_template(template: str, tok):
@@ -176,9 +174,7 @@ def fill_blanks(setup, params, step):
         f"{len(texts) - 1} blanks, up to {width - len(canvas)} new tokens, "
         f"{int(info['calls'])} network calls")
   for i, row in enumerate(np.asarray(out)):
-    ids = row[1:]
-    end = np.flatnonzero(ids == tokenizers.EOS)
-    print(f"--- sample {i} ---\n{tok.decode(ids[:end[0]] if len(end) else ids)}")
+    print(f"--- sample {i} ---\n{tok.decode_until_eos(row[1:])}")
 
 
 def sample_canvas(setup, params, step):

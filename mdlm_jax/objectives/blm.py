@@ -71,8 +71,7 @@ def _segment_key(segment_ids_BxT):
   """(B, T) int32: a flat id of each token's run of equal segment ids (row * T + its start)."""
   b, t = segment_ids_BxT.shape
   idx = jnp.arange(t, dtype=jnp.int32)
-  new = _prev(segment_ids_BxT, -1) != segment_ids_BxT
-  start = jax.lax.cummax(jnp.where(new, idx, 0), axis=1)
+  start = jax.lax.cummax(jnp.where(model_lib.run_starts(segment_ids_BxT), idx, 0), axis=1)
   return start + t * jnp.arange(b, dtype=jnp.int32)[:, None]
 
 
@@ -206,6 +205,15 @@ def importance_nll(net, batch, rng, orders: int):
           jnp.sum(words(batch)).astype(jnp.float32))
 
 
+def one_blank(prompt_BxP, max_new_tokens: int, suffix_BxS=None):
+  """prompt BLANK suffix EOS, then room for the blank to grow to `max_new_tokens` tokens."""
+  b = prompt_BxP.shape[0]
+  suffix = jnp.zeros((b, 0), jnp.int32) if suffix_BxS is None else jnp.asarray(suffix_BxS)
+  full = lambda n, tok: jnp.full((b, n), tok, jnp.int32)
+  return jnp.concatenate([prompt_BxP, full(1, tokenizers.BLANK), suffix.astype(jnp.int32),
+                          full(1, tokenizers.EOS), full(max_new_tokens - 1, tokenizers.PAD)], 1)
+
+
 @objectives.register
 class BLM(base.Objective):
   name = "blm"
@@ -239,13 +247,9 @@ class BLM(base.Objective):
                top_p=1.0, min_p=0.0, suffix_BxS=None):
     """Fills one blank between the prompt and the suffix (none: the empty suffix) with at most
     `max_new_tokens` words. Returns the prompt, the middle, EOS, then padding."""
-    b, p = prompt_BxP.shape
-    suffix = jnp.zeros((b, 0), jnp.int32) if suffix_BxS is None else jnp.asarray(suffix_BxS)
-    s = suffix.shape[1]
-    canvas = jnp.concatenate([
-        prompt_BxP, jnp.full((b, 1), tokenizers.BLANK, jnp.int32), suffix.astype(jnp.int32),
-        jnp.full((b, 1), tokenizers.EOS, jnp.int32),
-        jnp.full((b, max_new_tokens - 1), tokenizers.PAD, jnp.int32)], axis=1)
+    p = prompt_BxP.shape[1]
+    s = 0 if suffix_BxS is None else suffix_BxS.shape[1]
+    canvas = one_blank(prompt_BxP, max_new_tokens, suffix_BxS)
     canvas, _ = self.fill(model, canvas, rng, temperature=temperature, top_k=top_k, top_p=top_p,
                           min_p=min_p)
     # drop the suffix: the middle ends s + 1 tokens before the canvas's end (EOS)
