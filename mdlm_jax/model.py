@@ -29,7 +29,7 @@ class ModelConfig:
   max_seq_len: int = 2048
   tied_embeddings: bool = True
   attention: str = "auto"
-  max_segments: int = 32
+  max_segments: int = 4
   rope_base: float = 10000.0
   init_std: float = 0.02
   causal: bool = True
@@ -167,8 +167,9 @@ def packed_segments(segment_ids_BxT, max_segments: int) -> PackedSegments:
 
 def _cudnn_packed(q, k, v, offsets, lengths, causal: bool):
   """cuDNN flash attention over the runs given by offsets/lengths (no mask, no bias). The
-  public `jax.nn.dot_product_attention` takes no segments; a mask there becomes a (B, 1, T, S)
-  bias whose gradient cuDNN computes and writes in every backward pass."""
+  public `jax.nn.dot_product_attention` takes no segments: a mask there becomes a (B, 1, T, S)
+  bias that every head of every layer reads, forward and backward (and JAX before 0.11 also
+  computes its gradient)."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
   mask_type = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
   try:

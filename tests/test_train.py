@@ -164,18 +164,24 @@ def test_params_restore_alone_onto_another_mesh(tmp_path, make_config):
 
 
 def test_trace_summary_splits_device_time_by_kind(tmp_path):
-  """A hand-written Perfetto trace: host events are ignored, device events are summed per HLO
-  op over the traced steps and split into attention kernels, matmuls and the rest."""
-  def x(pid, name, dur_us, op=None):
-    return {"ph": "X", "pid": pid, "tid": 1, "ts": 0, "dur": dur_us, "name": name,
+  """A hand-written Perfetto trace: host events and the device's derived lines are ignored,
+  kernels are summed per HLO op over the traced steps and split into attention kernels,
+  matmuls and the rest."""
+  def x(pid, name, dur_us, op=None, tid=1):
+    return {"ph": "X", "pid": pid, "tid": tid, "ts": 0, "dur": dur_us, "name": name,
             "args": {"hlo_op": op} if op else {}}
+  def thread(tid, name):
+    return {"ph": "M", "pid": 2, "tid": tid, "name": "thread_name", "args": {"name": name}}
   events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
             {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            thread(1, "Stream #13(Compute)"), thread(2, "XLA Modules"),
             x(1, "PjitFunction(step)", 99_000),
+            x(2, "jit_step", 8000, tid=2),
             x(2, "sm90_xmma_gemm_bf16bf16", 3000, "dot.1"),
             x(2, "sm90_xmma_gemm_bf16bf16", 1000, "dot.1"),
             x(2, "cudnn_generated_fort_native_sdpa_sm90", 2000, "custom-call.3"),
-            x(2, "loop_add_fusion", 2000, "fusion.7")]
+            x(2, "loop_add_fusion", 1000, "fusion.7"),
+            x(2, "loop_add_fusion", 1000, "command_buffer_1")]
   d = tmp_path / "plugins" / "profile" / "run"
   d.mkdir(parents=True)
   with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
@@ -184,3 +190,5 @@ def test_trace_summary_splits_device_time_by_kind(tmp_path):
   assert s["device_ms_per_step"] == pytest.approx(4.0)
   assert s["share"] == pytest.approx({"matmul": 0.5, "attention": 0.25, "other": 0.25})
   assert s["top_ops_ms"][0] == ["dot.1", 2.0]
+  assert ["loop_add_fusion", 0.5] in s["top_ops_ms"]  # named by its kernel inside a CUDA graph
+  assert s["lines"] == {"Stream #13(Compute)": 4.0, "XLA Modules": 4.0}
