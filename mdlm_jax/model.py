@@ -80,6 +80,8 @@ def rope_tables(positions_BxT, head_dim: int, base: float, max_len: int):
 
 
 def apply_rope(x_BxTxNxH, tables):
+  if tables is None:  # no rotary positions (the input embeddings carry them)
+    return x_BxTxNxH
   sin, cos = tables
   x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -286,8 +288,10 @@ class Transformer(nnx.Module):
   def embed_tokens(self, tokens_BxT):
     return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
 
-  def hidden(self, x_BxTxD, positions_BxT, segment_ids_BxT, causal: bool | None = None):
-    """Runs the blocks on input embeddings; returns final-normed states (B, T, D)."""
+  def hidden(self, x_BxTxD, positions_BxT, segment_ids_BxT, causal: bool | None = None,
+             rope: bool = True):
+    """Runs the blocks on input embeddings; returns final-normed states (B, T, D). With
+    rope=False the positions are not used (the embeddings carry their own)."""
     causal = self.cfg.causal if causal is None else causal
     if attention_impl(self.cfg.attention, self.cfg.dtype) == "cudnn_packed":
       mask = packed_segments(segment_ids_BxT, self.cfg.max_segments)
@@ -295,7 +299,7 @@ class Transformer(nnx.Module):
       idx_BxT = jnp.broadcast_to(jnp.arange(x_BxTxD.shape[1]), positions_BxT.shape)
       mask = attention_mask(segment_ids_BxT, segment_ids_BxT, idx_BxT, idx_BxT, causal)
     rope = rope_tables(positions_BxT, self.cfg.head_dim, self.cfg.rope_base,
-                       self.cfg.max_seq_len)
+                       self.cfg.max_seq_len) if rope else None
 
     def run(block, x):
       return block(x, rope, mask, causal)[0]

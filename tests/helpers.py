@@ -33,6 +33,24 @@ def positions_of(seg):
   return pos
 
 
+def packed_batch(docs, t):
+  """Rows of documents [BOS] words [EOS] packed in order (a list of lists of word ids per row),
+  padded: a batch dict of jnp (B, T) int32 arrays."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mdlm_jax import tokenizers  # pylint: disable=g-import-not-at-top
+  x = np.full((len(docs), t), tokenizers.PAD, np.int32)
+  seg = np.zeros((len(docs), t), np.int32)
+  for r, row in enumerate(docs):
+    i = 0
+    for s, words in enumerate(row, start=1):
+      doc = [tokenizers.BOS, *words, tokenizers.EOS]
+      x[r, i:i + len(doc)], seg[r, i:i + len(doc)] = doc, s
+      i += len(doc)
+  return {"inputs": jnp.asarray(x), "segment_ids": jnp.asarray(seg),
+          "positions": jnp.asarray(np.where(seg > 0, positions_of(seg), 0))}
+
+
 def tiny_config(corpus_glob: str, data_dir: str, overrides: dict | None = None):
   """A model small enough to compile and step in about a second."""
   from mdlm_jax import config as config_lib  # pylint: disable=g-import-not-at-top

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import positions_of
+from helpers import packed_batch as batch_of
 from mdlm_jax import config as config_lib
 from mdlm_jax import objectives
 from mdlm_jax import tokenizers
@@ -23,20 +23,6 @@ def make(make_config, **opts):
   cfg = make_config({"objective.name": "blm", **{f"objective.{k}": v for k, v in opts.items()}})
   obj = objectives.create(cfg, tokenizers.get_tokenizer("bytes"))
   return obj, obj.build(nnx.Rngs(0))
-
-
-def batch_of(docs, t):
-  """Rows of documents [BOS] words [EOS] packed in order (a list of lists per row), padded."""
-  x = np.full((len(docs), t), PAD, np.int32)
-  seg = np.zeros((len(docs), t), np.int32)
-  for r, row in enumerate(docs):
-    i = 0
-    for s, words in enumerate(row, start=1):
-      doc = [BOS, *words, EOS]
-      x[r, i:i + len(doc)], seg[r, i:i + len(doc)] = doc, s
-      i += len(doc)
-  return {"inputs": jnp.asarray(x), "segment_ids": jnp.asarray(seg),
-          "positions": jnp.asarray(np.where(seg > 0, positions_of(seg), 0))}
 
 
 DOCS = [[[40, 41, 42, 43], [50, 51, 52]], [[60, 61, 62, 63]]]

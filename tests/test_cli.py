@@ -117,6 +117,28 @@ def test_blm_train_fill_blanks_and_evaluate(tmp_path, corpus, data_dir):
   assert 0 < sampled["bits_per_byte"] < bound["bits_per_byte"] + 1.0, (sampled, bound)
 
 
+def test_insertion_train_sample_between_prefix_and_suffix_and_evaluate(tmp_path, corpus,
+                                                                        data_dir):
+  wd = str(tmp_path / "wd")
+  run(["train.py", "--config=configs/insertion.py:tiny", f"--workdir={wd}",
+       *tiny_flags(corpus, data_dir, **{"train.steps": 2, "eval.every_steps": 2})])
+  for sampler in ("parallel", "sequential"):
+    out = run(["tools/sample.py", f"--workdir={wd}", "--prefix=alpha ", "--suffix= omega",
+               "--num_samples=2", "--max_new_tokens=8", f"--sampler={sampler}"]).stdout
+    texts = [block.split("\n", 1)[1].rstrip("\n") for block in out.split("--- sample")[1:]]
+    assert len(texts) == 2, out
+    assert all(t.startswith("alpha ") and t.endswith(" omega") for t in texts), out
+  p = run(["tools/sample.py", f"--workdir={wd}", "--sampler=llada"], check=False)
+  assert p.returncode != 0 and "--sampler=parallel or --sampler=sequential" in p.stderr
+  bound = json.loads(run(["tools/evaluate.py", f"--workdir={wd}", "--batches=1"]
+                         ).stdout.strip().splitlines()[-1])
+  assert bound["bits_per_byte"] > 0
+  timing = json.loads(run(["tools/bench.py", "--config=configs/insertion.py:tiny",
+                           "--sampler=insertion_parallel", "--sample_len=16", "--sample_batch=2",
+                           "--sample_repeats=1"]).stdout.strip().splitlines()[-1])
+  assert timing["network_calls"] >= 1 and 0 <= timing["tokens"] <= 2 * 16
+
+
 def test_bst_train_sample_with_suffix_and_infill(tmp_path, corpus, data_dir):
   wd = str(tmp_path / "wd")
   run(["train.py", f"--workdir={wd}", "--config.objective.name=bst",

@@ -34,7 +34,8 @@ _PIPELINE = flags.DEFINE_bool("pipeline", False, "Also time the Grain pipeline a
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 200, "Batches to time.")
 _SAMPLER = flags.DEFINE_string("sampler", None, "Time a sampler instead of the train step: "
                                "ar (KV cache), ancestral, ancestral_nocache, ancestral_unsynced, "
-                               "confidence, llada, blm.")
+                               "confidence, llada, blm, insertion_parallel, "
+                               "insertion_sequential.")
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 256, "Denoising steps of the sampler.")
 _SAMPLE_LEN = flags.DEFINE_integer("sample_len", 256, "Tokens to generate per row.")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 8, "Rows sampled at once.")
@@ -77,6 +78,17 @@ def bench_sampler(config):
     from mdlm_jax.objectives import blm  # pylint: disable=g-import-not-at-top
     canvas = blm.one_blank(prompt, n)
     fn = lambda p, r: setup.objective.fill(nnx.merge(setup.graphdef, p), canvas, r)
+  elif name.startswith("insertion_"):  # [BOS] [EOS] grown by up to n insertions
+    canvas = jnp.concatenate([prompt, jnp.full((b, 1), tokenizers.EOS, jnp.int32),
+                              jnp.full((b, n), tokenizers.PAD, jnp.int32)], axis=1)
+    region = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.full((b, 1), 2, jnp.int32),
+                              jnp.zeros((b, n), jnp.int32)], axis=1)
+    decoding = name.split("_", 1)[1]
+
+    def fn(p, r):
+      out, _, info = setup.objective.fill(nnx.merge(setup.graphdef, p), canvas, region, r,
+                                          decoding=decoding)
+      return out, info
   else:
     canvas = jnp.concatenate([prompt, jnp.full((b, n), tokenizers.MASK, jnp.int32)], axis=1)
     sampler, extra = name, {}
@@ -86,6 +98,7 @@ def bench_sampler(config):
       sampler, extra = "ancestral", {"sync_rows": False}
     fn = lambda p, r: setup.objective.sample(nnx.merge(setup.graphdef, p), canvas, r,
                                              sampler=sampler, steps=_SAMPLE_STEPS.value, **extra)
+  grows = name == "blm" or name.startswith("insertion_")
   run = jax.jit(fn)
   t0 = time.perf_counter()
   jax.block_until_ready(run(params, jax.random.key(0)))
@@ -94,12 +107,12 @@ def bench_sampler(config):
   for i in range(_SAMPLE_REPEATS.value):
     t0 = time.perf_counter()
     out, info = jax.block_until_ready(run(params, jax.random.key(i + 1)))
-    # blm stops when no blank is left: count what it wrote (BOS and EOS aside)
-    made = int(jnp.sum(out != tokenizers.PAD)) - 2 * b if name == "blm" else b * n
+    # blm and insertion stop by themselves: count what they wrote (BOS and EOS aside)
+    made = int(jnp.sum(out != tokenizers.PAD)) - 2 * b if grows else b * n
     runs.append((time.perf_counter() - t0, made, int(info["calls"])))
   dt, made, calls = sorted(runs)[len(runs) // 2]
   return {"objective": config.objective.name, "sampler": name, "batch": b, "length": n,
-          "steps": None if name in ("ar", "blm") else _SAMPLE_STEPS.value,
+          "steps": None if name == "ar" or grows else _SAMPLE_STEPS.value,
           "network_calls": calls, "tokens": made, "seconds": dt, "tokens_per_s": made / dt,
           "compile_time_s": compile_s, "device": jax.devices()[0].device_kind}
 

@@ -14,6 +14,8 @@ the objective's sampler.
   --critic_noise (confidence), --block_length, --cfg_scale, --remasking (llada); --show_steps=K prints the canvas at K evenly spaced steps (masks shown as `_`).
 - `blm`: fills between --prefix and --suffix, or every `<blank>` of a --template with any
   number of tokens, e.g. --template='def <blank>(path):'.
+- `insertion`: inserts tokens between --prefix and --suffix, --sampler=parallel (every open
+  slot at once, the default) or sequential (one insertion per step).
 """
 import os
 import sys
@@ -35,7 +37,8 @@ _CANDIDATES = flags.DEFINE_integer("num_candidates", 1, "bst: middles drawn per 
                                    "one the backward head finds most likely is kept.")
 _TEMPLATE = flags.DEFINE_string("template", None, "Text with <mask:N> spans to fill (mdlm), "
                                 "or with <blank>s each filled with any number of tokens (blm).")
-_SAMPLER = flags.DEFINE_string("sampler", None, "mdlm: ancestral (default), confidence, llada.")
+_SAMPLER = flags.DEFINE_string("sampler", None, "mdlm: ancestral (default), confidence, llada; "
+                               "insertion: parallel (default), sequential.")
 _STEPS = flags.DEFINE_integer("steps", None, "mdlm: denoising steps (default: masked count).")
 _BLOCK = flags.DEFINE_integer("block_length", 0, "llada: semi-autoregressive block (0: one).")
 _CFG = flags.DEFINE_float("cfg_scale", 0.0, "llada: classifier-free guidance scale w.")
@@ -81,7 +84,14 @@ def main(argv):
     return sample_canvas(setup, params, step)
   if hasattr(setup.objective, "fill") and _TEMPLATE.value is not None:
     return fill_blanks(setup, params, step)
-  for flag, value in (("--template", _TEMPLATE.value), ("--sampler", _SAMPLER.value),
+  decoding = None
+  if name == "insertion" and _SAMPLER.value is not None:
+    if _SAMPLER.value not in ("parallel", "sequential"):
+      raise app.UsageError(f"--sampler={_SAMPLER.value!r}: an insertion model decodes with "
+                           "--sampler=parallel or --sampler=sequential.")
+    decoding = _SAMPLER.value
+  for flag, value in (("--template", _TEMPLATE.value),
+                      ("--sampler", None if decoding else _SAMPLER.value),
                       ("--steps", _STEPS.value)):
     if value is not None:
       raise app.UsageError(f"{flag} needs a model that fills masked positions (objective "
@@ -91,7 +101,8 @@ def main(argv):
     hint = (" (an ar model reads a suffix only when trained with objective.fim_rate > 0)"
             if name == "ar" else "")
     raise app.UsageError(f"--suffix: objective {name!r} of {_WORKDIR.value} cannot condition on "
-                         f"a suffix{hint}; use a bst, blm, mdlm or FIM-trained ar model.")
+                         f"a suffix{hint}; use a bst, blm, insertion, mdlm or FIM-trained ar "
+                         "model.")
   if _CANDIDATES.value != 1 and name != "bst":
     raise app.UsageError("--num_candidates needs a bst model (its backward head ranks them).")
   if _CANDIDATES.value < 1:
@@ -111,6 +122,8 @@ def main(argv):
     options["suffix_BxS"] = np.tile(suffix, (_NUM.value, 1))
   if name == "bst":
     options["num_candidates"] = _CANDIDATES.value
+  if decoding:
+    options["decoding"] = decoding
 
   @functools.partial(jax.jit)
   def run(params, prompts, rng):

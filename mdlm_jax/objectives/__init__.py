@@ -54,3 +54,4 @@ from mdlm_jax.objectives import mdlm  # noqa: E402,F401  pylint: disable=wrong-i
 from mdlm_jax.objectives import mlm  # noqa: E402,F401  pylint: disable=wrong-import-position
 from mdlm_jax.objectives import bst  # noqa: E402,F401  pylint: disable=wrong-import-position
 from mdlm_jax.objectives import blm  # noqa: E402,F401  pylint: disable=wrong-import-position
+from mdlm_jax.objectives import insertion  # noqa: E402,F401  pylint: disable=wrong-import-position

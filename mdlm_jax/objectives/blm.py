@@ -94,10 +94,10 @@ def words(batch):
   return (batch["segment_ids"] > 0) & (x != tokenizers.BOS) & (x != tokenizers.EOS)
 
 
-def draw_order(rng, batch):
-  """Per word, its place in a uniformly random order of its document's words (0 first), and
-  per token the document's word count n."""
-  word = words(batch)
+def draw_order(rng, batch, word_BxT=None):
+  """Per word (default: `words(batch)`), its place in a uniformly random order of its
+  document's words (0 first), and per token the document's word count n."""
+  word = words(batch) if word_BxT is None else word_BxT
   key = _segment_key(batch["segment_ids"])
   start = key % word.shape[1]
   u = jax.random.uniform(rng, word.shape)

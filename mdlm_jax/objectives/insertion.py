@@ -1,0 +1,443 @@
+"""`insertion`: the Insertion Transformer (Stern et al. 2019) with Fractional Positional
+Encoding (Zhang, Zhang & Dolan 2023); OBJECTIVES.md section 6.
+
+A canvas is a subsequence of the document; between each two neighbouring tokens is a slot,
+whose state is a projection of [h_l; h_{l+1}] from a bidirectional encoder. The tied output
+layer on a slot scores every word plus EOS, which here means end-of-slot. An action is a
+(slot, word) pair: `joint` normalises its logits over all slots and words of the document,
+`factorized` multiplies a softmax over slots (u . s_l) by a softmax over words per slot.
+
+Anchors, always on the canvas: a document's BOS and EOS, and the first and last token of each
+segment of a packed row (a document cut by the row's edge). Words: the other real tokens.
+
+Training (Stern et al.'s soft binary-tree loss): per document, k uniform in 0..n kept words
+in order; each slot's missing span x_i..x_j is a target with weights softmax(-|i - centre| /
+tau) (`order=tree`) or uniform (`order=uniform`); an empty slot targets end-of-slot; the loss
+is the mean over the document's slots of -sum_i w_i log p(x_i, slot), then over documents.
+
+Likelihood: insertion orders of a document's words correspond one-to-one to action sequences
+(the slot index tells equal words apart), so as for `blm`
+  -log p(x) <= -log n! + sum_{t=0..n} E[term_t],
+term_t the mean over missing words of -log p(word, its slot) for a uniform canvas of t words
+and term_n = -log p(stop), stop being end-of-slot in any slot. `bound_terms` draws t uniform in
+0..n per document: an unbiased one-pass estimate.
+
+FPE (`fpe=True`): no rotary positions; each token adds g * u to its embedding, u a unit-RMS
+vector fixed when the token is placed: the first and last token of a segment take learned
+vectors u_begin, u_end; a token inserted between neighbours l and r takes
+u = rms_normalize(u_l W_l + u_r W_r). Training canvases place their interior tokens in
+balanced-tree order (the middle one first, between the ends, then recursively), the history
+parallel decoding follows. `fpe=False`: rotary positions of the canvas index.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mdlm_jax import model as model_lib
+from mdlm_jax import objectives
+from mdlm_jax import sampling
+from mdlm_jax import tokenizers
+from mdlm_jax.objectives import base
+from mdlm_jax.objectives import blm
+
+ORDERS = ("tree", "uniform")
+DISTRIBUTIONS = ("joint", "factorized")
+DECODINGS = ("parallel", "sequential")
+
+
+def _rms_normalize(x):
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+
+
+class InsertionNet(nnx.Module):
+  """The bidirectional backbone, the slot projection, the slot scorer (factorized) and FPE."""
+
+  def __init__(self, cfg: model_lib.ModelConfig, rngs: nnx.Rngs, fpe: bool):
+    d = cfg.d_model
+    self.fpe = fpe
+    self.backbone = model_lib.Transformer(cfg, rngs)
+    self.slot_l = model_lib.param(rngs, (d, d), ("embed", "mlp"), cfg.init_std)
+    self.slot_r = model_lib.param(rngs, (d, d), ("embed", "mlp"), cfg.init_std)
+    self.slot_u = model_lib.param(rngs, (d,), ("embed",), cfg.init_std)
+    if fpe:
+      # u_new starts near the normalised midpoint of its neighbours: positions interpolate
+      eye = 0.5 * jnp.eye(d, dtype=jnp.float32)
+      self.fpe_l = nnx.Param(eye + model_lib.param(rngs, (d, d), ("embed", "mlp"), 0.02)[...],
+                             axes=("embed", "mlp"))
+      self.fpe_r = nnx.Param(eye + model_lib.param(rngs, (d, d), ("embed", "mlp"), 0.02)[...],
+                             axes=("embed", "mlp"))
+      self.fpe_ends = model_lib.param(rngs, (2, d), (None, "embed"), 1.0)
+      self.fpe_scale = nnx.Param(jnp.full((d,), cfg.init_std, jnp.float32), axes=("embed",))
+
+  def between(self, u_left, u_right):
+    """FPE: the position vector of a token placed between neighbours at u_left and u_right."""
+    return _rms_normalize(u_left @ self.fpe_l[...] + u_right @ self.fpe_r[...])
+
+  def ends(self):
+    """Unit-RMS position vectors of a segment's first and last token."""
+    return _rms_normalize(self.fpe_ends[...])
+
+  def __call__(self, canvas_BxT, segment_ids_BxT, u_BxTxD=None):
+    """(slot states (B, T, D) float32: slot t lies between tokens t and t + 1; word logits
+    (B, T, V) float32 per slot; slot scores (B, T) float32)."""
+    net = self.backbone
+    x = net.embed_tokens(canvas_BxT)
+    positions = tree_positions(segment_ids_BxT)[0]
+    if self.fpe:
+      x = x + (u_BxTxD * self.fpe_scale[...]).astype(x.dtype)
+    h = net.hidden(x, positions, segment_ids_BxT, rope=not self.fpe)
+    nxt = jnp.concatenate([h[:, 1:], jnp.zeros_like(h[:, :1])], axis=1)
+    s = model_lib.dense(h, self.slot_l[...]) + model_lib.dense(nxt, self.slot_r[...])
+    score = model_lib.dense(s.astype(jnp.float32), self.slot_u[...][:, None])[..., 0]
+    return s, net.logits(s), score
+
+
+def tree_positions(segment_ids_BxT):
+  """(index of each token within its segment, the segment's length), both (B, T) int32."""
+  key = blm._segment_key(segment_ids_BxT)  # pylint: disable=protected-access
+  t = segment_ids_BxT.shape[1]
+  start = key % t
+  length = blm._per_segment(jnp.ones_like(key), key)  # pylint: disable=protected-access
+  return jnp.arange(t, dtype=jnp.int32) - start, length
+
+
+def fpe_vectors(net: InsertionNet, segment_ids_BxT):
+  """(B, T, D) float32 FPE vectors of a canvas whose tokens were placed ends first, then the
+  interior in balanced-tree order: the token at the middle (lo + hi) // 2 of an open interval
+  of placed tokens lo < i < hi goes between them, then each half recursively."""
+  b, t = segment_ids_BxT.shape
+  local, length = tree_positions(segment_ids_BxT)
+  start = jnp.arange(t, dtype=jnp.int32) - local
+  real = segment_ids_BxT > 0
+  u_begin, u_end = net.ends()
+  d = u_begin.shape[0]
+  last = real & (local == length - 1)
+  u = jnp.where((real & (local == 0))[..., None], u_begin,
+                jnp.where(last[..., None], u_end, jnp.zeros((b, t, d), jnp.float32)))
+  placed = real & ((local == 0) | last)
+  lo, hi = jnp.zeros_like(local), length - 1  # bounds in segment-local indices
+  rows = jnp.arange(b)[:, None]
+  for _ in range(max(1, math.ceil(math.log2(max(t, 2)))) + 1):
+    mid = (lo + hi) // 2
+    now = real & ~placed & (local == mid)
+    u_lo, u_hi = u[rows, start + lo], u[rows, start + hi]
+    u = jnp.where(now[..., None], net.between(u_lo, u_hi), u)
+    placed = placed | now
+    lo = jnp.where(~placed & (local > mid), mid, lo)
+    hi = jnp.where(~placed & (local < mid), mid, hi)
+  return u
+
+
+def anchors(batch):
+  """(B, T) bool: tokens every canvas keeps (BOS, EOS, each segment's first and last)."""
+  x, seg = batch["inputs"], batch["segment_ids"]
+  first = model_lib.run_starts(seg)
+  last = jnp.concatenate([first[:, 1:], jnp.ones_like(first[:, :1])], axis=1)
+  return (seg > 0) & ((x == tokenizers.BOS) | (x == tokenizers.EOS) | first | last)
+
+
+def words(batch):
+  """(B, T) bool: the tokens the model inserts (real tokens but the anchors)."""
+  return (batch["segment_ids"] > 0) & ~anchors(batch)
+
+
+def draw_keep(rng, batch):
+  """Per document k uniform in 0..n and the k earliest words of a random order: (keep, n, k)
+  per token."""
+  k_order, k_k = jax.random.split(rng)
+  place, n = blm.draw_order(k_order, batch, words(batch))
+  start = blm._segment_key(batch["segment_ids"]) % place.shape[1]  # pylint: disable=protected-access
+  v = jnp.take_along_axis(jax.random.uniform(k_k, place.shape), start, axis=1)
+  k = jnp.minimum(jnp.floor(v * (n + 1)), n).astype(jnp.int32)
+  return (place >= 0) & (place < k), n, k
+
+
+def span_key(missing_BxT, slot_BxT):
+  """(B, T) int32: one value per slot's run of missing words (row * T + slot), B * T at the
+  other tokens."""
+  b, t = missing_BxT.shape
+  return jnp.where(missing_BxT, slot_BxT + t * jnp.arange(b, dtype=jnp.int32)[:, None], b * t)
+
+
+def canvas_of(batch, keep_BxT):
+  """The canvas of the anchors and kept words (left-aligned, then padding): (canvas {inputs,
+  segment_ids}, missing (B, T): words not kept, slot (B, T): for each missing word the canvas
+  index of its left neighbour, span_idx / span_len (B, T): its place in its slot's run of
+  missing words and that run's length)."""
+  x, seg = batch["inputs"], batch["segment_ids"]
+  b, t = x.shape
+  missing = words(batch) & ~keep_BxT
+  on = (seg > 0) & ~missing
+  c_idx = jnp.cumsum(on, axis=1, dtype=jnp.int32) - 1  # a missing word: its left neighbour
+  rows = jnp.arange(b)[:, None]
+  target = jnp.where(on, c_idx, t)
+  put = lambda fill, v: jnp.full((b, t), fill, jnp.int32).at[rows, target].set(v, mode="drop")
+  canvas = {"inputs": put(tokenizers.PAD, x), "segment_ids": put(0, seg)}
+  key = span_key(missing, c_idx)
+  flat = key.reshape(-1)
+  span_len = jax.ops.segment_sum(missing.reshape(-1).astype(jnp.int32), flat,
+                                 num_segments=b * t + 1)[flat].reshape(b, t)
+  before = jnp.cumsum(missing, axis=1, dtype=jnp.int32) - missing
+  run_first = jax.ops.segment_min(jnp.where(missing, before, t).reshape(-1), flat,
+                                  num_segments=b * t + 1)[flat].reshape(b, t)
+  return canvas, missing, c_idx, before - run_first, span_len
+
+
+def span_weights(span_idx, span_len, span_key, order: str, tau: float):
+  """At each missing word, its weight in its slot's target: softmax(-|i - centre| / tau) over
+  the span, the binary-tree weights (order='tree'), or uniform (order='uniform', tau -> inf).
+  `span_key` tells spans apart (one value per span)."""
+  if order == "uniform":
+    return 1.0 / jnp.maximum(span_len, 1).astype(jnp.float32)
+  centre = (span_len.astype(jnp.float32) - 1.0) / 2.0
+  nearest = jnp.where(span_len % 2 == 1, 0.0, 0.5)  # the centre word's distance: e <= 1
+  e = jnp.exp(-(jnp.abs(span_idx.astype(jnp.float32) - centre) - nearest) / tau)
+  e = jnp.where(span_len > 0, e, 0.0)
+  flat = span_key.reshape(-1)
+  z = jax.ops.segment_sum(e.reshape(-1), flat, num_segments=span_key.size + 1)[flat]
+  return e / jnp.maximum(z.reshape(e.shape), 1e-30)
+
+
+def slots(canvas):
+  """(B, T) bool: canvas index t is a slot (tokens t and t + 1 in the same segment)."""
+  seg = canvas["segment_ids"]
+  nxt = jnp.concatenate([seg[:, 1:], jnp.zeros_like(seg[:, :1])], axis=1)
+  return (seg > 0) & (nxt == seg)
+
+
+def action_logprobs(net: InsertionNet, canvas, distribution: str, u_BxTxD=None,
+                    allowed_BxT=None):
+  """log p(word, slot) (B, T, V) float32 over the allowed slots of each document (default: all
+  its slots); specials other than EOS (end-of-slot) are never inserted. Non-slots: NEG_INF."""
+  seg = canvas["segment_ids"]
+  if u_BxTxD is None and net.fpe:
+    u_BxTxD = fpe_vectors(net, seg)
+  _, logits, score = net(canvas["inputs"], seg, u_BxTxD)
+  v = logits.shape[-1]
+  ok_word = (jnp.arange(v) >= tokenizers.NUM_SPECIAL) | (jnp.arange(v) == tokenizers.EOS)
+  logits = jnp.where(ok_word, logits, sampling.NEG_INF)
+  lse_w = jax.nn.logsumexp(logits, axis=-1)
+  slot_score = lse_w if distribution == "joint" else score
+  ok = slots(canvas) if allowed_BxT is None else slots(canvas) & allowed_BxT
+  key = blm._segment_key(seg)  # pylint: disable=protected-access
+  s = jnp.where(ok, slot_score, sampling.NEG_INF)
+  m = jax.lax.stop_gradient(blm._per_segment(s, key, jax.ops.segment_max))  # pylint: disable=protected-access
+  total = blm._per_segment(jnp.where(ok, jnp.exp(s - m), 0.0), key)  # pylint: disable=protected-access
+  log_p_slot = s - (m + jnp.log(jnp.where(total > 0, total, 1.0)))
+  out = log_p_slot[..., None] + logits - lse_w[..., None]
+  return jnp.where(ok[..., None], out, sampling.NEG_INF)
+
+
+def _log_prob_of_missing(logp_BxTxV, batch, slot_BxT, missing_BxT):
+  """log p(x_i, slot_i) at each missing word (0 elsewhere)."""
+  rows = jnp.arange(slot_BxT.shape[0])[:, None]
+  lp = logp_BxTxV[rows, slot_BxT, batch["inputs"]]
+  return jnp.where(missing_BxT, lp, 0.0)
+
+
+def slot_loss(net, batch, keep_BxT, distribution: str, order: str, tau: float):
+  """Stern et al.'s soft binary-tree loss of one canvas: (sum over documents of the mean
+  slot loss, number of documents with a slot)."""
+  canvas, missing, slot, span_idx, span_len = canvas_of(batch, keep_BxT)
+  logp = action_logprobs(net, canvas, distribution)
+  w = span_weights(span_idx, span_len, span_key(missing, slot), order, tau)
+  lp = _log_prob_of_missing(logp, batch, slot, missing)
+  b, t = slot.shape
+  rows = jnp.arange(b)[:, None]
+  per_slot = jnp.zeros((b, t), jnp.float32).at[rows, jnp.where(missing, slot, t)].add(
+      -w * lp, mode="drop")
+  is_slot = slots(canvas)
+  filled = jnp.zeros((b, t), bool).at[rows, jnp.where(missing, slot, t)].set(True, mode="drop")
+  empty = is_slot & ~filled
+  per_slot = per_slot - jnp.where(empty, logp[..., tokenizers.EOS], 0.0)
+  key = blm._segment_key(canvas["segment_ids"])  # pylint: disable=protected-access
+  n_slots = blm._per_segment(is_slot.astype(jnp.float32), key)  # pylint: disable=protected-access
+  per_doc = blm._per_segment(jnp.where(is_slot, per_slot, 0.0), key)  # pylint: disable=protected-access
+  first = is_slot & (key % t == jnp.arange(t))  # each document once, if it has a slot
+  return (jnp.sum(jnp.where(first, per_doc / jnp.maximum(n_slots, 1.0), 0.0)),
+          jnp.sum(first).astype(jnp.float32))
+
+
+def log_stop(logp_BxTxV, canvas):
+  """log p(stop) per canvas token (read at any token of a document): end-of-slot in any
+  slot."""
+  key = blm._segment_key(canvas["segment_ids"])  # pylint: disable=protected-access
+  e = logp_BxTxV[..., tokenizers.EOS]
+  m = jax.lax.stop_gradient(blm._per_segment(e, key, jax.ops.segment_max))  # pylint: disable=protected-access
+  total = blm._per_segment(jnp.exp(e - m), key)  # pylint: disable=protected-access
+  return m + jnp.log(jnp.where(total > 0, total, 1.0))
+
+
+def canvas_terms(net, batch, keep_BxT, k_BxT, n_BxT, distribution: str):
+  """Per document (read at its first token, 0 elsewhere): term_k of the bound for this canvas,
+  the mean over its missing words of -log p(word, slot), or -log p(stop) when k = n."""
+  canvas, missing, slot, _, _ = canvas_of(batch, keep_BxT)
+  logp = action_logprobs(net, canvas, distribution)
+  lp = _log_prob_of_missing(logp, batch, slot, missing)
+  key = blm._segment_key(batch["segment_ids"])  # pylint: disable=protected-access
+  t = key.shape[1]
+  first = (batch["segment_ids"] > 0) & (key % t == jnp.arange(t))
+  mean_missing = -blm._per_segment(lp, key) / jnp.maximum(n_BxT - k_BxT, 1)  # pylint: disable=protected-access
+  # the canvas's own first token of the same document reads its stop probability
+  c_first = jnp.cumsum((batch["segment_ids"] > 0) & ~missing, axis=1, dtype=jnp.int32) - 1
+  c_key = blm._segment_key(canvas["segment_ids"])  # pylint: disable=protected-access
+  has_slot = blm._per_segment(slots(canvas).astype(jnp.int32), c_key) > 0  # pylint: disable=protected-access
+  # a document of one token has no slot: it stops with probability 1
+  stop = jnp.where(has_slot, -log_stop(logp, canvas), 0.0)
+  stop = jnp.take_along_axis(stop, jnp.maximum(c_first, 0), axis=1)
+  return jnp.where(first, jnp.where(k_BxT < n_BxT, mean_missing, stop), 0.0), first
+
+
+def bound_terms(net, batch, rng, distribution: str):
+  """One-pass estimate of the bound on -log p(x) per document, summed: (nll, words)."""
+  keep, n, k = draw_keep(rng, batch)
+  term, first = canvas_terms(net, batch, keep, k, n, distribution)
+  log_fact = jax.lax.lgamma(n.astype(jnp.float32) + 1.0)
+  nll = jnp.sum(jnp.where(first, (n + 1) * term - log_fact, 0.0))
+  return nll, jnp.sum(words(batch)).astype(jnp.float32)
+
+
+def insert(net: InsertionNet | None, canvas_BxT, u_BxTxD, region_BxT, after_BxT, new_BxT):
+  """Inserts new_BxT[t] right after canvas index t wherever after_BxT[t]. Tokens keep their
+  order and FPE vectors; a new token's vector is `between` its neighbours' (u is passed
+  through untouched when net is None or has no FPE). Regions: new tokens are 1 (middle)."""
+  b, t = canvas_BxT.shape
+  rows = jnp.arange(b)[:, None]
+  idx = jnp.arange(t, dtype=jnp.int32)
+  shift = jnp.cumsum(after_BxT, axis=1, dtype=jnp.int32) - after_BxT
+  old_to = jnp.where(canvas_BxT != tokenizers.PAD, idx + shift, t)
+  new_to = jnp.where(after_BxT, idx + shift + 1, t)
+  tok = jnp.full((b, t), tokenizers.PAD, jnp.int32).at[rows, old_to].set(canvas_BxT, mode="drop")
+  tok = tok.at[rows, new_to].set(new_BxT, mode="drop")
+  reg = jnp.zeros((b, t), jnp.int32).at[rows, old_to].set(region_BxT, mode="drop")
+  reg = reg.at[rows, new_to].set(1, mode="drop")
+  if net is None or not net.fpe:
+    return tok, u_BxTxD, reg
+  nxt = jnp.concatenate([u_BxTxD[:, 1:], u_BxTxD[:, :1]], axis=1)
+  u = jnp.zeros_like(u_BxTxD).at[rows, old_to].set(u_BxTxD, mode="drop")
+  u = u.at[rows, new_to].set(net.between(u_BxTxD, nxt), mode="drop")
+  return tok, u, reg
+
+
+@objectives.register
+class Insertion(base.Objective):
+  name = "insertion"
+  causal = False
+  accepts_suffix = True
+  defaults = dict(order="tree", tau=1.0, distribution="joint", fpe=True, decoding="parallel")
+
+  @classmethod
+  def validate(cls, opts):
+    if opts.order not in ORDERS:
+      raise ValueError(f"objective.order={opts.order!r}; choose one of {ORDERS}.")
+    if not opts.tau > 0:
+      raise ValueError(f"objective.tau={opts.tau} must be > 0 (order='uniform' is tau -> inf).")
+    if opts.distribution not in DISTRIBUTIONS:
+      raise ValueError(f"objective.distribution={opts.distribution!r}; choose one of "
+                       f"{DISTRIBUTIONS}.")
+    if opts.decoding not in DECODINGS:
+      raise ValueError(f"objective.decoding={opts.decoding!r}; choose one of {DECODINGS}.")
+
+  def build(self, rngs):
+    return InsertionNet(self.model_config, rngs, self.opts.fpe)
+
+  def loss(self, model, batch, rng):
+    keep, _, _ = draw_keep(rng, batch)
+    total, docs = slot_loss(model, batch, keep, self.opts.distribution, self.opts.order,
+                            self.opts.tau)
+    return total / jnp.maximum(docs, 1.0), {"documents": docs}
+
+  def eval_sums(self, model, batch, rng):
+    nll, n = bound_terms(model, batch, rng, self.opts.distribution)
+    token_bytes = jnp.asarray(self.tokenizer.token_bytes, jnp.float32)
+    return {"nll": nll, "tokens": n,
+            "bytes": jnp.sum(token_bytes[batch["inputs"]] * words(batch))}
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """The backbone, the slot projection (2 d x d) and, with FPE, one (2 d x d) map per
+    placement level of the canvas, forward and backward."""
+    d = self.model_config.d_model
+    levels = (math.ceil(math.log2(max(seq_len, 2))) + 1) if self.opts.fpe else 0
+    return 3.0 * (base.forward_flops_per_token(self.model_config, seq_len)
+                  + 2 * 2 * d * d * (1 + levels))
+
+  def generate(self, model, prompt_BxP, rng, *, max_new_tokens=256, temperature=1.0, top_k=0,
+               top_p=1.0, min_p=0.0, suffix_BxS=None, decoding=None):
+    """Inserts up to `max_new_tokens` words between the prompt and the suffix (none: the empty
+    suffix; EOS closes the canvas). Returns the prompt, the middle, EOS, then padding."""
+    b, p = prompt_BxP.shape
+    suffix = (jnp.zeros((b, 0), jnp.int32) if suffix_BxS is None
+              else jnp.asarray(suffix_BxS, jnp.int32))
+    s = suffix.shape[1]
+    full = lambda n, tok: jnp.full((b, n), tok, jnp.int32)
+    canvas = jnp.concatenate([prompt_BxP.astype(jnp.int32), suffix, full(1, tokenizers.EOS),
+                              full(max_new_tokens, tokenizers.PAD)], axis=1)
+    region = jnp.concatenate([full(p, 0), full(s + 1, 2), full(max_new_tokens, 0)], axis=1)
+    canvas, region, _ = self.fill(model, canvas, region, rng, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, min_p=min_p, decoding=decoding)
+    # the prompt, then the middle (region 1) in order, then EOS
+    middle = region == 1
+    order = jnp.argsort(jnp.where(middle, jnp.arange(canvas.shape[1]), canvas.shape[1]), axis=1,
+                        stable=True)
+    mid = jnp.where(jnp.take_along_axis(middle, order, 1),
+                    jnp.take_along_axis(canvas, order, 1), tokenizers.PAD)
+    n_mid = jnp.sum(middle, axis=1, keepdims=True)
+    idx = jnp.arange(max_new_tokens)
+    mid = jnp.where(idx < n_mid, mid[:, :max_new_tokens],
+                    jnp.where(idx == n_mid, tokenizers.EOS, tokenizers.PAD))
+    return jnp.concatenate([prompt_BxP.astype(jnp.int32), mid], axis=1)
+
+  def fill(self, model, canvas_BxT, region_BxT, rng, *, temperature=1.0, top_k=0, top_p=1.0,
+           min_p=0.0, decoding=None):
+    """Inserts words into the slots between region-0 and region-2 tokens (a slot is open when
+    its left token's region is <= 1 and its right token's >= 1; inserted tokens are region 1)
+    until the model ends every open slot, or stops (sequential), or the row is full. Given
+    tokens are never changed. `parallel`: each open slot draws a word or end-of-slot from its
+    own distribution p(word | slot), all at once (about log2 n steps); `sequential`: one
+    (slot, word) action from the joint distribution per step, end-of-slot meaning stop.
+    Returns (canvas, region, info) with info["calls"], the network evaluations."""
+    decoding = decoding or self.opts.decoding
+    if decoding not in DECODINGS:
+      raise ValueError(f"decoding={decoding!r}; choose one of {DECODINGS}.")
+    b, t = canvas_BxT.shape
+    seg0 = (canvas_BxT != tokenizers.PAD).astype(jnp.int32)
+    u0 = (fpe_vectors(model, seg0) if model.fpe
+          else jnp.zeros((b, t, 1), jnp.float32))
+    v = self.vocab_size
+
+    def body(state):
+      canvas, u, region, done, key, i = state
+      key, k_draw = jax.random.split(key)
+      real = canvas != tokenizers.PAD
+      c = {"inputs": canvas, "segment_ids": real.astype(jnp.int32)}
+      nxt_region = jnp.concatenate([region[:, 1:], jnp.zeros_like(region[:, :1])], axis=1)
+      open_ = slots(c) & (region <= 1) & (nxt_region >= 1)
+      logp = action_logprobs(model, c, self.opts.distribution, u if model.fpe else None, open_)
+      room = t - jnp.sum(real, axis=1)
+      if decoding == "parallel":
+        cond_logits = logp - jax.nn.logsumexp(logp, axis=-1, keepdims=True)  # p(word | slot)
+        w = sampling.sample_logits(k_draw, cond_logits.reshape(b * t, v), temperature, top_k,
+                                   top_p, min_p).reshape(b, t)
+        ins = open_ & (w != tokenizers.EOS)
+        ins = ins & (jnp.cumsum(ins, axis=1) <= room[:, None])  # the leftmost ones that fit
+      else:
+        a = sampling.sample_logits(k_draw, logp.reshape(b, t * v), temperature, top_k, top_p,
+                                   min_p)
+        at, w1 = a // v, a % v
+        ins = (jnp.arange(t) == at[:, None]) & (w1 != tokenizers.EOS)[:, None] & \
+            (room > 0)[:, None]
+        w = jnp.broadcast_to(w1[:, None], (b, t))
+      ins = ins & ~done[:, None] & jnp.any(open_, axis=1, keepdims=True)
+      canvas, u, region = insert(model, canvas, u, region, ins, w)
+      return canvas, u, region, done | ~jnp.any(ins, axis=1), key, i + 1
+
+    def cond(state):
+      return ~jnp.all(state[3]) & (state[5] < t)
+
+    init = (canvas_BxT, u0, region_BxT, jnp.zeros((b,), bool), rng, 0)
+    canvas, _, region, _, _, calls = jax.lax.while_loop(cond, body, init)
+    return canvas, region, {"calls": calls}

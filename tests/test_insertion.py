@@ -1,0 +1,321 @@
+"""The `insertion` objective (Insertion Transformer with FPE): canvases, slots and span weights
+against a walk over the documents, the losses against numpy over the network's outputs, the
+FPE placement against its recursion, the bound against an enumeration of every insertion
+order, and the samplers."""
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import packed_batch
+from mdlm_jax import config as config_lib
+from mdlm_jax import objectives
+from mdlm_jax import tokenizers
+from mdlm_jax.objectives import insertion as ins
+
+BOS, EOS, PAD = tokenizers.BOS, tokenizers.EOS, tokenizers.PAD
+
+
+def make(make_config, **opts):
+  cfg = make_config({"objective.name": "insertion",
+                     **{f"objective.{k}": v for k, v in opts.items()}})
+  obj = objectives.create(cfg, tokenizers.get_tokenizer("bytes"))
+  return obj, obj.build(nnx.Rngs(0))
+
+
+def with_cut_row(batch, t):
+  """Adds a row holding a document cut at both edges (no BOS, no EOS) and a one-token one."""
+  x = np.full((1, t), PAD, np.int32)
+  seg = np.zeros((1, t), np.int32)
+  x[0, :6], seg[0, :6] = [70, 71, 72, 73, 74, 75], 1
+  x[0, 6], seg[0, 6] = 80, 2
+  pos = np.where(seg > 0, np.array([[0, 1, 2, 3, 4, 5, 0] + [0] * (t - 7)]), 0)
+  cat = lambda a, b: jnp.concatenate([a, jnp.asarray(b, jnp.int32)], axis=0)
+  return {"inputs": cat(batch["inputs"], x), "segment_ids": cat(batch["segment_ids"], seg),
+          "positions": cat(batch["positions"], pos)}
+
+
+DOCS = [[[40, 41, 42, 43, 44], [50, 51, 52]], [[60, 61, 62, 63, 64, 65]]]
+
+
+def reference(batch, keep, order, tau):
+  """Per row, a walk over its segments: the canvas, and per missing word (row, index) its slot
+  (the canvas index of its left neighbour) and its weight in that slot's span."""
+  x, seg = np.asarray(batch["inputs"]), np.asarray(batch["segment_ids"])
+  canvases, targets = [], {}
+  for r in range(x.shape[0]):
+    canvas, c_seg = [], []
+    t = 0
+    while t < x.shape[1] and seg[r, t] > 0:
+      end = t
+      while end + 1 < x.shape[1] and seg[r, end + 1] == seg[r, t]:
+        end += 1
+      span = []
+      for i in range(t, end + 1):
+        anchor = i in (t, end) or x[r, i] in (BOS, EOS)
+        if anchor or keep[r, i]:
+          for j, m in enumerate(span):  # close the open span
+            c = (len(span) - 1) / 2
+            w = (np.exp(-abs(j - c) / tau) / sum(np.exp(-abs(q - c) / tau)
+                                                  for q in range(len(span)))
+                 if order == "tree" else 1 / len(span))
+            targets[(r, m)] = (len(canvas) - 1, w)
+          span = []
+          canvas.append(x[r, i])
+          c_seg.append(seg[r, i])
+        else:
+          span.append(i)
+      t = end + 1
+    canvases.append((canvas, c_seg))
+  return canvases, targets
+
+
+@pytest.mark.parametrize("order,tau", [("tree", 1.0), ("tree", 0.4), ("uniform", 1.0)])
+def test_canvas_slots_and_span_weights_match_a_walk_over_the_documents(order, tau):
+  t = 16
+  batch = with_cut_row(packed_batch(DOCS, t), t)
+  keep = np.random.default_rng(0).random(batch["inputs"].shape) < 0.4
+  canvas, missing, slot, span_idx, span_len = ins.canvas_of(batch, jnp.asarray(keep))
+  w = ins.span_weights(span_idx, span_len, ins.span_key(missing, slot), order, tau)
+  canvases, targets = reference(batch, keep, order, tau)
+  for r, (c, c_seg) in enumerate(canvases):
+    np.testing.assert_array_equal(canvas["inputs"][r, :len(c)], c)
+    np.testing.assert_array_equal(canvas["segment_ids"][r, :len(c)], c_seg)
+    assert (np.asarray(canvas["inputs"][r, len(c):]) == PAD).all()
+  assert set(zip(*np.nonzero(np.asarray(missing)))) == set(targets)
+  for (r, i), (s, weight) in targets.items():
+    assert int(slot[r, i]) == s
+    np.testing.assert_allclose(float(w[r, i]), weight, rtol=1e-5)
+  # the cut document's edges and the one-token document are anchors: never missing
+  assert not bool(missing[2, 0]) and not bool(missing[2, 5]) and not bool(missing[2, 6])
+
+
+def numpy_logp(s_logits, score, canvas, distribution):
+  """log p(word, slot) per document by explicit enumeration of its slots (a dict per row:
+  canvas index -> (V,) log probabilities)."""
+  seg = np.asarray(canvas["segment_ids"])
+  v = s_logits.shape[-1]
+  ok = (np.arange(v) >= tokenizers.NUM_SPECIAL) | (np.arange(v) == EOS)
+  out = {}
+  for r in range(seg.shape[0]):
+    for d in set(seg[r]) - {0}:
+      slot_ids = [t for t in range(seg.shape[1] - 1) if seg[r, t] == d and seg[r, t + 1] == d]
+      if not slot_ids:
+        continue
+      z = np.where(ok, s_logits[r, slot_ids].astype(np.float64), -np.inf)
+      if distribution == "joint":
+        lp = z - np.log(np.exp(z).sum())
+      else:
+        sc = score[r, slot_ids].astype(np.float64)
+        lp = (sc - np.log(np.exp(sc).sum()))[:, None] + z - np.log(np.exp(z).sum(1))[:, None]
+      for k, t in enumerate(slot_ids):
+        out[(r, t)] = lp[k]
+  return out
+
+
+@pytest.mark.parametrize("distribution", ["joint", "factorized"])
+@pytest.mark.parametrize("fpe", [True, False])
+def test_slot_loss_and_bound_terms_match_numpy(make_config, distribution, fpe):
+  obj, net = make(make_config, distribution=distribution, fpe=fpe, tau=0.7)
+  t = 16
+  batch = with_cut_row(packed_batch(DOCS, t), t)
+  keep = np.random.default_rng(1).random(batch["inputs"].shape) < 0.5
+  canvas, missing, slot, _, _ = ins.canvas_of(batch, jnp.asarray(keep))
+  u = ins.fpe_vectors(net, canvas["segment_ids"]) if fpe else None
+  _, logits, score = net(canvas["inputs"], canvas["segment_ids"], u)
+  lp = numpy_logp(np.asarray(logits), np.asarray(score), canvas, distribution)
+  canvases, targets = reference(batch, keep, "tree", 0.7)
+  # Stern et al.'s loss: per document the mean over its slots of the slot losses
+  per_slot = {k: 0.0 for k in lp}
+  for (r, i), (s, w) in targets.items():
+    per_slot[(r, s)] -= w * lp[(r, s)][int(batch["inputs"][r, i])]
+  filled = {(r, s) for (r, _), (s, _) in targets.items()}
+  docs = {}
+  seg_c = np.asarray(canvas["segment_ids"])
+  for (r, s), v in per_slot.items():
+    v = v if (r, s) in filled else -lp[(r, s)][EOS]
+    docs.setdefault((r, seg_c[r, s]), []).append(v)
+  want = sum(np.mean(v) for v in docs.values())
+  total, n_docs = ins.slot_loss(net, batch, jnp.asarray(keep), distribution, "tree", 0.7)
+  assert int(n_docs) == len(docs) == 4  # the one-token document has no slot
+  np.testing.assert_allclose(float(total), want, rtol=2e-5)
+  # bound terms: mean -log p over the missing words, or -log p(stop) with nothing missing
+  x = np.asarray(batch["inputs"])
+  n = np.asarray(ins.words(batch)).sum()
+  term, first = ins.canvas_terms(net, batch, jnp.asarray(keep), jnp.zeros_like(batch["inputs"]),
+                                 jnp.full_like(batch["inputs"], n), distribution)
+  got = {(r, int(batch["segment_ids"][r, i])): float(term[r, i])
+         for r, i in zip(*np.nonzero(np.asarray(first)))}
+  for (r, d), v in got.items():
+    lps = [lp[(r, targets[(r, i)][0])][x[r, i]] for (rr, i) in targets
+           if rr == r and batch["segment_ids"][r, i] == d]
+    np.testing.assert_allclose(v, -np.sum(lps) / n, rtol=2e-5, atol=1e-6)
+  full = jnp.asarray(np.asarray(ins.words(batch)))
+  term, first = ins.canvas_terms(net, batch, full, jnp.ones_like(batch["inputs"]),
+                                 jnp.ones_like(batch["inputs"]), distribution)
+  canvas, *_ = ins.canvas_of(batch, full)
+  u = ins.fpe_vectors(net, canvas["segment_ids"]) if fpe else None
+  _, logits, score = net(canvas["inputs"], canvas["segment_ids"], u)
+  lp = numpy_logp(np.asarray(logits), np.asarray(score), canvas, distribution)
+  for r, i in zip(*np.nonzero(np.asarray(first))):
+    d = int(batch["segment_ids"][r, i])
+    eos = [v[EOS] for (rr, s), v in lp.items() if rr == r and seg_c_of(canvas, r, s) == d]
+    want = -np.log(np.sum(np.exp(eos))) if eos else 0.0
+    np.testing.assert_allclose(float(term[r, i]), want, rtol=2e-5, atol=1e-6)
+
+
+def seg_c_of(canvas, r, s):
+  return int(canvas["segment_ids"][r, s])
+
+
+def test_fpe_places_the_ends_then_the_middles_recursively(make_config):
+  _, net = make(make_config)
+  seg = np.zeros((2, 12), np.int32)
+  seg[0, :1], seg[0, 1:3], seg[0, 3:8], seg[0, 8:12] = 1, 2, 3, 4
+  seg[1, :9] = 1
+  u = np.asarray(ins.fpe_vectors(net, jnp.asarray(seg)))
+  begin, end = np.asarray(net.ends())
+  between = lambda a, b: np.asarray(net.between(jnp.asarray(a), jnp.asarray(b)))
+  for r in range(2):
+    for d in set(seg[r]) - {0}:
+      idx = np.nonzero(seg[r] == d)[0]
+      want = {idx[-1]: end, idx[0]: begin}
+
+      def place(lo, hi):
+        if hi - lo < 2:
+          return
+        mid = (lo + hi) // 2
+        want[idx[mid]] = between(want[idx[lo]], want[idx[hi]])
+        place(lo, mid)
+        place(mid, hi)
+      place(0, len(idx) - 1)
+      for i, v in want.items():
+        np.testing.assert_allclose(u[r, i], v, rtol=1e-5, atol=1e-5)
+
+
+def test_insert_keeps_order_and_positions_and_places_new_tokens_between(make_config):
+  _, net = make(make_config)
+  canvas = jnp.asarray([[BOS, 40, 41, EOS, PAD, PAD, PAD]])
+  u = jax.random.normal(jax.random.key(0), (1, 7, 32))
+  region = jnp.asarray([[0, 0, 2, 2, 0, 0, 0]])
+  after = jnp.asarray([[True, True, False, False, False, False, False]])
+  new = jnp.asarray([[90, 91, 0, 0, 0, 0, 0]])
+  tok, u2, reg = ins.insert(net, canvas, u, region, after, new)
+  np.testing.assert_array_equal(tok[0], [BOS, 90, 40, 91, 41, EOS, PAD])
+  np.testing.assert_array_equal(reg[0, :6], [0, 1, 0, 1, 2, 2])
+  for old, at in ((0, 0), (1, 2), (2, 4), (3, 5)):
+    np.testing.assert_array_equal(u2[0, at], u[0, old])
+  np.testing.assert_allclose(u2[0, 1], net.between(u[0, 0], u[0, 1]), rtol=1e-6)
+  np.testing.assert_allclose(u2[0, 3], net.between(u[0, 1], u[0, 2]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("distribution", ["joint", "factorized"])
+def test_bound_expectation_is_the_order_averaged_bound_above_the_exact_nll(make_config,
+                                                                          distribution,
+                                                                          monkeypatch):
+  """For one document of n = 3 words: the one-pass estimate averaged over every k and kept
+  subset equals -log n! - mean over the n! orders of log p(x, order), each order scored step
+  by step (its slots read off canvases built here), and the exact -log p(x), -logsumexp over
+  orders (orders and action sequences correspond one to one), lies below it."""
+  obj, net = make(make_config, distribution=distribution)
+  words = [40, 41, 41]  # equal neighbours: their slots tell the orders apart
+  batch = packed_batch([[words]], 8)
+  n = len(words)
+  pos = [1, 2, 3]  # the words' indices in the row
+
+  def logp_of(present):
+    keep = np.zeros((1, 8), bool)
+    keep[0, [pos[i] for i in present]] = True
+    canvas, *_ = ins.canvas_of(batch, jnp.asarray(keep))
+    return np.asarray(ins.action_logprobs(net, canvas, distribution))[0]
+
+  log_orders = []
+  for order in itertools.permutations(range(n)):
+    total = 0.0
+    for step, i in enumerate(order):
+      present = sorted(order[:step])
+      slot = sum(1 for j in present if j < i)  # its left neighbour: BOS or the last word < i
+      total += logp_of(present)[slot, words[i]]
+    full = logp_of(list(range(n)))
+    total += np.log(np.exp(full[:n + 1, EOS].astype(np.float64)).sum())
+    log_orders.append(total)
+  order_bound = -math.log(math.factorial(n)) - np.mean(log_orders)
+  exact = -np.logaddexp.reduce(log_orders)
+  # the one-pass estimate's expectation: k uniform in 0..n, then a uniform subset of size k
+  expect = 0.0
+  for k in range(n + 1):
+    subsets = list(itertools.combinations(range(n), k))
+    for sub in subsets:
+      keep = np.zeros((1, 8), bool)
+      keep[0, [pos[i] for i in sub]] = True
+      draw = (jnp.asarray(keep), jnp.full((1, 8), n), jnp.full((1, 8), k))
+      monkeypatch.setattr(ins, "draw_keep", lambda rng, b, draw=draw: draw)
+      nll, count = ins.bound_terms(net, batch, jax.random.key(0), distribution)
+      assert int(count) == n
+      expect += float(nll) / len(subsets) / (n + 1)
+  np.testing.assert_allclose(expect, order_bound, rtol=1e-5)
+  assert exact < order_bound
+
+
+def test_draw_keep_takes_k_uniform_in_0_to_n(make_config):
+  batch = packed_batch([[[40, 41, 42]]], 8)
+  ks = [int(ins.draw_keep(jax.random.key(i), batch)[2][0, 0]) for i in range(400)]
+  counts = np.bincount(ks, minlength=4)
+  assert counts.sum() == 400 and (counts > 60).all() and len(counts) == 4, counts  # 100 each
+
+
+@pytest.mark.parametrize("decoding", ["parallel", "sequential"])
+def test_generate_keeps_prefix_and_suffix_and_inserts_per_step(make_config, decoding):
+  obj, net = make(make_config)
+  prompt = jnp.asarray([[BOS, 40, 41]] * 3)
+  suffix = jnp.asarray([[50, 51]] * 3)
+  b, p, s, m = 3, 3, 2, 9
+  canvas = jnp.concatenate([prompt, suffix, jnp.full((b, 1), EOS), jnp.full((b, m), PAD)], 1)
+  region = jnp.concatenate([jnp.zeros((b, p), jnp.int32), jnp.full((b, s + 1), 2),
+                            jnp.zeros((b, m), jnp.int32)], 1)
+  out, reg, info = jax.jit(lambda c, r, k: obj.fill(net, c, r, k, decoding=decoding))(
+      canvas, region, jax.random.key(0))
+  out, reg = np.asarray(out), np.asarray(reg)
+  calls = int(info["calls"])
+  for r in range(b):
+    np.testing.assert_array_equal(out[r][reg[r] == 0][:p], [BOS, 40, 41])
+    np.testing.assert_array_equal(out[r][(reg[r] == 2) & (out[r] != PAD)], [50, 51, EOS])
+    n_mid = int((reg[r] == 1).sum())
+    assert ((out[r] == PAD) == (np.arange(out.shape[1]) >= p + s + 1 + n_mid)).all()
+    assert (np.nonzero(reg[r] == 1)[0] > p - 1).all()  # between the prompt and the suffix
+    assert (np.nonzero(reg[r] == 1)[0] < p + n_mid).all()
+    if decoding == "sequential":
+      assert n_mid <= calls
+    else:
+      assert n_mid <= 2 ** calls - 1  # one insertion per open slot per step
+  gen = obj.generate(net, prompt, jax.random.key(0), max_new_tokens=m, suffix_BxS=suffix,
+                     decoding=decoding)
+  np.testing.assert_array_equal(np.asarray(gen)[:, :p], np.asarray(prompt))
+
+
+def test_loss_gradient_is_finite_and_padding_changes_nothing(make_config):
+  obj, net = make(make_config)
+  narrow, wide = packed_batch(DOCS, 16), packed_batch(DOCS, 24)
+  rng = jax.random.key(3)
+  keep_n = ins.draw_keep(rng, narrow)[0]
+  keep_w = jnp.concatenate([keep_n, jnp.zeros((2, 8), bool)], axis=1)
+  a = ins.slot_loss(net, narrow, keep_n, "joint", "tree", 1.0)
+  b = ins.slot_loss(net, wide, keep_w, "joint", "tree", 1.0)
+  np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
+  grads = nnx.grad(lambda m: obj.loss(m, narrow, rng)[0])(net)
+  leaves = jax.tree.leaves(nnx.state(grads))
+  assert all(bool(jnp.isfinite(g).all()) for g in leaves)
+  assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
+
+
+@pytest.mark.parametrize("bad", [{"order": "random"}, {"tau": 0.0}, {"distribution": "x"},
+                                 {"decoding": "beam"}])
+def test_bad_options_are_refused(make_config, bad):
+  cfg = make_config({"objective.name": "insertion",
+                     **{f"objective.{k}": v for k, v in bad.items()}})
+  with pytest.raises((ValueError, config_lib.ConfigError), match=f"objective.{next(iter(bad))}"):
+    config_lib.validate(cfg)
