@@ -6,6 +6,7 @@ masked diffusion the figure is the ELBO bound estimated with --time_samples draw
 sequence, with its standard error (`loss_stderr`, `bits_per_byte_stderr`). For `bst` it is the
 forward likelihood with the empty suffix (a left-to-right factorisation). For `blm` it is the
 one-pass bound, or with --orders=M the importance-sampled -log p(x) over M orders per document.
+For `insertion` it is the one-pass bound over uniform insertion orders.
 
 --task=star_graph: exact path accuracy on the star-graph problems the model was trained on.
 --task=infill: spans of --infill_span tokens cut from held-out documents between
