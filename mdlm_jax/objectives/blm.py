@@ -67,7 +67,7 @@ def _next(a_BxT, fill):
   return jnp.concatenate([a_BxT[:, 1:], jnp.full_like(a_BxT[:, :1], fill)], axis=1)
 
 
-def _segment_key(segment_ids_BxT):
+def segment_key(segment_ids_BxT):
   """(B, T) int32: a flat id of each token's run of equal segment ids (row * T + its start)."""
   b, t = segment_ids_BxT.shape
   idx = jnp.arange(t, dtype=jnp.int32)
@@ -78,14 +78,23 @@ def _segment_key(segment_ids_BxT):
 def _log_factorial_per_document(batch, n_BxT):
   """log n! of each document, at its first token (0 elsewhere), so a sum counts it once."""
   t = n_BxT.shape[1]
-  first = _segment_key(batch["segment_ids"]) % t == jnp.arange(t)
+  first = segment_key(batch["segment_ids"]) % t == jnp.arange(t)
   return jnp.where(first, jax.lax.lgamma(n_BxT.astype(jnp.float32) + 1.0), 0.0), first
 
 
-def _per_segment(values_BxT, key_BxT, op=jax.ops.segment_sum):
+def per_segment(values_BxT, key_BxT, op=jax.ops.segment_sum):
   """`op` of the values over each segment, read back at every token of it."""
   flat = op(values_BxT.reshape(-1), key_BxT.reshape(-1), num_segments=key_BxT.size)
   return flat[key_BxT]
+
+
+def segment_logsumexp(values_BxT, valid_BxT, key_BxT):
+  """logsumexp of the valid values over each segment, read back at every token of it (finite,
+  and unused, where a segment has none)."""
+  v = jnp.where(valid_BxT, values_BxT, sampling.NEG_INF)
+  m = jax.lax.stop_gradient(per_segment(v, key_BxT, jax.ops.segment_max))
+  total = per_segment(jnp.where(valid_BxT, jnp.exp(v - m), 0.0), key_BxT)
+  return m + jnp.log(jnp.where(total > 0, total, 1.0))
 
 
 def words(batch):
@@ -98,12 +107,12 @@ def draw_order(rng, batch, word_BxT=None):
   """Per word (default: `words(batch)`), its place in a uniformly random order of its
   document's words (0 first), and per token the document's word count n."""
   word = words(batch) if word_BxT is None else word_BxT
-  key = _segment_key(batch["segment_ids"])
+  key = segment_key(batch["segment_ids"])
   start = key % word.shape[1]
   u = jax.random.uniform(rng, word.shape)
   rank = base.rank_in_row(jnp.where(word, start + u, 2.0 * word.shape[1]))
   before = jnp.take_along_axis(jnp.cumsum(word, axis=1) - word, start, axis=1)
-  n = _per_segment(word.astype(jnp.int32), key)
+  n = per_segment(word.astype(jnp.int32), key)
   return jnp.where(word, rank - before, -1), n
 
 
@@ -126,8 +135,8 @@ def canvas_of(batch, keep_BxT):
   canvas_x = put(tokenizers.PAD, jnp.where(dropped, tokenizers.BLANK, x))
   canvas_seg = put(0, seg)
   # positions restart at each canvas segment, from its first token's original position
-  first_pos = put(0, jnp.take_along_axis(pos, _segment_key(seg) % t, axis=1))
-  c_key = _segment_key(canvas_seg)
+  first_pos = put(0, jnp.take_along_axis(pos, segment_key(seg) % t, axis=1))
+  c_key = segment_key(canvas_seg)
   canvas_pos = jnp.arange(t, dtype=jnp.int32) - c_key % t + first_pos
   canvas = {"inputs": canvas_x, "segment_ids": canvas_seg,
             "positions": jnp.where(canvas_seg > 0, canvas_pos, 0)}
@@ -143,11 +152,7 @@ def action_logprobs(net: BLMNet, batch, keep_BxT):
   h, logits, score = net(canvas["inputs"], canvas["positions"], canvas["segment_ids"])
   # blank: softmax over the blanks of the document
   is_blank = canvas["inputs"] == tokenizers.BLANK
-  c_key = _segment_key(canvas["segment_ids"])
-  s = jnp.where(is_blank, score, sampling.NEG_INF)
-  m = jax.lax.stop_gradient(_per_segment(s, c_key, jax.ops.segment_max))
-  total = _per_segment(jnp.where(is_blank, jnp.exp(s - m), 0.0), c_key)
-  lse = m + jnp.log(jnp.where(total > 0, total, 1.0))  # no blank: unused, kept finite
+  lse = segment_logsumexp(score, is_blank, segment_key(canvas["segment_ids"]))
   logp_blank = jnp.take_along_axis(score - lse, c_idx, axis=1)
   # word: softmax over real tokens at the blank's state
   word_logits = jnp.where(jnp.arange(logits.shape[-1]) < tokenizers.NUM_SPECIAL,
@@ -165,7 +170,7 @@ def draw_keep(rng, batch):
   earliest words of a uniformly random order. Returns (keep, n, k), n and k per token."""
   k_order, k_k = jax.random.split(rng)
   place, n = draw_order(k_order, batch)
-  start = _segment_key(batch["segment_ids"]) % place.shape[1]
+  start = segment_key(batch["segment_ids"]) % place.shape[1]
   v = jnp.take_along_axis(jax.random.uniform(k_k, place.shape), start, axis=1)
   k = jnp.floor(v * n).astype(jnp.int32)
   return (place >= 0) & (place < k), n, k
@@ -189,8 +194,8 @@ def order_logprob(net, batch, place_BxT, n_BxT):
     return total + jnp.where(place_BxT == t, logp, 0.0), None
   steps = jnp.arange(place_BxT.shape[1])
   total, _ = jax.lax.scan(step, jnp.zeros(place_BxT.shape, jnp.float32), steps)
-  key = _segment_key(batch["segment_ids"])
-  return jnp.where(n_BxT > 0, _per_segment(total, key), 0.0)
+  key = segment_key(batch["segment_ids"])
+  return jnp.where(n_BxT > 0, per_segment(total, key), 0.0)
 
 
 def importance_nll(net, batch, rng, orders: int):

@@ -98,10 +98,10 @@ class InsertionNet(nnx.Module):
 
 def tree_positions(segment_ids_BxT):
   """(index of each token within its segment, the segment's length), both (B, T) int32."""
-  key = blm._segment_key(segment_ids_BxT)  # pylint: disable=protected-access
+  key = blm.segment_key(segment_ids_BxT)
   t = segment_ids_BxT.shape[1]
   start = key % t
-  length = blm._per_segment(jnp.ones_like(key), key)  # pylint: disable=protected-access
+  length = blm.per_segment(jnp.ones_like(key), key)
   return jnp.arange(t, dtype=jnp.int32) - start, length
 
 
@@ -150,7 +150,7 @@ def draw_keep(rng, batch):
   per token."""
   k_order, k_k = jax.random.split(rng)
   place, n = blm.draw_order(k_order, batch, words(batch))
-  start = blm._segment_key(batch["segment_ids"]) % place.shape[1]  # pylint: disable=protected-access
+  start = blm.segment_key(batch["segment_ids"]) % place.shape[1]
   v = jnp.take_along_axis(jax.random.uniform(k_k, place.shape), start, axis=1)
   k = jnp.minimum(jnp.floor(v * (n + 1)), n).astype(jnp.int32)
   return (place >= 0) & (place < k), n, k
@@ -223,11 +223,8 @@ def action_logprobs(net: InsertionNet, canvas, distribution: str, u_BxTxD=None,
   lse_w = jax.nn.logsumexp(logits, axis=-1)
   slot_score = lse_w if distribution == "joint" else score
   ok = slots(canvas) if allowed_BxT is None else slots(canvas) & allowed_BxT
-  key = blm._segment_key(seg)  # pylint: disable=protected-access
-  s = jnp.where(ok, slot_score, sampling.NEG_INF)
-  m = jax.lax.stop_gradient(blm._per_segment(s, key, jax.ops.segment_max))  # pylint: disable=protected-access
-  total = blm._per_segment(jnp.where(ok, jnp.exp(s - m), 0.0), key)  # pylint: disable=protected-access
-  log_p_slot = s - (m + jnp.log(jnp.where(total > 0, total, 1.0)))
+  key = blm.segment_key(seg)
+  log_p_slot = slot_score - blm.segment_logsumexp(slot_score, ok, key)
   out = log_p_slot[..., None] + logits - lse_w[..., None]
   return jnp.where(ok[..., None], out, sampling.NEG_INF)
 
@@ -254,9 +251,9 @@ def slot_loss(net, batch, keep_BxT, distribution: str, order: str, tau: float):
   filled = jnp.zeros((b, t), bool).at[rows, jnp.where(missing, slot, t)].set(True, mode="drop")
   empty = is_slot & ~filled
   per_slot = per_slot - jnp.where(empty, logp[..., tokenizers.EOS], 0.0)
-  key = blm._segment_key(canvas["segment_ids"])  # pylint: disable=protected-access
-  n_slots = blm._per_segment(is_slot.astype(jnp.float32), key)  # pylint: disable=protected-access
-  per_doc = blm._per_segment(jnp.where(is_slot, per_slot, 0.0), key)  # pylint: disable=protected-access
+  key = blm.segment_key(canvas["segment_ids"])
+  n_slots = blm.per_segment(is_slot.astype(jnp.float32), key)
+  per_doc = blm.per_segment(jnp.where(is_slot, per_slot, 0.0), key)
   first = is_slot & (key % t == jnp.arange(t))  # each document once, if it has a slot
   return (jnp.sum(jnp.where(first, per_doc / jnp.maximum(n_slots, 1.0), 0.0)),
           jnp.sum(first).astype(jnp.float32))
@@ -265,11 +262,8 @@ def slot_loss(net, batch, keep_BxT, distribution: str, order: str, tau: float):
 def log_stop(logp_BxTxV, canvas):
   """log p(stop) per canvas token (read at any token of a document): end-of-slot in any
   slot."""
-  key = blm._segment_key(canvas["segment_ids"])  # pylint: disable=protected-access
-  e = logp_BxTxV[..., tokenizers.EOS]
-  m = jax.lax.stop_gradient(blm._per_segment(e, key, jax.ops.segment_max))  # pylint: disable=protected-access
-  total = blm._per_segment(jnp.exp(e - m), key)  # pylint: disable=protected-access
-  return m + jnp.log(jnp.where(total > 0, total, 1.0))
+  key = blm.segment_key(canvas["segment_ids"])
+  return blm.segment_logsumexp(logp_BxTxV[..., tokenizers.EOS], slots(canvas), key)
 
 
 def canvas_terms(net, batch, keep_BxT, k_BxT, n_BxT, distribution: str):
@@ -278,14 +272,14 @@ def canvas_terms(net, batch, keep_BxT, k_BxT, n_BxT, distribution: str):
   canvas, missing, slot, _, _ = canvas_of(batch, keep_BxT)
   logp = action_logprobs(net, canvas, distribution)
   lp = _log_prob_of_missing(logp, batch, slot, missing)
-  key = blm._segment_key(batch["segment_ids"])  # pylint: disable=protected-access
+  key = blm.segment_key(batch["segment_ids"])
   t = key.shape[1]
   first = (batch["segment_ids"] > 0) & (key % t == jnp.arange(t))
-  mean_missing = -blm._per_segment(lp, key) / jnp.maximum(n_BxT - k_BxT, 1)  # pylint: disable=protected-access
+  mean_missing = -blm.per_segment(lp, key) / jnp.maximum(n_BxT - k_BxT, 1)
   # the canvas's own first token of the same document reads its stop probability
   c_first = jnp.cumsum((batch["segment_ids"] > 0) & ~missing, axis=1, dtype=jnp.int32) - 1
-  c_key = blm._segment_key(canvas["segment_ids"])  # pylint: disable=protected-access
-  has_slot = blm._per_segment(slots(canvas).astype(jnp.int32), c_key) > 0  # pylint: disable=protected-access
+  c_key = blm.segment_key(canvas["segment_ids"])
+  has_slot = blm.per_segment(slots(canvas).astype(jnp.int32), c_key) > 0
   # a document of one token has no slot: it stops with probability 1
   stop = jnp.where(has_slot, -log_stop(logp, canvas), 0.0)
   stop = jnp.take_along_axis(stop, jnp.maximum(c_first, 0), axis=1)
