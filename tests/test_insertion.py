@@ -128,7 +128,7 @@ def test_slot_loss_and_bound_terms_match_numpy(make_config, distribution, fpe):
   u = ins.fpe_vectors(net, canvas["segment_ids"]) if fpe else None
   _, logits, score = net(canvas["inputs"], canvas["segment_ids"], u)
   lp = numpy_logp(np.asarray(logits), np.asarray(score), canvas, distribution)
-  canvases, targets = reference(batch, keep, "tree", 0.7)
+  _, targets = reference(batch, keep, "tree", 0.7)
   # Stern et al.'s loss: per document the mean over its slots of the slot losses
   per_slot = {k: 0.0 for k in lp}
   for (r, i), (s, w) in targets.items():
@@ -163,13 +163,10 @@ def test_slot_loss_and_bound_terms_match_numpy(make_config, distribution, fpe):
   lp = numpy_logp(np.asarray(logits), np.asarray(score), canvas, distribution)
   for r, i in zip(*np.nonzero(np.asarray(first))):
     d = int(batch["segment_ids"][r, i])
-    eos = [v[EOS] for (rr, s), v in lp.items() if rr == r and seg_c_of(canvas, r, s) == d]
+    eos = [v[EOS] for (rr, s), v in lp.items()
+           if rr == r and int(canvas["segment_ids"][r, s]) == d]
     want = -np.log(np.sum(np.exp(eos))) if eos else 0.0
     np.testing.assert_allclose(float(term[r, i]), want, rtol=2e-5, atol=1e-6)
-
-
-def seg_c_of(canvas, r, s):
-  return int(canvas["segment_ids"][r, s])
 
 
 def test_fpe_places_the_ends_then_the_middles_recursively(make_config):

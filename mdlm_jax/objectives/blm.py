@@ -77,15 +77,21 @@ def segment_key(segment_ids_BxT):
 
 def _log_factorial_per_document(batch, n_BxT):
   """log n! of each document, at its first token (0 elsewhere), so a sum counts it once."""
-  t = n_BxT.shape[1]
-  first = segment_key(batch["segment_ids"]) % t == jnp.arange(t)
+  first = is_first(segment_key(batch["segment_ids"]))
   return jnp.where(first, jax.lax.lgamma(n_BxT.astype(jnp.float32) + 1.0), 0.0), first
 
 
 def per_segment(values_BxT, key_BxT, op=jax.ops.segment_sum):
-  """`op` of the values over each segment, read back at every token of it."""
-  flat = op(values_BxT.reshape(-1), key_BxT.reshape(-1), num_segments=key_BxT.size)
+  """`op` of the values over each segment (key in 0..B*T, B*T a catch-all for tokens outside
+  every segment), read back at every token of it."""
+  flat = op(values_BxT.reshape(-1), key_BxT.reshape(-1), num_segments=key_BxT.size + 1)
   return flat[key_BxT]
+
+
+def is_first(key_BxT):
+  """(B, T) bool: the first token of each segment of `segment_key`, so a sum counts it once."""
+  t = key_BxT.shape[1]
+  return key_BxT % t == jnp.arange(t)
 
 
 def segment_logsumexp(values_BxT, valid_BxT, key_BxT):

@@ -178,12 +178,9 @@ def canvas_of(batch, keep_BxT):
   put = lambda fill, v: jnp.full((b, t), fill, jnp.int32).at[rows, target].set(v, mode="drop")
   canvas = {"inputs": put(tokenizers.PAD, x), "segment_ids": put(0, seg)}
   key = span_key(missing, c_idx)
-  flat = key.reshape(-1)
-  span_len = jax.ops.segment_sum(missing.reshape(-1).astype(jnp.int32), flat,
-                                 num_segments=b * t + 1)[flat].reshape(b, t)
+  span_len = blm.per_segment(missing.astype(jnp.int32), key)
   before = jnp.cumsum(missing, axis=1, dtype=jnp.int32) - missing
-  run_first = jax.ops.segment_min(jnp.where(missing, before, t).reshape(-1), flat,
-                                  num_segments=b * t + 1)[flat].reshape(b, t)
+  run_first = blm.per_segment(jnp.where(missing, before, t), key, jax.ops.segment_min)
   return canvas, missing, c_idx, before - run_first, span_len
 
 
@@ -197,9 +194,7 @@ def span_weights(span_idx, span_len, span_key, order: str, tau: float):
   nearest = jnp.where(span_len % 2 == 1, 0.0, 0.5)  # the centre word's distance: e <= 1
   e = jnp.exp(-(jnp.abs(span_idx.astype(jnp.float32) - centre) - nearest) / tau)
   e = jnp.where(span_len > 0, e, 0.0)
-  flat = span_key.reshape(-1)
-  z = jax.ops.segment_sum(e.reshape(-1), flat, num_segments=span_key.size + 1)[flat]
-  return e / jnp.maximum(z.reshape(e.shape), 1e-30)
+  return e / jnp.maximum(blm.per_segment(e, span_key), 1e-30)
 
 
 def slots(canvas):
@@ -254,7 +249,7 @@ def slot_loss(net, batch, keep_BxT, distribution: str, order: str, tau: float):
   key = blm.segment_key(canvas["segment_ids"])
   n_slots = blm.per_segment(is_slot.astype(jnp.float32), key)
   per_doc = blm.per_segment(jnp.where(is_slot, per_slot, 0.0), key)
-  first = is_slot & (key % t == jnp.arange(t))  # each document once, if it has a slot
+  first = is_slot & blm.is_first(key)  # each document once, if it has a slot
   return (jnp.sum(jnp.where(first, per_doc / jnp.maximum(n_slots, 1.0), 0.0)),
           jnp.sum(first).astype(jnp.float32))
 
@@ -273,8 +268,7 @@ def canvas_terms(net, batch, keep_BxT, k_BxT, n_BxT, distribution: str):
   logp = action_logprobs(net, canvas, distribution)
   lp = _log_prob_of_missing(logp, batch, slot, missing)
   key = blm.segment_key(batch["segment_ids"])
-  t = key.shape[1]
-  first = (batch["segment_ids"] > 0) & (key % t == jnp.arange(t))
+  first = (batch["segment_ids"] > 0) & blm.is_first(key)
   mean_missing = -blm.per_segment(lp, key) / jnp.maximum(n_BxT - k_BxT, 1)
   # the canvas's own first token of the same document reads its stop probability
   c_first = jnp.cumsum((batch["segment_ids"] > 0) & ~missing, axis=1, dtype=jnp.int32) - 1
@@ -295,10 +289,10 @@ def bound_terms(net, batch, rng, distribution: str):
   return nll, jnp.sum(words(batch)).astype(jnp.float32)
 
 
-def insert(net: InsertionNet | None, canvas_BxT, u_BxTxD, region_BxT, after_BxT, new_BxT):
+def insert(net: InsertionNet, canvas_BxT, u_BxTxD, region_BxT, after_BxT, new_BxT):
   """Inserts new_BxT[t] right after canvas index t wherever after_BxT[t]. Tokens keep their
   order and FPE vectors; a new token's vector is `between` its neighbours' (u is passed
-  through untouched when net is None or has no FPE). Regions: new tokens are 1 (middle)."""
+  through untouched when the net has no FPE). Regions: new tokens are 1 (middle)."""
   b, t = canvas_BxT.shape
   rows = jnp.arange(b)[:, None]
   idx = jnp.arange(t, dtype=jnp.int32)
@@ -309,7 +303,7 @@ def insert(net: InsertionNet | None, canvas_BxT, u_BxTxD, region_BxT, after_BxT,
   tok = tok.at[rows, new_to].set(new_BxT, mode="drop")
   reg = jnp.zeros((b, t), jnp.int32).at[rows, old_to].set(region_BxT, mode="drop")
   reg = reg.at[rows, new_to].set(1, mode="drop")
-  if net is None or not net.fpe:
+  if not net.fpe:
     return tok, u_BxTxD, reg
   nxt = jnp.concatenate([u_BxTxD[:, 1:], u_BxTxD[:, :1]], axis=1)
   u = jnp.zeros_like(u_BxTxD).at[rows, old_to].set(u_BxTxD, mode="drop")
