@@ -7,7 +7,9 @@ trained with the soft binary-tree loss (tau 1); validation reports the one-pass 
   python train.py --config=configs/insertion.py --workdir=DIR        # ~125M, seq 1024, bf16
 
 Options: objective.order=uniform, objective.tau, objective.distribution=factorized,
-objective.fpe=False (rotary positions of the canvas index), objective.decoding=sequential.
+objective.fpe=False (rotary positions of the canvas index), objective.decoding=sequential,
+objective.finalization=sequence (the next action is the target and only a full canvas stops:
+with order=uniform the training loss is the bound; decodes sequentially).
 """
 from configs import default
 from mdlm_jax import config as config_lib

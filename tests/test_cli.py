@@ -123,11 +123,21 @@ def test_insertion_train_sample_between_prefix_and_suffix_and_evaluate(tmp_path,
   run(["train.py", "--config=configs/insertion.py:tiny", f"--workdir={wd}",
        *tiny_flags(corpus, data_dir, **{"train.steps": 2, "eval.every_steps": 2})])
   for sampler in ("parallel", "sequential"):
-    out = run(["tools/sample.py", f"--workdir={wd}", "--prefix=alpha ", "--suffix= omega",
-               "--num_samples=2", "--max_new_tokens=8", f"--sampler={sampler}"]).stdout
-    texts = [block.split("\n", 1)[1].rstrip("\n") for block in out.split("--- sample")[1:]]
-    assert len(texts) == 2, out
-    assert all(t.startswith("alpha ") and t.endswith(" omega") for t in texts), out
+    p = run(["tools/sample.py", f"--workdir={wd}", "--prefix=alpha ", "--suffix= omega",
+             "--num_samples=2", "--max_new_tokens=8", f"--sampler={sampler}"])
+    texts = [block.split("\n", 1)[1].rstrip("\n") for block in p.stdout.split("--- sample")[1:]]
+    assert len(texts) == 2, p.stdout
+    assert all(t.startswith("alpha ") and t.endswith(" omega") for t in texts), p.stdout
+    assert ("finalization='slot'" in p.stderr) == (sampler == "sequential"), p.stderr
+  seq = str(tmp_path / "seq")  # sequence finalization: decodes sequentially, refuses parallel
+  run(["train.py", "--config=configs/insertion.py:tiny", f"--workdir={seq}",
+       *tiny_flags(corpus, data_dir, **{"train.steps": 2, "eval.every_steps": 0,
+                                        "objective.finalization": "sequence"})])
+  out = run(["tools/sample.py", f"--workdir={seq}", "--prefix=alpha ", "--num_samples=1",
+             "--max_new_tokens=4"]).stdout
+  assert out.count("--- sample") == 1, out
+  p = run(["tools/sample.py", f"--workdir={seq}", "--sampler=parallel"], check=False)
+  assert p.returncode != 0 and "--sampler=sequential" in p.stderr, p.stderr
   p = run(["tools/sample.py", f"--workdir={wd}", "--sampler=llada"], check=False)
   assert p.returncode != 0 and "--sampler=parallel or --sampler=sequential" in p.stderr
   bound = json.loads(run(["tools/evaluate.py", f"--workdir={wd}", "--batches=1"]

@@ -15,6 +15,7 @@ from helpers import packed_batch
 from mdlm_jax import config as config_lib
 from mdlm_jax import objectives
 from mdlm_jax import tokenizers
+from mdlm_jax.objectives import blm
 from mdlm_jax.objectives import insertion as ins
 
 BOS, EOS, PAD = tokenizers.BOS, tokenizers.EOS, tokenizers.PAD
@@ -169,6 +170,59 @@ def test_slot_loss_and_bound_terms_match_numpy(make_config, distribution, fpe):
     np.testing.assert_allclose(float(term[r, i]), want, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("order", ["tree", "uniform"])
+def test_sequence_finalization_targets_the_next_action(make_config, order, monkeypatch):
+  """finalization=sequence: per document the cross-entropy of the next action, each slot
+  weighted by its share of the missing words and split by the span weights; stop only on a
+  full canvas; documents weighted by n + 1 less log n!, per word (the one-pass bound)."""
+  obj, net = make(make_config, order=order, tau=0.7, finalization="sequence")
+  t = 16
+  batch = with_cut_row(packed_batch(DOCS, t), t)
+  x, seg = np.asarray(batch["inputs"]), np.asarray(batch["segment_ids"])
+  keep = np.random.default_rng(2).random(x.shape) < 0.5
+  keep[0, 8:11] = True  # row 0's second document keeps every word: its target is stop
+  word = np.asarray(ins.words(batch))
+  doc_of = lambda r, i: (r, seg[r, i])
+  n_doc, k_doc = {}, {}
+  for r, i in zip(*np.nonzero(seg)):
+    n_doc[doc_of(r, i)] = n_doc.get(doc_of(r, i), 0) + int(word[r, i])
+    k_doc[doc_of(r, i)] = k_doc.get(doc_of(r, i), 0) + int(word[r, i] and keep[r, i])
+  per_tok = lambda m: jnp.asarray(np.vectorize(lambda r, i: m.get(doc_of(r, i), 0))(
+      *np.indices(x.shape)), jnp.int32)
+  n, k = per_tok(n_doc), per_tok(k_doc)
+  canvas, *_ = ins.canvas_of(batch, jnp.asarray(keep))
+  _, logits, score = net(canvas["inputs"], canvas["segment_ids"],
+                         ins.fpe_vectors(net, canvas["segment_ids"]))
+  lp = numpy_logp(np.asarray(logits), np.asarray(score), canvas, "joint")
+  _, targets = reference(batch, keep, order, 0.7)
+  span = {}  # missing words per (row, slot)
+  for (r, _), (s, _) in targets.items():
+    span[(r, s)] = span.get((r, s), 0) + 1
+  c_seg = np.asarray(canvas["segment_ids"])
+  total = weight = 0.0
+  for (r, d), n_d in n_doc.items():
+    missing = [(i, s, w) for (rr, i), (s, w) in targets.items() if doc_of(rr, i) == (r, d)]
+    if missing:
+      term = -sum(span[(r, s)] / len(missing) * w * lp[(r, s)][x[r, i]] for i, s, w in missing)
+    else:
+      eos = [v[EOS] for (rr, s), v in lp.items() if rr == r and c_seg[r, s] == d]
+      term = -np.log(np.sum(np.exp(eos))) if eos else 0.0
+    total += (n_d + 1) * term - math.lgamma(n_d + 1)
+    weight += n_d
+  assert k_doc[(0, 2)] == n_doc[(0, 2)] == 3
+  monkeypatch.setattr(ins, "draw_keep", lambda rng, b: (jnp.asarray(keep), n, k))
+  got, got_w, docs = ins.sequence_loss(net, batch, jax.random.key(0), "joint", order, 0.7)
+  np.testing.assert_allclose(float(got), total, rtol=2e-5)
+  assert float(got_w) == weight and int(docs) == len(n_doc) == 5
+  loss, metrics = obj.loss(net, batch, jax.random.key(0))
+  np.testing.assert_allclose(float(loss), total / weight, rtol=2e-5)
+  assert int(metrics["documents"]) == 5
+  # a model trained without end-of-slot per slot is refused parallel decoding
+  with pytest.raises(ValueError, match="sequential"):
+    obj.generate(net, jnp.asarray([[BOS, 40]]), jax.random.key(0), max_new_tokens=4,
+                 decoding="parallel")
+
+
 def test_fpe_places_the_ends_then_the_middles_recursively(make_config):
   _, net = make(make_config)
   seg = np.zeros((2, 12), np.int32)
@@ -256,6 +310,25 @@ def test_bound_expectation_is_the_order_averaged_bound_above_the_exact_nll(make_
       expect += float(nll) / len(subsets) / (n + 1)
   np.testing.assert_allclose(expect, order_bound, rtol=1e-5)
   assert exact < order_bound
+  # order_logprob scores an order as the walk above; eval_orders=m importance-samples m orders
+  n_tok = jnp.full((1, 8), n)
+  perms = list(itertools.permutations(range(n)))
+  for order, want in zip(perms, log_orders):
+    place = np.full((1, 8), -1)
+    place[0, [pos[i] for i in order]] = np.arange(n)
+    got = ins.order_logprob(net, batch, jnp.asarray(place), n_tok, distribution)
+    np.testing.assert_allclose(float(got[0, 2]), want, rtol=1e-5)
+  obj_is, _ = make(make_config, distribution=distribution, eval_orders=2)
+  rng = jax.random.key(5)
+  drawn = []
+  for r in jax.random.split(rng, 2):
+    place = np.asarray(blm.draw_order(r, batch, ins.words(batch))[0])[0]
+    drawn.append(perms.index(tuple(int(np.nonzero(place == s)[0][0]) - 1 for s in range(n))))
+  want = math.log(2) - math.log(math.factorial(n)) - np.logaddexp.reduce(
+      [log_orders[i] for i in drawn])
+  got = obj_is.eval_sums(net, batch, rng)
+  np.testing.assert_allclose(float(got["nll"]), want, rtol=1e-5)
+  assert float(got["tokens"]) == n
 
 
 def test_draw_keep_takes_k_uniform_in_0_to_n(make_config):
@@ -310,7 +383,9 @@ def test_loss_gradient_is_finite_and_padding_changes_nothing(make_config):
 
 
 @pytest.mark.parametrize("bad", [{"order": "random"}, {"tau": 0.0}, {"distribution": "x"},
-                                 {"decoding": "beam"}])
+                                 {"decoding": "beam"}, {"finalization": "x"},
+                                 {"finalization": "sequence", "decoding": "parallel"},
+                                 {"eval_orders": -1}])
 def test_bad_options_are_refused(make_config, bad):
   cfg = make_config({"objective.name": "insertion",
                      **{f"objective.{k}": v for k, v in bad.items()}})

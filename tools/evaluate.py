@@ -6,7 +6,8 @@ masked diffusion the figure is the ELBO bound estimated with --time_samples draw
 sequence, with its standard error (`loss_stderr`, `bits_per_byte_stderr`). For `bst` it is the
 forward likelihood with the empty suffix (a left-to-right factorisation). For `blm` it is the
 one-pass bound, or with --orders=M the importance-sampled -log p(x) over M orders per document.
-For `insertion` it is the one-pass bound over uniform insertion orders.
+For `insertion` it is the one-pass bound over uniform insertion orders, or with --orders=M the
+importance-sampled -log p(x) (M * seq_len network passes per batch).
 
 --task=star_graph: exact path accuracy on the star-graph problems the model was trained on.
 --task=infill: spans of --infill_span tokens cut from held-out documents between
@@ -33,8 +34,8 @@ _EMA = flags.DEFINE_bool("use_ema", True, "Use the EMA params when the run kept 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Override data.data_dir of the run.")
 _TIME_SAMPLES = flags.DEFINE_integer("time_samples", None,
                                      "mdlm: time samples per sequence for the bound.")
-_ORDERS = flags.DEFINE_integer("orders", None, "blm: orders sampled per document for the "
-                               "importance-sampled likelihood (0: the one-pass bound).")
+_ORDERS = flags.DEFINE_integer("orders", None, "blm, insertion: orders sampled per document "
+                               "for the importance-sampled likelihood (0: the one-pass bound).")
 _TASK = flags.DEFINE_enum("task", "likelihood", ["likelihood", "star_graph", "infill"],
                           "What to measure.")
 _EXAMPLES = flags.DEFINE_integer("examples", 200, "star_graph / infill: problems to score "

@@ -15,7 +15,8 @@ the objective's sampler.
 - `blm`: fills between --prefix and --suffix, or every `<blank>` of a --template with any
   number of tokens, e.g. --template='def <blank>(path):'.
 - `insertion`: inserts tokens between --prefix and --suffix, --sampler=parallel (every open
-  slot at once, the default) or sequential (one insertion per step).
+  slot at once; the default after objective.finalization=slot) or sequential (one insertion
+  per step; the default after finalization=sequence, which trains no per-slot end).
 """
 import os
 import sys
@@ -90,6 +91,15 @@ def main(argv):
       raise app.UsageError(f"--sampler={_SAMPLER.value!r}: an insertion model decodes with "
                            "--sampler=parallel or --sampler=sequential.")
     decoding = _SAMPLER.value
+    finalization = setup.config.objective.finalization
+    if decoding == "parallel" and finalization == "sequence":
+      raise app.UsageError(f"--sampler=parallel: {_WORKDIR.value} was trained with "
+                           "objective.finalization='sequence', which trains no end-of-slot per "
+                           "slot; use --sampler=sequential.")
+    if decoding == "sequential" and finalization == "slot":
+      print("warning: --sampler=sequential on a model trained with objective.finalization="
+            "'slot': its end-of-slot mass over all slots is high, so it tends to stop at once "
+            "(train with finalization='sequence' to decode this way).", file=sys.stderr)
   for flag, value in (("--template", _TEMPLATE.value),
                       ("--sampler", None if decoding else _SAMPLER.value),
                       ("--steps", _STEPS.value)):

@@ -204,16 +204,26 @@ def order_logprob(net, batch, place_BxT, n_BxT):
   return jnp.where(n_BxT > 0, per_segment(total, key), 0.0)
 
 
-def importance_nll(net, batch, rng, orders: int):
-  """-log p(x) ~ log m - log n! - logsumexp_i log p(x, order_i) over m uniform orders, summed
-  over documents: (nll, words). Costs m * T network passes."""
-  n = draw_order(rng, batch)[1]
-  logs = [order_logprob(net, batch, draw_order(r, batch)[0], n)
+def importance_nll(net, batch, rng, orders: int, logprob_fn=None, word_BxT=None):
+  """-log p(x) ~ log m - log n! - logsumexp_i log p(x, order_i) over m uniform orders of the
+  words (default: this objective's), summed over documents: (nll, words). `logprob_fn(net,
+  batch, place, n)` scores one order (default: `order_logprob`). Costs m * T network passes."""
+  logprob_fn = logprob_fn or order_logprob
+  word_BxT = words(batch) if word_BxT is None else word_BxT
+  n = draw_order(rng, batch, word_BxT)[1]
+  logs = [logprob_fn(net, batch, draw_order(r, batch, word_BxT)[0], n)
           for r in jax.random.split(rng, orders)]
   log_fact, first = _log_factorial_per_document(batch, n)
   per_doc = math.log(orders) - log_fact - jax.nn.logsumexp(jnp.stack(logs), axis=0)
-  return (jnp.sum(jnp.where(first & (n > 0), per_doc, 0.0)),
-          jnp.sum(words(batch)).astype(jnp.float32))
+  # a document without words has one order: per_doc is then -log p(x) (0 for blm)
+  return (jnp.sum(jnp.where(first & (batch["segment_ids"] > 0), per_doc, 0.0)),
+          jnp.sum(word_BxT).astype(jnp.float32))
+
+
+def check_eval_orders(opts):
+  if opts.eval_orders < 0:
+    raise ValueError(f"objective.eval_orders={opts.eval_orders} must be >= 0 (0: the "
+                     "one-pass bound; m > 0: importance sampling over m orders).")
 
 
 def one_blank(prompt_BxP, max_new_tokens: int, suffix_BxS=None):
@@ -234,9 +244,7 @@ class BLM(base.Objective):
 
   @classmethod
   def validate(cls, opts):
-    if opts.eval_orders < 0:
-      raise ValueError(f"objective.eval_orders={opts.eval_orders} must be >= 0 (0: the "
-                       "one-pass bound; m > 0: importance sampling over m orders).")
+    check_eval_orders(opts)
 
   def build(self, rngs):
     return BLMNet(self.model_config, rngs)

@@ -12,8 +12,16 @@ segment of a packed row (a document cut by the row's edge). Words: the other rea
 
 Training (Stern et al.'s soft binary-tree loss): per document, k uniform in 0..n kept words
 in order; each slot's missing span x_i..x_j is a target with weights softmax(-|i - centre| /
-tau) (`order=tree`) or uniform (`order=uniform`); an empty slot targets end-of-slot; the loss
-is the mean over the document's slots of -sum_i w_i log p(x_i, slot), then over documents.
+tau) (`order=tree`) or uniform (`order=uniform`).
+- `finalization=slot` (OBJECTIVES.md, for parallel decoding): an empty slot targets
+  end-of-slot; the loss is the mean over the document's slots of -sum_i w_i log p(x_i, slot),
+  then over documents. Every slot has a target under one softmax, so the loss is lowest with
+  p(slot) uniform over the slots: p(word | slot) learns, where the words go does not.
+- `finalization=sequence` (Stern et al.'s other termination, for sequential decoding): the
+  target is the next action, each slot weighted by its share of the missing words (split
+  within the slot by the weights above), and stop (end-of-slot in any slot) for the full
+  canvas only; documents weighted by n + 1, minus log n! (a constant), per word: with
+  order=uniform the loss is the one-pass estimate of the bound below.
 
 Likelihood: insertion orders of a document's words correspond one-to-one to action sequences
 (the slot index tells equal words apart), so as for `blm`
@@ -47,6 +55,7 @@ from mdlm_jax.objectives import blm
 ORDERS = ("tree", "uniform")
 DISTRIBUTIONS = ("joint", "factorized")
 DECODINGS = ("parallel", "sequential")
+FINALIZATIONS = ("slot", "sequence")
 
 
 def _rms_normalize(x):
@@ -261,15 +270,21 @@ def log_stop(logp_BxTxV, canvas):
   return blm.segment_logsumexp(logp_BxTxV[..., tokenizers.EOS], slots(canvas), key)
 
 
-def canvas_terms(net, batch, keep_BxT, k_BxT, n_BxT, distribution: str):
-  """Per document (read at its first token, 0 elsewhere): term_k of the bound for this canvas,
-  the mean over its missing words of -log p(word, slot), or -log p(stop) when k = n."""
-  canvas, missing, slot, _, _ = canvas_of(batch, keep_BxT)
+def canvas_terms(net, batch, keep_BxT, k_BxT, n_BxT, distribution: str, order="uniform",
+                 tau=1.0):
+  """Per document (read at its first token, 0 elsewhere): the cross-entropy of its next action
+  on this canvas, -sum over missing words of q_i log p(word_i, slot_i), or -log p(stop) when
+  k = n. q is a distribution over the missing words: each slot's share is its span's share of
+  the n - k missing words, split within the span by `span_weights` (`order`, `tau`). With
+  order='uniform', q_i = 1 / (n - k) and this is term_k of the bound."""
+  canvas, missing, slot, span_idx, span_len = canvas_of(batch, keep_BxT)
   logp = action_logprobs(net, canvas, distribution)
   lp = _log_prob_of_missing(logp, batch, slot, missing)
+  q = span_weights(span_idx, span_len, span_key(missing, slot), order, tau) * span_len
+  q = q / jnp.maximum(n_BxT - k_BxT, 1)
   key = blm.segment_key(batch["segment_ids"])
   first = (batch["segment_ids"] > 0) & blm.is_first(key)
-  mean_missing = -blm.per_segment(lp, key) / jnp.maximum(n_BxT - k_BxT, 1)
+  next_word = -blm.per_segment(q * lp, key)
   # the canvas's own first token of the same document reads its stop probability
   c_first = jnp.cumsum((batch["segment_ids"] > 0) & ~missing, axis=1, dtype=jnp.int32) - 1
   c_key = blm.segment_key(canvas["segment_ids"])
@@ -277,16 +292,40 @@ def canvas_terms(net, batch, keep_BxT, k_BxT, n_BxT, distribution: str):
   # a document of one token has no slot: it stops with probability 1
   stop = jnp.where(has_slot, -log_stop(logp, canvas), 0.0)
   stop = jnp.take_along_axis(stop, jnp.maximum(c_first, 0), axis=1)
-  return jnp.where(first, jnp.where(k_BxT < n_BxT, mean_missing, stop), 0.0), first
+  return jnp.where(first, jnp.where(k_BxT < n_BxT, next_word, stop), 0.0), first
+
+
+def sequence_loss(net, batch, rng, distribution: str, order="uniform", tau=1.0):
+  """Sequence finalization: one canvas per document (k uniform in 0..n), the cross-entropy of
+  its next action (`canvas_terms`), end-of-slot (stop) the target of the full canvas only:
+  (sum over documents of (n + 1) term_k - log n!, words, documents). With order='uniform'
+  this is the one-pass estimate of the bound (`bound_terms`)."""
+  keep, n, k = draw_keep(rng, batch)
+  term, first = canvas_terms(net, batch, keep, k, n, distribution, order, tau)
+  log_fact = jax.lax.lgamma(n.astype(jnp.float32) + 1.0)
+  total = jnp.sum(jnp.where(first, (n + 1) * term - log_fact, 0.0))
+  return total, jnp.sum(words(batch)).astype(jnp.float32), jnp.sum(first).astype(jnp.float32)
 
 
 def bound_terms(net, batch, rng, distribution: str):
   """One-pass estimate of the bound on -log p(x) per document, summed: (nll, words)."""
-  keep, n, k = draw_keep(rng, batch)
-  term, first = canvas_terms(net, batch, keep, k, n, distribution)
-  log_fact = jax.lax.lgamma(n.astype(jnp.float32) + 1.0)
-  nll = jnp.sum(jnp.where(first, (n + 1) * term - log_fact, 0.0))
-  return nll, jnp.sum(words(batch)).astype(jnp.float32)
+  return sequence_loss(net, batch, rng, distribution)[:2]
+
+
+def order_logprob(net, batch, place_BxT, n_BxT, distribution: str):
+  """log p(x, order) per document, read at each of its tokens: the sum over t of log p(the
+  word placed t-th, its slot) on the canvas of the t earlier ones, plus log p(stop) on the
+  full canvas (canvases scored with their tree-order FPE vectors, as the bound does)."""
+  def step(total, t):
+    keep = (place_BxT >= 0) & (place_BxT < t)
+    canvas, missing, slot, _, _ = canvas_of(batch, keep)
+    lp = _log_prob_of_missing(action_logprobs(net, canvas, distribution), batch, slot, missing)
+    return total + jnp.where(place_BxT == t, lp, 0.0), None
+  total, _ = jax.lax.scan(step, jnp.zeros(place_BxT.shape, jnp.float32),
+                          jnp.arange(place_BxT.shape[1]))
+  key = blm.segment_key(batch["segment_ids"])
+  stop, _ = canvas_terms(net, batch, words(batch), n_BxT, n_BxT, distribution)
+  return blm.per_segment(total - stop, key)
 
 
 def insert(net: InsertionNet, canvas_BxT, u_BxTxD, region_BxT, after_BxT, new_BxT):
@@ -311,12 +350,20 @@ def insert(net: InsertionNet, canvas_BxT, u_BxTxD, region_BxT, after_BxT, new_Bx
   return tok, u, reg
 
 
+_NO_PARALLEL = ("parallel decoding reads end-of-slot per slot, which only "
+                "objective.finalization='slot' trains; this model was trained with "
+                "objective.finalization='sequence'.")
+
+
 @objectives.register
 class Insertion(base.Objective):
   name = "insertion"
   causal = False
   accepts_suffix = True
-  defaults = dict(order="tree", tau=1.0, distribution="joint", fpe=True, decoding="parallel")
+  # decoding 'auto': parallel after slot finalization, sequential after sequence finalization
+  # eval_orders > 0: validation by importance sampling over that many orders (as blm's)
+  defaults = dict(order="tree", tau=1.0, distribution="joint", fpe=True, decoding="auto",
+                  finalization="slot", eval_orders=0)
 
   @classmethod
   def validate(cls, opts):
@@ -327,20 +374,36 @@ class Insertion(base.Objective):
     if opts.distribution not in DISTRIBUTIONS:
       raise ValueError(f"objective.distribution={opts.distribution!r}; choose one of "
                        f"{DISTRIBUTIONS}.")
-    if opts.decoding not in DECODINGS:
-      raise ValueError(f"objective.decoding={opts.decoding!r}; choose one of {DECODINGS}.")
+    if opts.decoding not in DECODINGS + ("auto",):
+      raise ValueError(f"objective.decoding={opts.decoding!r}; choose 'auto' or one of "
+                       f"{DECODINGS}.")
+    if opts.finalization not in FINALIZATIONS:
+      raise ValueError(f"objective.finalization={opts.finalization!r}; choose one of "
+                       f"{FINALIZATIONS}.")
+    if opts.finalization == "sequence" and opts.decoding == "parallel":
+      raise ValueError(_NO_PARALLEL + " Set objective.decoding=sequential.")
+    blm.check_eval_orders(opts)
 
   def build(self, rngs):
     return InsertionNet(self.model_config, rngs, self.opts.fpe)
 
   def loss(self, model, batch, rng):
+    o = self.opts
+    if o.finalization == "sequence":
+      total, weight, docs = sequence_loss(model, batch, rng, o.distribution, o.order, o.tau)
+      return total / jnp.maximum(weight, 1.0), {"documents": docs}
     keep, _, _ = draw_keep(rng, batch)
-    total, docs = slot_loss(model, batch, keep, self.opts.distribution, self.opts.order,
-                            self.opts.tau)
+    total, docs = slot_loss(model, batch, keep, o.distribution, o.order, o.tau)
     return total / jnp.maximum(docs, 1.0), {"documents": docs}
 
   def eval_sums(self, model, batch, rng):
-    nll, n = bound_terms(model, batch, rng, self.opts.distribution)
+    dist = self.opts.distribution
+    if self.opts.eval_orders > 0:
+      nll, n = blm.importance_nll(
+          model, batch, rng, self.opts.eval_orders, word_BxT=words(batch),
+          logprob_fn=lambda net, b, place, n: order_logprob(net, b, place, n, dist))
+    else:
+      nll, n = bound_terms(model, batch, rng, dist)
     token_bytes = jnp.asarray(self.tokenizer.token_bytes, jnp.float32)
     return {"nll": nll, "tokens": n,
             "bytes": jnp.sum(token_bytes[batch["inputs"]] * words(batch))}
@@ -389,8 +452,12 @@ class Insertion(base.Objective):
     (slot, word) action from the joint distribution per step, end-of-slot meaning stop.
     Returns (canvas, region, info) with info["calls"], the network evaluations."""
     decoding = decoding or self.opts.decoding
+    if decoding == "auto":
+      decoding = "parallel" if self.opts.finalization == "slot" else "sequential"
     if decoding not in DECODINGS:
       raise ValueError(f"decoding={decoding!r}; choose one of {DECODINGS}.")
+    if decoding == "parallel" and self.opts.finalization == "sequence":
+      raise ValueError(_NO_PARALLEL + " Decode it sequentially (--sampler=sequential).")
     b, t = canvas_BxT.shape
     seg0 = (canvas_BxT != tokenizers.PAD).astype(jnp.int32)
     u0 = (fpe_vectors(model, seg0) if model.fpe
