@@ -223,6 +223,27 @@ def test_sequence_finalization_targets_the_next_action(make_config, order, monke
                  decoding="parallel")
 
 
+def test_slot_finalization_has_no_pull_towards_filled_slots(make_config, monkeypatch):
+  """Factorised, every slot scored alike (u = 0): the slot loss's gradient on the slot scorer
+  vanishes (every slot has a target, so p(slot) uniform is its optimum, and where the words go
+  is never learnt), while sequence finalization's pulls towards the slots with missing words."""
+  _, net = make(make_config, distribution="factorized")
+  net.slot_u[...] = jnp.zeros_like(net.slot_u[...])
+  batch = with_cut_row(packed_batch(DOCS, 16), 16)
+  keep = jnp.asarray(np.random.default_rng(3).random(batch["inputs"].shape) < 0.5)
+  n = ins.draw_keep(jax.random.key(0), batch)[1]  # words per document (any draw)
+  k_kept = blm.per_segment((keep & ins.words(batch)).astype(jnp.int32),
+                           blm.segment_key(batch["segment_ids"]))
+  monkeypatch.setattr(ins, "draw_keep", lambda rng, b: (keep, n, k_kept))
+  grad_u = lambda f: np.asarray(nnx.grad(f)(net)["slot_u"][...])
+  g_slot = grad_u(lambda m: ins.slot_loss(m, batch, keep, "factorized", "tree", 1.0)[0])
+  g_seq = grad_u(lambda m: ins.sequence_loss(m, batch, jax.random.key(0), "factorized",
+                                             "tree", 1.0)[0])
+  assert np.abs(g_seq).max() > 1e-4
+  assert np.abs(g_slot).max() < 1e-4 * np.abs(g_seq).max(), (np.abs(g_slot).max(),
+                                                              np.abs(g_seq).max())
+
+
 def test_fpe_places_the_ends_then_the_middles_recursively(make_config):
   _, net = make(make_config)
   seg = np.zeros((2, 12), np.int32)
