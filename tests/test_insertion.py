@@ -388,16 +388,19 @@ def test_generate_keeps_prefix_and_suffix_and_inserts_per_step(make_config, deco
   np.testing.assert_array_equal(np.asarray(gen)[:, :p], np.asarray(prompt))
 
 
-def test_loss_gradient_is_finite_and_padding_changes_nothing(make_config):
-  obj, net = make(make_config)
+@pytest.mark.parametrize("finalization", ["slot", "sequence"])
+def test_loss_gradient_is_finite_and_padding_changes_nothing(make_config, finalization,
+                                                             monkeypatch):
+  obj, net = make(make_config, finalization=finalization)
   narrow, wide = packed_batch(DOCS, 16), packed_batch(DOCS, 24)
   rng = jax.random.key(3)
-  keep_n = ins.draw_keep(rng, narrow)[0]
-  keep_w = jnp.concatenate([keep_n, jnp.zeros((2, 8), bool)], axis=1)
-  a = ins.slot_loss(net, narrow, keep_n, "joint", "tree", 1.0)
-  b = ins.slot_loss(net, wide, keep_w, "joint", "tree", 1.0)
-  np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
-  grads = nnx.grad(lambda m: obj.loss(m, narrow, rng)[0])(net)
+  keep, n, k = ins.draw_keep(rng, narrow)
+  pad = lambda x: jnp.concatenate([x, jnp.zeros((2, 8), x.dtype)], axis=1)
+  draws = {16: (keep, n, k), 24: (pad(keep), pad(n), pad(k))}  # the same canvases
+  monkeypatch.setattr(ins, "draw_keep", lambda r, b: draws[b["inputs"].shape[1]])
+  loss = nnx.jit(lambda m, b: obj.loss(m, b, rng)[0])
+  np.testing.assert_allclose(loss(net, narrow), loss(net, wide), rtol=1e-5)
+  grads = nnx.jit(nnx.grad(lambda m: obj.loss(m, narrow, rng)[0]))(net)
   leaves = jax.tree.leaves(nnx.state(grads))
   assert all(bool(jnp.isfinite(g).all()) for g in leaves)
   assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
