@@ -90,12 +90,12 @@ def main(argv):
     if _SAMPLER.value not in ("parallel", "sequential"):
       raise app.UsageError(f"--sampler={_SAMPLER.value!r}: an insertion model decodes with "
                            "--sampler=parallel or --sampler=sequential.")
-    decoding = _SAMPLER.value
+    from mdlm_jax.objectives import insertion  # pylint: disable=g-import-not-at-top
     finalization = setup.config.objective.finalization
-    if decoding == "parallel" and finalization == "sequence":
-      raise app.UsageError(f"--sampler=parallel: {_WORKDIR.value} was trained with "
-                           "objective.finalization='sequence', which trains no end-of-slot per "
-                           "slot; use --sampler=sequential.")
+    try:
+      decoding = insertion.resolve_decoding(_SAMPLER.value, finalization)
+    except ValueError as e:
+      raise app.UsageError(f"--sampler={_SAMPLER.value}: {e}") from None
     if decoding == "sequential" and finalization == "slot":
       print("warning: --sampler=sequential on a model trained with objective.finalization="
             "'slot': its end-of-slot mass over all slots is high, so it tends to stop at once "

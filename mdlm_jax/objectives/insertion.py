@@ -350,9 +350,19 @@ def insert(net: InsertionNet, canvas_BxT, u_BxTxD, region_BxT, after_BxT, new_Bx
   return tok, u, reg
 
 
-_NO_PARALLEL = ("parallel decoding reads end-of-slot per slot, which only "
-                "objective.finalization='slot' trains; this model was trained with "
-                "objective.finalization='sequence'.")
+def resolve_decoding(decoding: str, finalization: str) -> str:
+  """'auto' -> parallel after slot finalization, sequential after sequence finalization;
+  refuses parallel decoding of a model that never learnt a per-slot end-of-slot."""
+  if decoding == "auto":
+    decoding = "parallel" if finalization == "slot" else "sequential"
+  if decoding not in DECODINGS:
+    raise ValueError(f"objective.decoding={decoding!r}; choose 'auto' or one of {DECODINGS}.")
+  if decoding == "parallel" and finalization == "sequence":
+    raise ValueError("parallel decoding reads end-of-slot per slot, which only "
+                     "objective.finalization='slot' trains; with "
+                     "objective.finalization='sequence' decode sequentially "
+                     "(objective.decoding=sequential, --sampler=sequential).")
+  return decoding
 
 
 @objectives.register
@@ -374,14 +384,10 @@ class Insertion(base.Objective):
     if opts.distribution not in DISTRIBUTIONS:
       raise ValueError(f"objective.distribution={opts.distribution!r}; choose one of "
                        f"{DISTRIBUTIONS}.")
-    if opts.decoding not in DECODINGS + ("auto",):
-      raise ValueError(f"objective.decoding={opts.decoding!r}; choose 'auto' or one of "
-                       f"{DECODINGS}.")
     if opts.finalization not in FINALIZATIONS:
       raise ValueError(f"objective.finalization={opts.finalization!r}; choose one of "
                        f"{FINALIZATIONS}.")
-    if opts.finalization == "sequence" and opts.decoding == "parallel":
-      raise ValueError(_NO_PARALLEL + " Set objective.decoding=sequential.")
+    resolve_decoding(opts.decoding, opts.finalization)
     blm.check_eval_orders(opts)
 
   def build(self, rngs):
@@ -451,13 +457,7 @@ class Insertion(base.Objective):
     own distribution p(word | slot), all at once (about log2 n steps); `sequential`: one
     (slot, word) action from the joint distribution per step, end-of-slot meaning stop.
     Returns (canvas, region, info) with info["calls"], the network evaluations."""
-    decoding = decoding or self.opts.decoding
-    if decoding == "auto":
-      decoding = "parallel" if self.opts.finalization == "slot" else "sequential"
-    if decoding not in DECODINGS:
-      raise ValueError(f"decoding={decoding!r}; choose one of {DECODINGS}.")
-    if decoding == "parallel" and self.opts.finalization == "sequence":
-      raise ValueError(_NO_PARALLEL + " Decode it sequentially (--sampler=sequential).")
+    decoding = resolve_decoding(decoding or self.opts.decoding, self.opts.finalization)
     b, t = canvas_BxT.shape
     seg0 = (canvas_BxT != tokenizers.PAD).astype(jnp.int32)
     u0 = (fpe_vectors(model, seg0) if model.fpe
