@@ -28,11 +28,21 @@ def _cluster_detected() -> bool:
   return bool(env.get("TPU_WORKER_HOSTNAMES", "").count(","))
 
 
+def fast_gpu_prng() -> None:
+  """Lowers threefry to JAX's GPU kernel instead of unrolled XLA ops (same bits; no effect on
+  CPU or TPU): on an H100, compiling the 125M model's parameter init took 107 s the XLA way
+  and 4.6 s this way (JAX warns of a possible memory cost at run time). Setting
+  JAX_THREEFRY_GPU_KERNEL_LOWERING in the environment overrides this."""
+  if "JAX_THREEFRY_GPU_KERNEL_LOWERING" not in os.environ:
+    jax.config.update("jax_threefry_gpu_kernel_lowering", True)
+
+
 def initialize(verbosity: int = logging.WARNING) -> None:
-  """Quiets library INFO logs (unless --verbosity was given), then starts multi-process JAX
-  when asked or detected."""
+  """Quiets library INFO logs (unless --verbosity was given), sets `fast_gpu_prng`, then
+  starts multi-process JAX when asked or detected."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(verbosity)
+  fast_gpu_prng()
   if _CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
   explicit = _COORD.value is not None

@@ -40,3 +40,20 @@ def test_two_processes_match_one(tmp_path, corpus, data_dir):
   assert multi["train"]["eval/tokens"] > 0
   rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
+
+
+def test_fast_gpu_prng_leaves_an_explicit_setting(monkeypatch):
+  import jax
+  from mdlm_jax import distributed
+  name = "jax_threefry_gpu_kernel_lowering"
+  before = getattr(jax.config, name)
+  try:
+    jax.config.update(name, False)
+    monkeypatch.setenv("JAX_THREEFRY_GPU_KERNEL_LOWERING", "0")
+    distributed.fast_gpu_prng()
+    assert getattr(jax.config, name) is False
+    monkeypatch.delenv("JAX_THREEFRY_GPU_KERNEL_LOWERING")
+    distributed.fast_gpu_prng()
+    assert getattr(jax.config, name) is True
+  finally:
+    jax.config.update(name, before)
