@@ -6,7 +6,8 @@ Synthetic batches (random tokens, packed rows of several segments) so the figure
 own. With --sampler=NAME it times a sampler instead (generated tokens/s and network calls):
   python tools/bench.py --config=configs/default.py --sampler=ancestral --sample_steps=1000
 
-Prints one JSON line: tokens_per_s, step_time_s, compile_time_s, flops_per_token, mfu
+Prints one JSON line: tokens_per_s, step_time_s, compile_time_s, init_time_s (parameter and
+optimizer-state init, its compilation included), flops_per_token, mfu
 (null where the device's peak is unknown), peak_memory_bytes, and pipeline_tokens_per_s with
 --pipeline (the Grain pipeline alone on the configured dataset). --profile_dir=DIR also traces
 a few steps with jax.profiler (open DIR in TensorBoard or Perfetto) and adds `profile`: the
@@ -117,40 +118,39 @@ def bench_sampler(config):
           "compile_time_s": compile_s, "device": jax.devices()[0].device_kind}
 
 
-def main(argv):
-  del argv
-  distributed.initialize()
-  if _SAMPLER.value:
-    print(json.dumps(bench_sampler(_CONFIG.value)))
-    return
+def bench_train_step(config, *, steps: int, warmup: int, doc_len: int,
+                     profile_dir: str | None = None, profile_steps: int = 3) -> dict:
+  """Times the compiled train step on synthetic packed rows (after `warmup` untimed steps);
+  with `profile_dir`, also traces `profile_steps` more and summarises the device time."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mdlm_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from mdlm_jax import trainer  # pylint: disable=g-import-not-at-top
   from mdlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
-  config = _CONFIG.value
   setup = trainer.build(config)
   tx, schedule = trainer.make_optimizer(config.train)
   abstract_state = trainer.abstract_train_state(setup, tx)
   step_fn, compile_s = trainer.compile_step(
       trainer.make_train_step(setup, tx, schedule, abstract_state), abstract_state,
       setup.abstract_batch(), verbose=False)
-  state = trainer.init_train_state(setup, tx, abstract_state)
+  t0 = time.perf_counter()
+  state = jax.block_until_ready(trainer.init_train_state(setup, tx, abstract_state))
+  init_s = time.perf_counter() - t0
   rng = np.random.default_rng(0)
   b, t = config.train.batch_size, config.data.seq_len
   local = pipeline.local_batch_size(b)
   vocab = setup.tokenizer.vocab_size
-  batches = [pipeline.to_global(pipeline.synthetic_batch(rng, local, t, vocab, _DOC_LEN.value),
+  batches = [pipeline.to_global(pipeline.synthetic_batch(rng, local, t, vocab, doc_len),
                                 setup.batch_sharding) for _ in range(2)]
-  for i in range(_WARMUP.value):
+  for i in range(warmup):
     state, m = step_fn(state, batches[i % 2])
   jax.block_until_ready(state)
   t0 = time.perf_counter()
-  for i in range(_STEPS.value):
+  for i in range(steps):
     state, m = step_fn(state, batches[i % 2])
   jax.block_until_ready((state, m))
-  step_time = (time.perf_counter() - t0) / _STEPS.value
+  step_time = (time.perf_counter() - t0) / steps
   tokens_per_s = b * t / step_time
   flops = setup.objective.flops_per_token(t)
   peak = metrics_lib.peak_flops()
@@ -166,24 +166,39 @@ def main(argv):
       "num_devices": jax.device_count(), "batch_size": b, "seq_len": t,
       "params": int(sum(np.prod(a.shape) for a in jax.tree.leaves(setup.abstract_params))),
       "dtype": config.model.dtype, "tokens_per_s": tokens_per_s, "step_time_s": step_time,
-      "compile_time_s": compile_s, "flops_per_token": flops, "mfu": mfu,
-      "peak_memory_bytes": peak_mem,
+      "compile_time_s": compile_s, "init_time_s": init_s, "flops_per_token": flops,
+      "mfu": mfu, "peak_memory_bytes": peak_mem,
       "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       "loss": float(m["train/loss"]),
   }
-  if _PROFILE_DIR.value:
-    with jax.profiler.trace(_PROFILE_DIR.value, create_perfetto_trace=True):
-      for i in range(_PROFILE_STEPS.value):
+  if profile_dir:
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      for i in range(profile_steps):
         state, m = step_fn(state, batches[i % 2])
       jax.block_until_ready((state, m))
-    result["profile"] = metrics_lib.summarize_trace(_PROFILE_DIR.value, _PROFILE_STEPS.value)
+    result["profile"] = metrics_lib.summarize_trace(profile_dir, profile_steps)
     if result["profile"].get("device_ms_per_step"):  # < 1: the device waits on the host
       result["profile"]["device_busy"] = result["profile"]["device_ms_per_step"] / (
           1e3 * step_time)
+  return result
+
+
+def main(argv):
+  del argv
+  distributed.initialize()
+  if _SAMPLER.value:
+    print(json.dumps(bench_sampler(_CONFIG.value)))
+    return
+  config = _CONFIG.value
+  result = bench_train_step(config, steps=_STEPS.value, warmup=_WARMUP.value,
+                            doc_len=_DOC_LEN.value, profile_dir=_PROFILE_DIR.value,
+                            profile_steps=_PROFILE_STEPS.value)
   if _PIPELINE.value:
-    result["pipeline_tokens_per_s"] = pipeline_tokens_per_s(config, setup.tokenizer,
-                                                            _PIPELINE_BATCHES.value)
-    result["pipeline_over_step"] = result["pipeline_tokens_per_s"] / tokens_per_s
+    from mdlm_jax import tokenizers  # pylint: disable=g-import-not-at-top
+    result["pipeline_tokens_per_s"] = pipeline_tokens_per_s(
+        config, tokenizers.get_tokenizer(config.data.tokenizer), _PIPELINE_BATCHES.value)
+    result["pipeline_over_step"] = result["pipeline_tokens_per_s"] / result["tokens_per_s"]
+  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     print(json.dumps(result))
 
