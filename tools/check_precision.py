@@ -17,6 +17,8 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mdlm_jax import distributed  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
                                           lock_config=True)
 _VARIANTS = flags.DEFINE_list("variants",
@@ -27,6 +29,7 @@ _DOC_LEN = flags.DEFINE_integer("doc_len", 128, "Mean document length of the pac
 
 def main(argv):
   del argv
+  distributed.initialize()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
