@@ -2,6 +2,7 @@
 antithetic times, Bernoulli masking, SUBS, no time conditioning, EMA 0.9999.
 
   python train.py --config=configs/mdlm.py --workdir=DIR        # ~125M, seq 1024, bf16
+  python train.py --config=configs/mdlm.py:small --workdir=DIR  # GPT-2 small's 12 x 768
   python train.py --config=configs/mdlm.py:tiny --workdir=DIR   # the CPU shape of default.py
 
 MD4 (Shi et al. 2024): --config.objective.schedule=cosine (or poly2, ...).

@@ -30,7 +30,7 @@ def _cluster_detected() -> bool:
 
 def fast_gpu_prng() -> None:
   """Lowers threefry to JAX's GPU kernel instead of unrolled XLA ops (same bits; no effect on
-  CPU or TPU): on an H100, compiling the 125M model's parameter init took 107 s the XLA way
+  CPU or TPU): on an H100, compiling the 12 x 768 model's parameter init took 107 s the XLA way
   and 4.6 s this way (JAX warns of a possible memory cost at run time). Setting
   JAX_THREEFRY_GPU_KERNEL_LOWERING in the environment overrides this."""
   if "JAX_THREEFRY_GPU_KERNEL_LOWERING" not in os.environ:

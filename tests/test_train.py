@@ -60,6 +60,26 @@ def test_sharded_step_on_8_devices_matches_one_device(make_config, objective):
   chex.assert_trees_all_close(params_eight, params_one, rtol=2e-4, atol=atol)
 
 
+def test_ema_follows_the_warmed_up_recurrence(make_config):
+  """EMA_n = d_n EMA_(n-1) + (1 - d_n) params_n from the initial params, d_n = min(d, (1 + n) /
+  (10 + n)), recomputed in numpy from the params of every step."""
+  d = 0.99
+  cfg = make_config({"train.ema_decay": d})
+  setup = trainer.build(cfg, sharding.make_mesh(cfg.mesh))
+  tx, schedule = trainer.make_optimizer(cfg.train)
+  abstract = trainer.abstract_train_state(setup, tx)
+  step = trainer.make_train_step(setup, tx, schedule, abstract)
+  state = trainer.init_train_state(setup, tx, abstract)
+  expected = jax.device_get(state["params"])
+  it = iter(pipeline.train_dataset(cfg, setup.tokenizer))
+  for n in range(1, 4):
+    state, _ = step(state, pipeline.to_global(next(it), setup.batch_sharding))
+    dn = min(d, (1 + n) / (10 + n))
+    expected = jax.tree.map(lambda e, p: dn * e + (1 - dn) * p, expected,
+                            jax.device_get(state["params"]))
+  chex.assert_trees_all_close(jax.device_get(state["ema"]), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_mesh_inference_and_errors():
   assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
   with pytest.raises(ValueError, match="do not divide"):
@@ -144,6 +164,23 @@ def test_config_from_saved_dict_roundtrips(make_config):
   cfg = make_config({"model.d_model": 48})
   again = config_lib.from_dict(json.loads(json.dumps(cfg.to_dict())))
   assert again.to_dict() == cfg.to_dict()
+
+
+def test_config_variants_have_their_stated_sizes():
+  """configs/NAME.py is ~125M parameters, :small GPT-2 small's 12 x 768, :tiny the CPU shape;
+  counted from the built model's abstract params against L (4 d^2 + 3 d f + 2 d) + V d + d."""
+  from configs import mdlm  # pylint: disable=g-import-not-at-top
+  counts = {}
+  for variant, shape in [("", (10, 1024, 2816)), ("small", (12, 768, 2048)),
+                         ("tiny", (4, 256, 768))]:
+    setup = trainer.build(mdlm.get_config(variant))
+    counts[variant] = sum(a.size for a in jax.tree.leaves(setup.abstract_params))
+    layers, d, f = shape
+    v = setup.tokenizer.vocab_size
+    assert counts[variant] == layers * (4 * d * d + 3 * d * f + 2 * d) + v * d + d
+  assert 120e6 < counts[""] < 135e6 and 80e6 < counts["small"] < 90e6
+  with pytest.raises(ValueError, match="use ':tiny', ':small' or nothing"):
+    mdlm.get_config("huge")
 
 
 def test_params_restore_alone_onto_another_mesh(tmp_path, make_config):
