@@ -22,8 +22,9 @@ def cpu_config(objective: str):
 
 def large_config(objective: str):
   """~125M parameters at seq 1024 in bfloat16, for GPUs and TPUs (configs/ar_125m.py): 10 layers,
-  d_model 1024, 8 heads of 128, SwiGLU width 2816; 128.7M parameters with the byte vocabulary.
-  (GPT-2 small's 12 x 768 has 85M without its 50k-token embedding: the `:small` variant.)"""
+  d_model 1024, 8 heads of 128, SwiGLU width 2816; 128.5M without the embedding, which the byte
+  vocabulary grows by 0.3M and a 32k one by 32.8M. (GPT-2 small's 12 x 768 has 85M without its
+  50k-token embedding: the `:small` variant.)"""
   c = config_lib.base_config()
   c.objective = config_lib.objectives.default_options(objective)
   c.model.update(num_layers=10, d_model=1024, num_heads=8, mlp_dim=2816, dtype="bfloat16",

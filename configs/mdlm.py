@@ -1,5 +1,5 @@
 """MDLM (Sahoo et al. 2024): log-linear schedule with eps 1e-3, continuous-time ELBO weight 1/t,
-antithetic times, Bernoulli masking, SUBS, no time conditioning, EMA 0.9999.
+antithetic times, Bernoulli masking, SUBS, no time conditioning, EMA 0.9999 (with MDLM's warm-up).
 
   python train.py --config=configs/mdlm.py --workdir=DIR        # ~125M, seq 1024, bf16
   python train.py --config=configs/mdlm.py:small --workdir=DIR  # GPT-2 small's 12 x 768
