@@ -5,7 +5,8 @@ and batch (for GPUs/TPUs: bf16 matmuls, the cuDNN fused attention kernel).
 
 For each variant (model.dtype, model.attention) it prints one JSON line with the loss, the
 relative error of the loss and of the whole gradient, ||g - g_ref|| / ||g_ref||, against the
-float32 run with XLA's attention (its matmuls at full float32 precision). bf16 operands land between 1e-3 and 1e-2; NaN never passes.
+float32 run with XLA's attention (its matmuls at full float32 precision). bf16 operands land
+between 1e-3 and 1e-2; NaN never passes.
 """
 import json
 import os
