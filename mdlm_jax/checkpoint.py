@@ -1,35 +1,42 @@
-"""Orbax checkpoints: what is saved, the restore precedence, and params-only restore.
+"""Orbax checkpoints: what is saved, integrity, the restore precedence, params-only restore.
 
-A checkpoint step holds the items
+A checkpoint step (`WORKDIR/checkpoints/STEP`, any epath URL) holds the items
   params      the model parameters (pure dict of arrays)
   ema         their exponential moving average (only when train.ema_decay > 0)
-  opt         {'step', 'opt_state'}
+  opt         {'step', 'opt_state', 'skips'}
   data        the Grain iterator state, one JSON file per process
-Saves are asynchronous. Restore precedence, in one place: the newest step that restores
-cleanly; a damaged newer step is skipped with a warning; when every step fails the run stops
-(nothing is overwritten). A workdir whose checkpoints belong to a differently shaped model is
-refused before anything is restored or written.
+  integrity   a checksum of every array above, computed on device at save time
+Saves are asynchronous.
+
+Restore precedence, in one place (`_restore_newest`): steps newest first. Before a step is
+read its metadata is compared with what this run builds: a different params structure or
+shape, or a different process count for the data state, is an incompatibility, reported as
+an error naming the setting and the fix, and nothing is touched. An item switched on since
+(the EMA) is initialised from the params; one switched off is not read. A step that then fails
+to read, or whose arrays do not match their checksums, is damage: the trainer renames it
+aside (`STEP.damaged`, never deleted) with a warning and tries the previous one; the tools
+(read-only) skip it. When no step restores, the run stops and nothing is overwritten.
 """
 from __future__ import annotations
 
-import json
-import os
+import re
+import time
 import warnings
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
+
+from mdlm_jax import storage
 
 CONFIG_FILE = "config.json"
-# Config sections that define the parameter shapes; a resume must not change them.
-SHAPE_KEYS = ("objective", "model", "data.tokenizer")
+HISTORY_KEY = "_history"
 
 
-def _get(cfg: dict, dotted: str):
-  for part in dotted.split("."):
-    cfg = cfg.get(part, {}) if isinstance(cfg, dict) else {}
-  return cfg
+class IncompatibleCheckpoint(ValueError):
+  """The workdir's checkpoint cannot be restored into this run (not damage)."""
 
 
 def _flat(d, prefix=""):
@@ -41,139 +48,336 @@ def _flat(d, prefix=""):
   return {prefix[:-1]: d}
 
 
-def check_compatible(workdir: str, config_dict: dict) -> None:
-  """Raises if workdir's saved config differs from this one in a shape-defining key."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    saved = json.load(f)
-  diffs = []
-  for key in SHAPE_KEYS:
-    old, new = _flat(_get(saved, key), key + "."), _flat(_get(config_dict, key), key + ".")
-    diffs += [f"{k}: {old.get(k)!r} in the workdir, {new.get(k)!r} now"
-              for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-  if diffs:
-    raise ValueError(f"--workdir={workdir} holds a run of a different model; refusing to resume "
-                     "or overwrite it:\n  " + "\n  ".join(diffs) +
-                     "\nUse a new --workdir, or the workdir's settings (see its config.json).")
+def config_changes(saved: dict, config_dict: dict) -> dict[str, list]:
+  """{dotted key: [value in the workdir, value now]} for every key that differs."""
+  old = _flat({k: v for k, v in saved.items() if k != HISTORY_KEY})
+  new = _flat(config_dict)
+  return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k)}
 
 
-def save_config(workdir: str, config_dict: dict) -> None:
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      json.dump(config_dict, f, indent=2, sort_keys=True)
+def describe_changes(changes: dict[str, list]) -> str:
+  return "\n  ".join(f"{k}: {a!r} in the workdir, {b!r} now" for k, (a, b) in changes.items())
 
 
-def load_config_dict(workdir: str) -> dict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+def load_saved_config(workdir) -> dict | None:
+  return storage.read_json(storage.path(workdir) / CONFIG_FILE)
+
+
+def record_config(workdir, config_dict: dict, step: int) -> dict[str, list]:
+  """Writes config.json (process 0), appending to its history what changed since the run
+  that wrote it; returns those changes."""
+  saved = load_saved_config(workdir)
+  history = list((saved or {}).get(HISTORY_KEY, []))
+  changes = config_changes(saved, config_dict) if saved is not None else {}
+  if saved is None:
+    history.append({"time": time.time(), "step": step, "event": "created"})
+  elif changes:
+    history.append({"time": time.time(), "step": step, "changes": changes})
+  if jax.process_index() == 0 and (saved is None or changes):
+    storage.write_json(storage.path(workdir) / CONFIG_FILE,
+                       dict(config_dict, **{HISTORY_KEY: history}))
+  return changes
+
+
+def load_config_dict(workdir) -> dict:
+  wd = storage.path(workdir)
+  if not wd.exists():
+    raise ValueError(f"--workdir={workdir} does not exist; give the --workdir of a training run.")
+  saved = load_saved_config(workdir)
+  if saved is None:
     raise ValueError(f"--workdir={workdir} has no {CONFIG_FILE}: not a training workdir.")
-  with open(path) as f:
-    return json.load(f)
+  saved.pop(HISTORY_KEY, None)
+  return saved
 
 
-def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+ITEMS = ("params", "ema", "opt")
+
+
+def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(keep), read_only=read_only,
-      enable_async_checkpointing=not read_only, create=not read_only)
+      enable_async_checkpointing=not read_only, create=not read_only,
+      cleanup_tmp_directories=not read_only)
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-  for item in ("params", "ema", "opt"):
+  for item in ITEMS:
     registry.add(item, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
     registry.add(item, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+  registry.add("integrity", ocp.args.JsonSave, ocp.JsonCheckpointHandler)
+  registry.add("integrity", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
   registry.add("data", grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointHandler)
   registry.add("data", grain.checkpoint.CheckpointRestore, grain.checkpoint.CheckpointHandler)
-  return ocp.CheckpointManager(epath.Path(workdir).absolute() / "checkpoints", options=options,
+  return ocp.CheckpointManager(storage.path(workdir) / "checkpoints", options=options,
                                handler_registry=registry)
 
 
-def save(mngr: ocp.CheckpointManager, state: dict, data_iterator) -> None:
-  items = {"params": ocp.args.StandardSave(state["params"]),
-           "opt": ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]}),
-           "data": grain.checkpoint.CheckpointSave(data_iterator)}
+# ---------------------------------------------------------------------------------------------
+# Integrity: one uint32 per array, sum_i mix(bits_i, i) mod 2^32. Changing any one element
+# changes it (the mix is a bijection of the bits for each i); integer sums are exact in any
+# order, so the value does not depend on the mesh the array is sharded over.
+
+def _array_checksum(x):
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+  idx = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape)
+  mixed = (bits ^ (idx * jnp.uint32(0x9E3779B1))) * jnp.uint32(0x85EBCA77) + idx
+  return jnp.sum(mixed, dtype=jnp.uint32)
+
+
+def _names(tree) -> dict[str, object]:
+  name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  return {"/".join(name(k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@jax.jit
+def _checksum_tree(tree):
+  return jax.tree.map(_array_checksum, tree)
+
+
+def checksums(items: dict) -> dict[str, int]:
+  """{'params/blocks/0/attn/wq': uint32, ...} for every array of the checkpoint items."""
+  sums = jax.device_get(_checksum_tree(items))
+  return {f"{k}": int(v) for k, v in _names(sums).items()}
+
+
+def _items_of(state: dict) -> dict:
+  items = {"params": state["params"],
+           "opt": {"step": state["step"], "opt_state": state["opt_state"],
+                   "skips": state["skips"]}}
   if state.get("ema") is not None:
-    items["ema"] = ocp.args.StandardSave(state["ema"])
-  mngr.save(int(jax.device_get(state["step"])), args=ocp.args.Composite(**items), force=True)
+    items["ema"] = state["ema"]
+  return items
+
+
+def save(mngr: ocp.CheckpointManager, state: dict, data_iterator) -> int:
+  """Saves `state` asynchronously (checksums are computed first, on device); returns the step."""
+  arrays = _items_of(state)
+  items = {k: ocp.args.StandardSave(v) for k, v in arrays.items()}
+  items["integrity"] = ocp.args.JsonSave(checksums(arrays))
+  items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+  step = int(jax.device_get(state["step"]))
+  mngr.save(step, args=ocp.args.Composite(**items), force=True)
+  return step
+
+
+# ---------------------------------------------------------------------------------------------
+# Restore.
+
+class Damaged(Exception):
+  pass
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
   """'blocks/0/attn/wq' -> shape (integer and string dict keys compare equal)."""
-  name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-  return {"/".join(name(k) for k in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-          if hasattr(leaf, "shape")}
+  return {k: tuple(v.shape) for k, v in _names(tree).items() if hasattr(v, "shape")}
 
 
-def _shape_mismatch(mngr, step, abstract_params) -> str | None:
-  try:
-    meta = mngr.item_metadata(step)["params"]
-  except Exception:  # pylint: disable=broad-except  (unreadable metadata: a damaged step)
-    return None
-  if meta is None:
-    return None
-  saved = _shapes(meta)
-  want = _shapes(abstract_params)
-  if not saved:
-    return None
+def _mismatch(saved_tree, want_tree) -> str | None:
+  saved, want = _shapes(saved_tree), _shapes(want_tree)
   diffs = [f"{k}: {saved.get(k)} saved vs {want.get(k)} now"
            for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
   return "; ".join(diffs[:5]) or None
 
 
-def restore_latest(mngr, abstract_state: dict, data_iterator):
-  """Restores the newest restorable step into `abstract_state`'s shardings and the data
-  iterator in place. Returns the state, or None when the workdir has no checkpoint."""
-  steps = sorted(mngr.all_steps(), reverse=True)
-  if not steps:
+def _metadata(mngr, step) -> dict:
+  try:
+    meta = mngr.item_metadata(step)
+    out = {k: meta[k] for k in meta.keys() if meta[k] is not None}
+  except Exception as e:  # pylint: disable=broad-except  (unreadable metadata: damage)
+    raise Damaged(f"its metadata cannot be read ({type(e).__name__}: {str(e)[:300]})") from e
+  if "params" not in out:
+    raise Damaged("it has no params item")
+  return out
+
+
+_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json$")
+
+
+def _data_process_count(mngr, step) -> int | None:
+  d = mngr.directory / str(step) / "data"
+  try:
+    counts = {int(m.group(2)) for p in d.iterdir() if (m := _DATA_FILE.search(p.name))}
+  except FileNotFoundError:
     return None
-  errors = []
-  for step in steps:
-    mismatch = _shape_mismatch(mngr, step, abstract_state["params"])
-    if mismatch:
-      raise ValueError(f"checkpoint step {step} in {mngr.directory} belongs to a model of other "
-                       f"shapes ({mismatch}); refusing to resume. Use a new --workdir.")
-    items = {"params": ocp.args.StandardRestore(abstract_state["params"]),
-             "opt": ocp.args.StandardRestore({"step": abstract_state["step"],
-                                              "opt_state": abstract_state["opt_state"]}),
-             "data": grain.checkpoint.CheckpointRestore(data_iterator)}
-    if abstract_state.get("ema") is not None:
-      items["ema"] = ocp.args.StandardRestore(abstract_state["ema"])
+  return counts.pop() if len(counts) == 1 else None
+
+
+def _check_compatible(mngr, step, meta, abstract_state, changes_text, restore_data):
+  mismatch = _mismatch(meta["params"], abstract_state["params"])
+  if mismatch is None and "opt" in meta:
+    mismatch = _mismatch(meta["opt"]["opt_state"], abstract_state["opt_state"])
+  if mismatch:
+    raise IncompatibleCheckpoint(
+        f"checkpoint step {step} in {mngr.directory} belongs to a model of other shapes "
+        f"({mismatch}); refusing to resume or overwrite it."
+        + (f"\nSettings changed since the workdir's run:\n  {changes_text}" if changes_text
+           else "") + "\nUse a new --workdir, or the workdir's settings (see its config.json).")
+  if restore_data:
+    saved = _data_process_count(mngr, step)
+    if saved is not None and saved != jax.process_count():
+      raise IncompatibleCheckpoint(
+          f"checkpoint step {step} in {mngr.directory} holds the data position of {saved} "
+          f"process(es); this run has {jax.process_count()}. Resume with {saved} processes, "
+          "or set --config.checkpoint.restore_data=False to restore the model and optimizer "
+          "and restart the data order (reshuffled from the restored step).")
+
+
+def _verify(restored: dict, integrity: dict | None) -> None:
+  if not integrity:
+    return
+  got = checksums(restored)
+  bad = [k for k, v in integrity.items() if k in got and got[k] != v]
+  missing = [k for k in integrity if k not in got]
+  if bad or missing:
+    raise Damaged(f"{len(bad) + len(missing)} array(s) do not match their checksums "
+                  f"({', '.join((bad + missing)[:5])})")
+
+
+def _restore_step(mngr, step, abstract_state, data_iterator, meta):
+  want = _items_of(abstract_state)
+  use_ema = "ema" in want and "ema" in meta
+  saved_skips = set((meta.get("opt") or {}).get("skips") or {})
+  if saved_skips != set(want["opt"]["skips"]):  # counters added since that run: start at 0
+    want["opt"] = {k: v for k, v in want["opt"].items() if k != "skips"}
+  items = {"params": ocp.args.StandardRestore(want["params"]),
+           "opt": ocp.args.StandardRestore(want["opt"]),
+           "integrity": ocp.args.JsonRestore()}
+  if use_ema:
+    items["ema"] = ocp.args.StandardRestore(want["ema"])
+  if data_iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  try:
+    r = mngr.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # pylint: disable=broad-except
+    raise Damaged(f"{type(e).__name__}: {str(e)[:300]}") from e
+  arrays = {k: r[k] for k in ("params", "opt", "ema") if k in items}
+  _verify(arrays, {k: v for k, v in (r["integrity"] or {}).items()
+                   if k.split("/", 1)[0] in arrays})
+  ema = None
+  if "ema" in want:
+    if use_ema:
+      ema = r["ema"]
+    else:
+      warnings.warn(f"checkpoint step {step} has no EMA (train.ema_decay was 0): the EMA starts "
+                    "from the restored params.")
+      ema = jax.tree.map(jnp.copy, r["params"])
+  skips = r["opt"].get("skips") or {
+      k: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding)
+      for k, a in abstract_state["skips"].items()}
+  return {"step": r["opt"]["step"], "params": r["params"], "opt_state": r["opt"]["opt_state"],
+          "skips": skips, "ema": ema}
+
+
+def _agree(failed: bool) -> bool:
+  """True on every process when any process failed (restore must not diverge)."""
+  if jax.process_count() == 1:
+    return failed
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.any(multihost_utils.process_allgather(np.array([failed]))))
+
+
+def set_aside(mngr, step) -> str:
+  """Renames checkpoints/STEP to STEP.damaged (STEP.damaged.2, ... if taken); process 0."""
+  src = mngr.directory / str(step)
+  dst, k = mngr.directory / f"{step}.damaged", 1
+  while dst.exists():
+    k += 1
+    dst = mngr.directory / f"{step}.damaged.{k}"
+  if jax.process_index() == 0:
+    src.rename(dst)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"set aside {step}")
+  return str(dst)
+
+
+def check_resumable(workdir, abstract_state: dict, *, changes: dict | None = None,
+                    restore_data: bool = True) -> None:
+  """Read-only: raises IncompatibleCheckpoint when the newest readable step cannot be restored
+  into `abstract_state`, before a run takes the workdir's lock or writes anything."""
+  if not (storage.path(workdir) / "checkpoints").exists():
+    return
+  mngr = manager(workdir, read_only=True)
+  try:
+    for step in sorted(mngr.all_steps(), reverse=True):
+      try:
+        meta = _metadata(mngr, step)
+      except Damaged:
+        continue  # resume() sets it aside
+      _check_compatible(mngr, step, meta, abstract_state, describe_changes(changes or {}),
+                        restore_data)
+      return
+  finally:
+    mngr.close()
+
+
+def resume(workdir, abstract_state: dict, data_iterator, *, keep: int = 3,
+           changes: dict | None = None, restore_data: bool = True):
+  """Opens the workdir's manager and restores the newest good step into `abstract_state`'s
+  shardings (and `data_iterator` in place). Damaged steps are set aside. Returns (manager,
+  state or None when there is no checkpoint)."""
+  text = describe_changes(changes or {})
+  aside = []
+  while True:
+    mngr = manager(workdir, keep=keep)
+    steps = mngr.all_steps()
+    if not steps:
+      if aside:
+        raise RuntimeError(f"no checkpoint in {mngr.directory} could be restored; every one was "
+                           f"set aside (nothing was deleted): {', '.join(aside)}. Run again to "
+                           "start from step 0, or move a copy back.")
+      return mngr, None
+    step = max(steps)
     try:
-      r = mngr.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # pylint: disable=broad-except
-      warnings.warn(f"checkpoint step {step} could not be restored ({type(e).__name__}: "
-                    f"{str(e)[:300]}); falling back to the previous one.")
-      errors.append(f"step {step}: {e}")
-      continue
-    return {"step": r["opt"]["step"], "params": r["params"], "opt_state": r["opt"]["opt_state"],
-            "ema": r["ema"] if "ema" in items else None}
-  raise RuntimeError(f"no checkpoint in {mngr.directory} could be restored; nothing was "
-                     "overwritten. Errors:\n" + "\n".join(e[:500] for e in errors))
+      meta = _metadata(mngr, step)
+      _check_compatible(mngr, step, meta, abstract_state, text, restore_data)
+      failed, state = None, _restore_step(mngr, step, abstract_state,
+                                          data_iterator if restore_data else None, meta)
+    except Damaged as e:
+      failed, state = str(e), None
+    if not _agree(failed is not None):
+      return mngr, state
+    mngr.close()
+    aside.append(set_aside(mngr, step))
+    warnings.warn(f"checkpoint step {step} could not be restored "
+                  f"({failed or 'it failed on another process'}); set it aside as {aside[-1]} "
+                  "and falling back to the previous one.")
 
 
-def restore_params(workdir: str, abstract_params, use_ema: bool = True, step: int | None = None):
+def restore_params(workdir, abstract_params, use_ema: bool = True, step: int | None = None):
   """Restores params (or their EMA) alone onto the shardings of `abstract_params`, which may
-  describe any mesh. Returns (params, step)."""
+  describe any mesh; a damaged step is skipped (read-only: nothing is renamed). Returns
+  (params, step)."""
   mngr = manager(workdir, read_only=True)
   steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
   if not steps:
     raise ValueError(f"--workdir={workdir} holds no checkpoint.")
   errors = []
   for s in steps:
-    mismatch = _shape_mismatch(mngr, s, abstract_params)
-    if mismatch:
-      raise ValueError(f"checkpoint step {s} does not match the model built from "
-                       f"{workdir}/{CONFIG_FILE}: {mismatch}")
-    names = mngr.item_metadata(s).keys() if use_ema else ()
-    item = "ema" if use_ema and "ema" in names else "params"
     try:
-      r = mngr.restore(s, args=ocp.args.Composite(
-          **{item: ocp.args.StandardRestore(abstract_params)}))
+      meta = _metadata(mngr, s)
+      mismatch = _mismatch(meta["params"], abstract_params)
+      if mismatch:
+        raise IncompatibleCheckpoint(f"checkpoint step {s} does not match the model built "
+                                     f"from {workdir}/{CONFIG_FILE}: {mismatch}")
+      item = "ema" if use_ema and "ema" in meta else "params"
+      try:
+        r = mngr.restore(s, args=ocp.args.Composite(
+            **{item: ocp.args.StandardRestore(abstract_params),
+               "integrity": ocp.args.JsonRestore()}))
+      except Exception as e:  # pylint: disable=broad-except
+        raise Damaged(f"{type(e).__name__}: {str(e)[:300]}") from e
+      _verify({item: r[item]}, {k: v for k, v in (r["integrity"] or {}).items()
+                                if k.split("/", 1)[0] == item})
       mngr.close()
       return r[item], s
-    except Exception as e:  # pylint: disable=broad-except
+    except Damaged as e:
       warnings.warn(f"checkpoint step {s} could not be restored ({e}); trying the previous one.")
-      errors.append(str(e)[:300])
+      errors.append(f"step {s}: {e}")
   mngr.close()
-  raise RuntimeError(f"no checkpoint in {workdir} could be restored: {errors}")
+  raise RuntimeError(f"no checkpoint in {workdir} could be restored:\n" + "\n".join(errors))

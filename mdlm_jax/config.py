@@ -28,15 +28,16 @@ def base_config() -> ml_collections.ConfigDict:
       rope_base=10000.0, init_std=0.02))
   c.data = ml_collections.ConfigDict(dict(
       name="python_stdlib", data_dir=os.path.join("~", "tensorflow_datasets"), files="",
-      tokenizer="bytes", seq_len=256, prefetch=2, workers=0, pack=True,
+      tokenizer="bytes", seq_len=256, prefetch=2, workers=0, pack=True, shuffle_window=1024,
       graph=ml_collections.ConfigDict(dict(degree=2, path_length=5, nodes=50,
                                            train_examples=200_000, validation_examples=1000))))
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=16, learning_rate=1e-3, warmup_steps=100, schedule="cosine",
       min_lr_ratio=0.1, grad_clip=1.0, weight_decay=0.1, b1=0.9, b2=0.95, ema_decay=0.0,
-      grad_accum_steps=1, log_every_steps=25))
+      grad_accum_steps=1, log_every_steps=25, max_skipped_steps=3))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, restore_data=True,
+                                                lock_timeout_s=600.0))
   c.eval = ml_collections.ConfigDict(dict(every_steps=500, batches=16, sample_tokens=128,
                                           task_examples=256))
   return c
@@ -126,6 +127,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1).")
   _check(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables).")
   _check(t.log_every_steps >= 1, f"train.log_every_steps={t.log_every_steps} must be >= 1.")
+  _check(t.max_skipped_steps >= 1, f"train.max_skipped_steps={t.max_skipped_steps} must be >= 1 "
+         "(consecutive non-finite steps skipped before the run stops).")
+  _check(d.shuffle_window >= 0, f"data.shuffle_window={d.shuffle_window} must be >= 0 (packed "
+         "rows shuffled together; 0 keeps the packing order).")
+  _check(c.checkpoint.lock_timeout_s > 0, f"checkpoint.lock_timeout_s="
+         f"{c.checkpoint.lock_timeout_s} must be > 0 (a workdir lock without a heartbeat for "
+         "that long is taken over).")
   for key in ("data", "fsdp", "tensor"):
     v = c.mesh[key]
     _check(v == -1 or v >= 1, f"mesh.{key}={v} must be -1 (infer) or >= 1.")

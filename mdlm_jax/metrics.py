@@ -12,6 +12,8 @@ import time
 
 import jax
 
+from mdlm_jax import storage
+
 # Dense bf16 peak FLOP/s per device, by device_kind substring (None: unknown, MFU not shown).
 PEAK_FLOPS = (
     ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
@@ -81,19 +83,48 @@ def format_duration(seconds: float) -> str:
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+class _EpathRecordWriter:
+  """tensorboardX record writer for URLs (gs://, ...) through epath: the event file is kept in
+  memory and the object rewritten at each flush (event files of scalars are small)."""
+
+  def __init__(self, path):
+    self.path, self.buffer = storage.path(path), bytearray()
+
+  def write(self, data):
+    self.buffer += data
+
+  def flush(self):
+    self.path.write_bytes(bytes(self.buffer))
+
+  def close(self):
+    self.flush()
+
+
+class _EpathRecordWriterFactory:
+  def open(self, path):
+    return _EpathRecordWriter(path)
+
+  def directory_check(self, path):
+    del path  # object stores need no directories
+
+
 class Writer:
   """Writes scalars to `workdir/metrics.jsonl` and TensorBoard event files; text samples to
-  TensorBoard. A no-op on processes other than 0."""
+  TensorBoard. A no-op on processes other than 0. `workdir` may be a URL (see storage)."""
 
   def __init__(self, workdir: str | None):
     self.enabled = workdir is not None and jax.process_index() == 0
     self._tb = None
     self._jsonl = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+      wd = storage.path(workdir)
+      if storage.is_url(wd):
+        record_writer.register_writer_factory(os.fspath(wd).split("://")[0],
+                                              _EpathRecordWriterFactory())
+      self._tb = SummaryWriter(os.fspath(wd / "tensorboard"))
+      self._jsonl = storage.LineFile(wd / "metrics.jsonl")
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if not self.enabled:
@@ -104,7 +135,6 @@ class Writer:
       row[k] = v if math.isfinite(v) else str(v)
       self._tb.add_scalar(k, v, int(step))
     self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
 
   def text(self, step: int, tag: str, text: str) -> None:
     if self.enabled:

@@ -25,6 +25,7 @@ from mdlm_jax import evaluate as evaluate_lib
 from mdlm_jax import metrics as metrics_lib
 from mdlm_jax import objectives
 from mdlm_jax import sharding
+from mdlm_jax import storage
 from mdlm_jax import tasks
 from mdlm_jax import tokenizers
 from mdlm_jax.data import pipeline
@@ -94,8 +95,11 @@ def make_optimizer(t) -> tuple[optax.GradientTransformation, Callable]:
   return tx, schedule
 
 
+SKIP_COUNTERS = ("total", "consecutive", "worst")  # non-finite steps skipped (see the step)
+
+
 def abstract_train_state(setup: Setup, tx) -> dict:
-  """Abstract state {step, params, opt_state, ema} with shardings on every leaf."""
+  """Abstract state {step, params, opt_state, ema, skips} with shardings on every leaf."""
   rep = sharding.replicated(setup.mesh)
   params = setup.abstract_params
   opt = jax.eval_shape(tx.init, params)
@@ -104,8 +108,9 @@ def abstract_train_state(setup: Setup, tx) -> dict:
   opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt,
                      opt_shardings)
   ema = params if setup.config.train.ema_decay > 0 else None
-  return {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), "params": params,
-          "opt_state": opt, "ema": ema}
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+  return {"step": scalar, "params": params, "opt_state": opt, "ema": ema,
+          "skips": {k: scalar for k in SKIP_COUNTERS}}
 
 
 def shardings_of(abstract_tree):
@@ -116,8 +121,10 @@ def init_train_state(setup: Setup, tx, abstract_state) -> dict:
   params = setup.init_params()
 
   def fn(params):
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "ema": params if abstract_state["ema"] is not None else None}
+    zero = jnp.zeros((), jnp.int32)
+    return {"step": zero, "params": params, "opt_state": tx.init(params),
+            "ema": params if abstract_state["ema"] is not None else None,
+            "skips": {k: zero for k in SKIP_COUNTERS}}
   return jax.jit(fn, out_shardings=shardings_of(abstract_state))(params)
 
 
@@ -128,48 +135,83 @@ def ema_decay(decay: float, updates):
   return jnp.minimum(decay, (1.0 + updates) / (10.0 + updates))
 
 
-def make_train_step(setup: Setup, tx, schedule, abstract_state):
-  """The jitted step: (state, batch) -> (state, metrics). State is donated."""
-  cfg = setup.config.train
+def make_loss_and_grads(setup: Setup):
+  """(params, batch, rng) -> (loss, metrics, grads) of the whole batch. With
+  train.grad_accum_steps = k the batch runs as k microbatches whose sums (loss numerator,
+  denominator, metrics, gradient of the numerator) are added up and divided once, so the
+  result is the full batch's up to rounding; the gradient carry keeps the params' shardings."""
   objective, graphdef = setup.objective, setup.graphdef
-  base_key = jax.random.key(setup.config.seed)
-  accum = cfg.grad_accum_steps
+  accum = setup.config.train.grad_accum_steps
 
-  def loss_fn(params, batch, rng):
-    return objective.loss(nnx.merge(graphdef, params), batch, rng)
+  def sums_fn(params, batch, rng):
+    num, den, metrics = objective.loss_sums(nnx.merge(graphdef, params), batch, rng)
+    return num, (den, metrics)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(sums_fn, has_aux=True)
+  constrain = lambda g: jax.lax.with_sharding_constraint(g, setup.param_shardings)
 
   def loss_and_grads(params, batch, rng):
     if accum == 1:
-      return grad_fn(params, batch, rng)
-    # Row j of microbatch i is row j * accum + i, so every device keeps its own rows.
-    micro = jax.tree.map(
-        lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch)
+      (num, (den, metrics)), grads = grad_fn(params, batch, rng)
+    else:
+      # Row j of microbatch i is row j * accum + i, so every device keeps its own rows.
+      micro = jax.tree.map(
+          lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
+          batch)
 
-    def body(carry, xs):
-      i, mb = xs
-      out = grad_fn(params, mb, jax.random.fold_in(rng, i))
-      return jax.tree.map(jnp.add, carry, out), None
+      def body(carry, xs):
+        i, mb = xs
+        out = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        total = jax.tree.map(jnp.add, carry, out)
+        return (total[0], constrain(total[1])), None
 
-    zeros = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
-    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zeros)
-    total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
-    return jax.tree.map(lambda x: x / accum, total)
+      shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
+      zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+      zeros = (zeros[0], constrain(zeros[1]))
+      ((num, (den, metrics)), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+    den = jax.lax.stop_gradient(den)
+    scale = 1.0 / jnp.where(den == 0, 1.0, den)
+    loss, metrics = objectives.base.finish(num, den, metrics)
+    return loss, metrics, jax.tree.map(lambda g: g * scale, grads)
+
+  return loss_and_grads
+
+
+def make_train_step(setup: Setup, tx, schedule, abstract_state):
+  """The jitted step: (state, batch) -> (state, metrics). State is donated.
+
+  Non-finite guard: a step whose loss or gradient norm is not finite leaves params, optimizer
+  state and EMA unchanged (the step counter still advances) and counts itself in `skips`
+  (total, and consecutive for train.max_skipped_steps), read by the loop with the metrics."""
+  cfg = setup.config.train
+  base_key = jax.random.key(setup.config.seed)
+  loss_and_grads = make_loss_and_grads(setup)
 
   def step_fn(state, batch):
     rng = jax.random.fold_in(base_key, state["step"])
-    (loss, aux), grads = loss_and_grads(state["params"], batch, rng)
+    loss, aux, grads = loss_and_grads(state["params"], batch, rng)
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     ema = state["ema"]
     if ema is not None:
       d = ema_decay(cfg.ema_decay, state["step"] + 1)
       ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
-    metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
-               "train/learning_rate": schedule(state["step"])}
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    skipped = (~ok).astype(jnp.int32)
+    run = (state["skips"]["consecutive"] + 1) * skipped
+    window_start = state["step"] % cfg.log_every_steps == 0  # the worst run since the last log
+    skips = {"total": state["skips"]["total"] + skipped, "consecutive": run,
+             "worst": jnp.maximum(jnp.where(window_start, 0, state["skips"]["worst"]), run)}
+    metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
+               "train/learning_rate": schedule(state["step"]),
+               "train/skipped_steps": skips["total"],
+               "train/consecutive_skips": skips["worst"]}
     metrics.update({f"train/{k}": v for k, v in aux.items()})
-    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema}
+    new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
+                 "opt_state": keep(opt_state, state["opt_state"]),
+                 "ema": None if ema is None else keep(ema, state["ema"]), "skips": skips}
     return new_state, metrics
 
   state_shardings = shardings_of(abstract_state)
@@ -195,17 +237,21 @@ def compile_step(step_fn, abstract_state, abstract_batch, verbose: bool = True):
 
 
 class _StopSignal:
-  """Turns SIGTERM into a flag the loop polls: save, wait for the save, exit cleanly."""
+  """Preemption: SIGTERM becomes a stop at an agreed step. One process: a flag the loop polls.
+  Several: jax's preemption sync point (its service catches SIGTERM on any process and every
+  process returns True at the same step, next after the largest step any has reached)."""
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multi = jax.process_count() > 1
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._previous = None
+    if not self._multi:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread
+        self._previous = None
     return self
 
   def _handle(self, signum, frame):
@@ -216,45 +262,91 @@ class _StopSignal:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def agreed(self) -> bool:
-    """True on every process when any process was asked to stop."""
-    if jax.process_count() == 1:
+  def at(self, step: int) -> bool:
+    """True (on every process alike) when the run should save `step` and stop."""
+    if not self._multi:
       return self.requested
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+    return multihost_utils.reached_preemption_sync_point(step)
+
+
+class TrainingDiverged(RuntimeError):
+  """train.max_skipped_steps consecutive steps had a non-finite loss or gradient norm."""
 
 
 def _print(line: str) -> None:
   print(line, flush=True)
 
 
+def _prepare_state(setup, tx, workdir, data_it, log):
+  """Restores the newest good checkpoint of `workdir` (or initialises), records the config.
+  Returns (manager, state, data iterator)."""
+  config = setup.config
+  config_dict = config.to_dict()
+  saved = checkpoint.load_saved_config(workdir)
+  changes = checkpoint.config_changes(saved, config_dict) if saved is not None else {}
+  abstract_state = abstract_train_state(setup, tx)
+  restore_data = config.checkpoint.restore_data
+  mngr, state = checkpoint.resume(workdir, abstract_state, data_it, keep=config.checkpoint.keep,
+                                  changes=changes, restore_data=restore_data)
+  if state is None:
+    state, step = init_train_state(setup, tx, abstract_state), 0
+  else:
+    step = int(jax.device_get(state["step"]))
+    log(f"Resumed from step {step} in {workdir}")
+    if not restore_data:
+      data_it.close()
+      data_it = iter(pipeline.train_dataset(config, setup.tokenizer, seed_offset=step))
+      log(f"checkpoint.restore_data=False: the data order restarts, reshuffled with seed "
+          f"{config.seed} + {step}.")
+  changes = checkpoint.record_config(workdir, config_dict, step)
+  if changes and saved is not None:
+    log("Settings changed since the workdir's last run (recorded in its config.json):\n  "
+        + checkpoint.describe_changes(changes))
+  return mngr, state, data_it, abstract_state
+
+
 def train(config, workdir: str, *, log: Callable[[str], None] = _print) -> dict[str, float]:
-  """Trains (resuming from `workdir` when it holds a checkpoint); returns the last metrics."""
+  """Trains (resuming from `workdir` when it holds a checkpoint); returns the last metrics.
+  `workdir` is a local path or an epath URL (gs://...). Order: config, data and checkpoint
+  compatibility checks (nothing written yet), the workdir lock, restore-or-init, then the step
+  compiles and the loop runs."""
   setup = build(config)
   log = log if jax.process_index() == 0 else (lambda _: None)
-  config_dict = config.to_dict()
-  checkpoint.check_compatible(workdir, config_dict)
-  t = config.train
+  wd = storage.path(workdir)
+  # the data first: a missing, unpreparable or mis-sized dataset fails before anything is
+  # written or compiled
+  data_it = iter(pipeline.train_dataset(config, setup.tokenizer))
+  if config.eval.every_steps:
+    pipeline.check_split(config, "validation")
+  tx, _ = make_optimizer(config.train)
+  saved = checkpoint.load_saved_config(wd)
+  checkpoint.check_resumable(
+      wd, abstract_train_state(setup, tx), restore_data=config.checkpoint.restore_data,
+      changes=checkpoint.config_changes(saved, config.to_dict()) if saved is not None else {})
+  lock = None
+  if jax.process_index() == 0:
+    lock = storage.Lock(wd, timeout_s=config.checkpoint.lock_timeout_s).acquire()
+  try:
+    return _train(setup, wd, data_it, log)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(setup, wd, data_it, log):
+  config, t = setup.config, setup.config.train
   tx, schedule = make_optimizer(t)
-  abstract_state = abstract_train_state(setup, tx)
   n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(setup.abstract_params))
   log(f"objective {config.objective.name} | {n_params / 1e6:.2f}M params | mesh "
       f"{dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
       f"{jax.process_count()} process(es)")
-
+  mngr, state, data_it, abstract_state = _prepare_state(setup, tx, wd, data_it, log)
+  step = int(jax.device_get(state["step"]))
   step_fn, _ = compile_step(make_train_step(setup, tx, schedule, abstract_state),
                             abstract_state, setup.abstract_batch())
-  data_it = iter(pipeline.train_dataset(config, setup.tokenizer))
-  checkpoint.save_config(workdir, config_dict)
-  mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep)
-  state = checkpoint.restore_latest(mngr, abstract_state, data_it)
-  if state is None:
-    state = init_train_state(setup, tx, abstract_state)
-  else:
-    log(f"Resumed from step {int(state['step'])} in {workdir}")
-  step = int(jax.device_get(state["step"]))
 
-  writer = metrics_lib.Writer(workdir)
+  writer = metrics_lib.Writer(wd)
   progress = metrics_lib.Progress(
       t.steps, step, t.batch_size * config.data.seq_len,
       setup.objective.flops_per_token(config.data.seq_len), jax.device_count())
@@ -276,43 +368,51 @@ def train(config, workdir: str, *, log: Callable[[str], None] = _print) -> dict[
       writer.scalars(s, row)
       log(metrics_lib.Progress.line(s, t.steps, row))
       last.update(row)
+      if row["train/consecutive_skips"] >= t.max_skipped_steps:
+        raise TrainingDiverged(
+            f"{int(row['train/consecutive_skips'])} consecutive steps up to step {s} had a "
+            f"non-finite loss or gradient norm (last: loss {row['train/loss']}, grad norm "
+            f"{row['train/grad_norm']}); they were skipped, so the params and every checkpoint "
+            f"are finite, and the run stops (train.max_skipped_steps={t.max_skipped_steps}). "
+            "Lower train.learning_rate or raise train.warmup_steps, then resume.")
 
-  with _StopSignal() as stop:
-    while step < t.steps:
-      batch = pipeline.to_global(next(data_it), setup.batch_sharding)
-      state, m = step_fn(state, batch)
-      step += 1
-      flush()  # the previous step's metrics, read after this step was dispatched
-      if step % t.log_every_steps == 0 or step == t.steps:
-        pending = (step, m)
-      check_stop = jax.process_count() == 1 or step % t.log_every_steps == 0
-      stopping = check_stop and stop.agreed()
-      if step % config.checkpoint.every_steps == 0 or step == t.steps or stopping:
-        checkpoint.save(mngr, state, data_it)
-      if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == t.steps):
-        flush()
-        params = state["ema"] if state["ema"] is not None else state["params"]
-        result = evaluator.run(params, config.eval.batches)
-        writer.scalars(step, result)
-        log(evaluate_lib.format_line(step, result))
-        last.update(result)
-        if task is not None:
-          found = task(params)
-          row = {f"eval/{k}": found[k] for k in ("path_accuracy", "first_step_accuracy")}
-          writer.scalars(step, row)
-          log(f"star graph @ step {step}: path accuracy {found['path_accuracy']:.4f} | first "
-              f"step {found['first_step_accuracy']:.4f} | {found['examples']} problems")
-          last.update(row)
-        if sampler is not None:
-          text = sampler(params, jax.random.fold_in(jax.random.key(config.seed + 2), step))
-          writer.text(step, "samples/unconditional", text)
-          log(f"sample @ step {step}:\n{text}\n")
-      if stopping:
-        log(f"SIGTERM: saved step {step}; exiting.")
-        break
-    flush()
-  mngr.wait_until_finished()
-  mngr.close()
-  writer.close()
-  data_it.close()
+  try:
+    with _StopSignal() as stop:
+      while step < t.steps:
+        batch = pipeline.to_global(next(data_it), setup.batch_sharding)
+        state, m = step_fn(state, batch)
+        step += 1
+        flush()  # the previous step's metrics, read after this step was dispatched
+        if step % t.log_every_steps == 0 or step == t.steps:
+          pending = (step, m)
+        stopping = stop.at(step)
+        if step % config.checkpoint.every_steps == 0 or step == t.steps or stopping:
+          checkpoint.save(mngr, state, data_it)
+        if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == t.steps):
+          flush()
+          params = state["ema"] if state["ema"] is not None else state["params"]
+          result = evaluator.run(params, config.eval.batches)
+          writer.scalars(step, result)
+          log(evaluate_lib.format_line(step, result))
+          last.update(result)
+          if task is not None:
+            found = task(params)
+            row = {f"eval/{k}": found[k] for k in ("path_accuracy", "first_step_accuracy")}
+            writer.scalars(step, row)
+            log(f"star graph @ step {step}: path accuracy {found['path_accuracy']:.4f} | first "
+                f"step {found['first_step_accuracy']:.4f} | {found['examples']} problems")
+            last.update(row)
+          if sampler is not None:
+            text = sampler(params, jax.random.fold_in(jax.random.key(config.seed + 2), step))
+            writer.text(step, "samples/unconditional", text)
+            log(f"sample @ step {step}:\n{text}\n")
+        if stopping:
+          log(f"SIGTERM: saved step {step}; exiting.")
+          break
+      flush()
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    data_it.close()
   return last

@@ -9,7 +9,9 @@ random access (`as_data_source`) and TensorFlow is never needed.
 
 Documents go to `validation` when a hash of their path (and line, for jsonl) falls in the
 lowest VALIDATION_PERCENT, so the split is deterministic and independent of file order; a
-corpus too small for that still gets one validation document.
+corpus too small for that still gets one validation document. A corpus of one document (one
+text file) is split the same way by chunks of CHUNK_LINES lines. A dataset is prepared once
+per data_dir, under a lock beside it (`prepared`).
 Undecodable bytes are replaced (U+FFFD) and empty documents are skipped.
 """
 from __future__ import annotations
@@ -20,12 +22,16 @@ import json
 import os
 import sys
 import sysconfig
+import time
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from mdlm_jax import storage
+
 VALIDATION_PERCENT = 3
+CHUNK_LINES = 32  # a one-document corpus is split into chunks of this many lines
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".jsonl")
 
 
@@ -41,8 +47,9 @@ def assign_splits(keys: list[str]) -> set[str]:
   """The validation keys. Both splits must be non-empty: with few documents the one with
   the smallest hash is moved across."""
   if len(keys) < 2:
-    raise ValueError(f"the corpus has {len(keys)} non-empty document(s); at least 2 are needed "
-                     "(one for validation). Give more files or jsonl lines.")
+    raise ValueError(f"the corpus has {len(keys)} non-empty document(s) or line chunk(s); at "
+                     "least 2 are needed (one for validation). Give more files, jsonl lines or "
+                     "lines of text.")
   val = {k for k in keys if _split_of(k) == "validation"}
   by_hash = sorted(keys, key=_hash)
   if not val:
@@ -118,15 +125,30 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder):
   def _paths(self) -> tuple[list[str], str]:
     raise NotImplementedError
 
+  _chunked = False
+
   def _items(self, paths, root):
-    """(key, features) of every document."""
+    """(key, features) of every document, or of every chunk of CHUNK_LINES lines when the
+    corpus is a single document (so both splits get a deterministic share of it)."""
     for key, text in _documents(paths, root):
-      yield key, {"text": text}
+      if not self._chunked:
+        yield key, {"text": text}
+        continue
+      lines = text.splitlines(True)
+      size = max(1, min(CHUNK_LINES, len(lines) // 2))
+      for i in range(0, len(lines), size):
+        chunk = "".join(lines[i:i + size])
+        if chunk.strip():
+          yield f"{key}#L{i + 1}", {"text": chunk}
 
   def _split_generators(self, dl_manager):
     del dl_manager
     paths, root = self._paths()
-    val = assign_splits([key for key, _ in self._items(paths, root)])
+    keys = [key for key, _ in self._items(paths, root)]
+    if len(keys) == 1 and type(self)._items is _TextBuilder._items:
+      self._chunked = True  # one document: split by chunks of its lines instead
+      keys = [key for key, _ in self._items(paths, root)]
+    val = assign_splits(keys)
     return {split: self._generate_examples(paths, root, val, split == "validation")
             for split in ("train", "validation")}
 
@@ -286,6 +308,50 @@ def star_graph_config(g) -> StarGraphConfig:
       description="star-graph path finding")
 
 
+def _prepare_locked(make) -> None:
+  """Prepares the builder's dataset once per data_dir: independent runs that need it at the
+  same time take turns on a lock beside it, and the later ones find it prepared."""
+  builder = make()
+  lock = storage.Lock(os.path.join(builder.data_dir_root, ".prepare", builder.name,
+                                   builder.builder_config.name if builder.builder_config else "",
+                                   str(builder.version)), what="dataset")
+  told = False
+  while True:
+    try:
+      lock.acquire()
+      break
+    except storage.LockHeld as e:
+      if not told:
+        print(f"Waiting for another run to prepare {builder.name}: {e}", flush=True)
+        told = True
+      time.sleep(1.0)
+  try:
+    builder = make()
+    if not builder.is_prepared():
+      print(f"Preparing dataset {builder.name} into {builder.data_dir} (once) ...", flush=True)
+      builder.download_and_prepare()
+  finally:
+    lock.release()
+
+
+def prepared(make) -> tfds.core.DatasetBuilder:
+  """`make()`'s builder with its dataset prepared. With several processes, process 0 prepares
+  it while the others wait; a process that still does not see it (its own local data_dir)
+  then prepares its own copy."""
+  import jax  # pylint: disable=g-import-not-at-top
+  need = not make().is_prepared()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if bool(np.any(multihost_utils.process_allgather(np.array([need])))):
+      if jax.process_index() == 0 and need:
+        _prepare_locked(make)
+      multihost_utils.sync_global_devices("dataset prepared")
+      need = not make().is_prepared()
+  if need:
+    _prepare_locked(make)
+  return make()
+
+
 def load_builder(data_cfg) -> tfds.core.DatasetBuilder:
   """The builder for `data.name`, prepared into `data.data_dir` on first use when it is one of
   ours; any other TFDS name must already be prepared there (as array_record)."""
@@ -299,11 +365,7 @@ def load_builder(data_cfg) -> tfds.core.DatasetBuilder:
       kwargs = {"config": star_graph_config(data_cfg.graph)}
     else:
       kwargs = {"config": text_files_config(data_cfg.files)}
-    builder = cls(data_dir=data_dir, file_format="array_record", **kwargs)
-    if not builder.is_prepared():
-      print(f"Preparing dataset {data_cfg.name} into {builder.data_dir} (once) ...", flush=True)
-      builder.download_and_prepare()
-    return builder
+    return prepared(lambda: cls(data_dir=data_dir, file_format="array_record", **kwargs))
   try:
     builder = tfds.builder(data_cfg.name, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except

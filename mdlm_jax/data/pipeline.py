@@ -2,7 +2,11 @@
 rows of `seq_len` with segment ids and positions -> batch -> global jax.Arrays on the mesh.
 
 Each document is wrapped as [BOS] text [EOS]. Packing continues a document across rows (no
-padding is wasted); segment ids restart per row, positions continue within a document.
+padding is wasted). Segment ids number the documents of a row from 1 (0 is padding);
+positions count from 0 at each segment's first token in the row, so a document continued from
+the previous row restarts at 0 there (positions are offsets within the row's piece of a
+document, not within the document). Training rows pass through a shuffle window (see
+`make_dataset`), so consecutive rows of a long document are spread over many batches.
 
 Prompt/answer data (`data.name=sft_pairs`) is not packed: each row is one pair,
 [BOS] prompt answer [EOS], filled up to `seq_len` with EOS (the padding belongs to the answer,
@@ -26,6 +30,7 @@ from mdlm_jax.data import builders
 KEYS = ("inputs", "segment_ids", "positions")
 PROMPT_KEYS = KEYS + ("prompt_mask",)
 PROMPTED = ("sft_pairs", "star_graph")  # datasets whose rows are a prompt and its answer
+PACK_LANES = 8  # packing streams interleaved before the shuffle window (see make_dataset)
 
 
 def batch_keys(data_cfg) -> tuple[str, ...]:
@@ -134,13 +139,16 @@ def _rename(x):
 def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
                  train: bool, process_index: int = 0, process_count: int = 1,
                  prefetch: int = 2, pairs: bool = False, pack: bool = True,
-                 fim_rate: float = 0.0, workers: int = 0,
-                 problems: bool = False) -> grain.IterDataset:
+                 fim_rate: float = 0.0, workers: int = 0, problems: bool = False,
+                 shuffle_window: int = 0) -> grain.IterDataset:
   """A per-process dataset of packed batches {inputs, segment_ids, positions} (batch, seq_len).
 
   train: shuffled (reshuffled each epoch) and repeated forever; otherwise one ordered pass
   whose last rows are zero-padded (segment id 0 marks padding). pack=False: one document per
   row. fim_rate: that share of documents in prefix-suffix-middle order (train only).
+  shuffle_window > 0 (train, packed): documents are packed in PACK_LANES lanes whose rows are
+  interleaved, then shuffled in a window of that many rows, so a long document gives a batch
+  about batch_size / PACK_LANES of its rows instead of filling batch after batch.
   pairs / problems: prompt/answer rows of `sft_pairs` / `star_graph` (see the module docstring).
   workers > 0: that many processes each read, tokenize and batch their own slice of the
   records (Grain multiprocess prefetch; batches come round-robin from the workers), for
@@ -160,10 +168,16 @@ def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
     if fim_rate > 0 and train:
       ds = ds.random_map(Fim(fim_rate), seed=seed + 1)
     if pack:
-      it = grain.experimental.ConcatThenSplitIterDataset(
-          ds.to_iter_dataset(), length_struct={"inputs": seq_len}).map(_rename)
+      lanes = PACK_LANES if train and shuffle_window else 1
+      packed = [grain.experimental.ConcatThenSplitIterDataset(
+          ds[i::lanes].to_iter_dataset(), length_struct={"inputs": seq_len}).map(_rename)
+                for i in range(lanes)]
+      it = packed[0] if lanes == 1 else grain.IterDataset.mix(packed)
     else:
       it = ds.map(Unpacked(seq_len)).to_iter_dataset()
+    if train and shuffle_window > 1:
+      it = grain.experimental.WindowShuffleIterDataset(it, window_size=shuffle_window,
+                                                       seed=seed + 2)
     it = it.batch(batch_size, drop_remainder=train)
   if not train:
     it = it.map(lambda b: pad_batch(b, batch_size))
@@ -172,7 +186,37 @@ def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
                         worker_init_fn=_leave_sigterm_to_the_trainer)
   elif prefetch > 0:
     it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=prefetch)
-  return it
+  return _JsonState(it)
+
+
+def _slices_as_tuples(state):
+  """Grain's concat-then-split compares its `remainder_slices` with a tuple, but its state
+  comes back from the checkpoint's JSON with lists: restored as they are, an empty remainder
+  reads as a real one and the restored order is shifted by a row."""
+  if isinstance(state, dict):
+    return {k: ({n: tuple(v) for n, v in val.items()} if k == "remainder_slices"
+                else _slices_as_tuples(val)) for k, val in state.items()}
+  if isinstance(state, list):
+    return [_slices_as_tuples(v) for v in state]
+  return state
+
+
+class _JsonStateIterator(grain.DatasetIterator):
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(_slices_as_tuples(state))
+
+
+class _JsonState(grain.IterDataset):
+  """The pipeline's last stage: restores a state that went through JSON exactly."""
+
+  def __iter__(self):
+    return _JsonStateIterator(self._parent.__iter__())
 
 
 def synthetic_batch(rng: np.random.Generator, batch: int, seq_len: int, vocab: int,
@@ -220,16 +264,24 @@ def local_batch_size(global_batch: int) -> int:
   return global_batch // jax.process_count()
 
 
-def train_dataset(config, tokenizer) -> grain.IterDataset:
+def train_dataset(config, tokenizer, seed_offset: int = 0) -> grain.IterDataset:
+  """The training batches of this process. Loads (prepares once) the dataset and checks the
+  batch against the process count, so it is the first thing a run does."""
   builder = builders.load_builder(config.data)
   return make_dataset(
       builders.data_source(builder, "train"), tokenizer, seq_len=config.data.seq_len,
-      batch_size=local_batch_size(config.train.batch_size), seed=config.seed, train=True,
+      batch_size=local_batch_size(config.train.batch_size), seed=config.seed + seed_offset,
+      train=True, shuffle_window=config.data.shuffle_window,
       process_index=jax.process_index(), process_count=jax.process_count(),
       prefetch=config.data.prefetch, pairs=config.data.name == "sft_pairs",
       pack=config.data.pack, fim_rate=config.objective.get("fim_rate", 0.0)
       if config.objective.name == "ar" else 0.0, workers=config.data.workers,
       problems=config.data.name == "star_graph")
+
+
+def check_split(config, split: str) -> None:
+  """Raises ValueError naming the fix when `split` of the configured dataset cannot be read."""
+  builders.data_source(builders.load_builder(config.data), split)
 
 
 def eval_dataset(config, tokenizer, split: str = "validation") -> grain.IterDataset:

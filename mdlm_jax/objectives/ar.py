@@ -60,20 +60,20 @@ class AR(base.Objective):
     nll = lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return nll, lse, targets, valid
 
-  def loss(self, model, batch, rng):
+  def loss_sums(self, model, batch, rng):
     inputs = batch["inputs"]
     if self.opts.meap_mask_ratio > 0:
       _, eligible = next_token_targets(batch)
       inputs, _ = meap_mask(inputs, eligible, self.opts.meap_mask_ratio, rng)
     nll, lse, _, valid = self._nll(model, batch, inputs)
-    ce = base.masked_mean(nll, valid)
-    metrics = {"ce": ce}
-    loss = ce
+    ce, count = base.masked_sum(nll, valid)
+    metrics = {"ce": (ce, count)}
+    total = ce
     if self.opts.z_loss > 0:
-      z = base.masked_mean(lse ** 2, valid)
-      loss = loss + self.opts.z_loss * z
-      metrics["z_loss"] = z
-    return loss, metrics
+      z, _ = base.masked_sum(lse ** 2, valid)
+      total = total + self.opts.z_loss * z
+      metrics["z_loss"] = (z, count)
+    return total, count, metrics
 
   def eval_sums(self, model, batch, rng):
     del rng  # inference sees no MEAP masking

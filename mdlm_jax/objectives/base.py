@@ -37,8 +37,17 @@ class Objective:
     """The objective's modules; the trainer only sees their params."""
     return model_lib.Transformer(self.model_config, rngs)
 
-  def loss(self, model: nnx.Module, batch, rng) -> tuple[jax.Array, Metrics]:
+  def loss_sums(self, model: nnx.Module, batch, rng):
+    """(numerator, denominator, metrics) of the loss numerator / denominator over the batch.
+    The denominator (a token, pair or document count) carries no gradient. A metric is a
+    (sum, count) pair, reported as sum / count, or a plain array, reported as its total.
+    Gradient accumulation adds all of these over microbatches and divides once, so the
+    accumulated loss and gradient are the full batch's (`finish`)."""
     raise NotImplementedError
+
+  def loss(self, model: nnx.Module, batch, rng) -> tuple[jax.Array, Metrics]:
+    """The batch's loss and metrics: `loss_sums` divided out."""
+    return finish(*self.loss_sums(model, batch, rng))
 
   def eval_sums(self, model: nnx.Module, batch, rng) -> Metrics:
     """Sums over a validation batch: `nll` (nats, or the objective's bound), `tokens`,
@@ -86,6 +95,19 @@ def choose_count(rng, eligible_BxT, k_B):
   u = jax.random.uniform(rng, eligible_BxT.shape)
   rank = rank_in_row(jnp.where(eligible_BxT, u, 2.0))
   return eligible_BxT & (rank < k_B.astype(jnp.int32)[:, None])
+
+
+def finish(numerator, denominator, metrics):
+  """(loss, metrics) from `Objective.loss_sums`' sums (of one batch or of all microbatches)."""
+  div = lambda a, n: a / jnp.where(n == 0, 1.0, n)
+  out = {k: div(*v) if isinstance(v, tuple) else v for k, v in metrics.items()}
+  return div(numerator, jax.lax.stop_gradient(denominator)), out
+
+
+def masked_sum(x, mask):
+  """(sum of x over mask, the mask's count), a ratio for `loss_sums`."""
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(x * mask), jnp.sum(mask)
 
 
 def masked_mean(x, mask):

@@ -249,9 +249,9 @@ class BLM(base.Objective):
   def build(self, rngs):
     return BLMNet(self.model_config, rngs)
 
-  def loss(self, model, batch, rng):
+  def loss_sums(self, model, batch, rng):
     nll, n = bound_terms(model, batch, rng)
-    return nll / jnp.maximum(n, 1.0), {"words": n}
+    return nll, n, {"words": n}
 
   def eval_sums(self, model, batch, rng):
     if self.opts.eval_orders > 0:

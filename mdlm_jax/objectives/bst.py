@@ -367,18 +367,18 @@ class BST(base.Objective):
     total, sums = pair_loss(self.spec(n), heads, data, self.slots(rng, b, n, fraction))
     return total, sums, cut
 
-  def loss(self, model, batch, rng):
+  def loss_sums(self, model, batch, rng):
     b = batch["inputs"].shape[0]
     heads, data = self.pair_inputs(model, batch)
     total, sums, cut = self.pair_sums(heads, data, batch, rng, self.opts.pair_fraction)
-    count = jnp.maximum(jax.lax.stop_gradient(sums[-1]), 1.0)
-    metrics = {"ce_forward": sums[0] / count, "ce_backward": sums[1] / count,
-               "pairs_per_row": sums[-1] / b}
+    count = jax.lax.stop_gradient(sums[-1])
+    metrics = {"ce_forward": (sums[0], count), "ce_backward": (sums[1], count),
+               "pairs_per_row": (count, float(b))}
     if "prompt_mask" in batch:
-      metrics["rows_cut"] = cut / b
+      metrics["rows_cut"] = (cut, float(b))
     if len(sums) > 3:
-      metrics["ce_distance"] = sums[2] / count
-    return total / count, metrics
+      metrics["ce_distance"] = (sums[2], count)
+    return total, count, metrics
 
   def eval_sums(self, model, batch, rng):
     """The forward likelihood with the empty suffix (a left-to-right factorisation, so its

@@ -393,14 +393,14 @@ class Insertion(base.Objective):
   def build(self, rngs):
     return InsertionNet(self.model_config, rngs, self.opts.fpe)
 
-  def loss(self, model, batch, rng):
+  def loss_sums(self, model, batch, rng):
     o = self.opts
     if o.finalization == "sequence":
       total, weight, docs = sequence_loss(model, batch, rng, o.distribution, o.order, o.tau)
-      return total / jnp.maximum(weight, 1.0), {"documents": docs}
+      return total, weight, {"documents": docs}
     keep, _, _ = draw_keep(rng, batch)
     total, docs = slot_loss(model, batch, keep, o.distribution, o.order, o.tau)
-    return total / jnp.maximum(docs, 1.0), {"documents": docs}
+    return total, docs, {"documents": docs}
 
   def eval_sums(self, model, batch, rng):
     dist = self.opts.distribution

@@ -295,10 +295,30 @@ class MDLM(base.Objective):
     ce = base.cross_entropy(logits, batch["inputs"])
     return jnp.where(masked, ce, 0.0), logits
 
-  def loss(self, model, batch, rng):
-    losses, metrics = self.losses(model, batch, rng)
-    return losses.loss, dict(metrics, generator_loss=losses.generator_loss,
-                             critic_loss=losses.critic_loss)
+  def loss_sums(self, model, batch, rng):
+    sums, metrics = self.loss_terms(model, batch, rng)
+    num, den = sums["generator"]
+    critic, n_eligible = sums["critic"]
+    # The ELBO's denominator is the eligible count, which the critic shares; the plain mean
+    # (weighting='none') and SFT's per-row mean have their own, onto which the critic's share
+    # of this batch is put.
+    scale = 1.0 if self._critic_shares_denominator else den / jnp.where(n_eligible == 0, 1.0,
+                                                                         n_eligible)
+    metrics = dict(metrics, generator_loss=(num, den), critic_loss=(critic, n_eligible))
+    return num + self.opts.critic_weight * critic * scale, den, metrics
+
+  @property
+  def _critic_shares_denominator(self) -> bool:
+    return self.opts.weighting != "none" and not self.opts.sft
+
+  def losses(self, model, batch, rng) -> tuple[Losses, dict]:
+    """(Losses(loss, generator_loss, critic_loss), metrics) of one batch."""
+    sums, metrics = self.loss_terms(model, batch, rng)
+    (num, den), (critic, n_eligible) = sums["generator"], sums["critic"]
+    div = lambda a, n: a / jnp.maximum(n, 1)
+    gen_loss, critic_loss = div(num, den), div(critic, n_eligible)
+    metrics = {k: div(*v) for k, v in metrics.items()}
+    return Losses(gen_loss + self.opts.critic_weight * critic_loss, gen_loss, critic_loss), metrics
 
   def maskable(self, batch):
     """What may be masked: every token but a document's BOS; with `sft`, the answer only."""
@@ -310,8 +330,8 @@ class MDLM(base.Objective):
                        "'answer' fields.")
     return maskable(batch) & (batch["prompt_mask"] == 0)
 
-  def losses(self, model, batch, rng) -> tuple[Losses, dict]:
-    """(Losses(loss, generator_loss, critic_loss), metrics)."""
+  def loss_terms(self, model, batch, rng):
+    """({'generator': (sum, count), 'critic': (sum, count)}, metrics as (sum, count))."""
     o = self.opts
     k_crop, k_t, k_mask, k_aug, k_sc, k_critic = jax.random.split(rng, 6)
     if o.crop_prob > 0:
@@ -334,26 +354,26 @@ class MDLM(base.Objective):
               jnp.float32),
           lambda: model.null_condition(x_t.shape).astype(jnp.float32))
     ce, logits = self._masked_ce(model, batch, x_t, masked, cond, t)
-    n_eligible = jnp.maximum(jnp.sum(eligible), 1)
-    ce_masked = jnp.sum(ce) / jnp.maximum(jnp.sum(masked), 1)
+    n_eligible = jnp.sum(eligible).astype(jnp.float32)
+    n_masked = jnp.sum(masked).astype(jnp.float32)
     if o.weighting == "none":
-      gen_loss = ce_masked
+      gen = (jnp.sum(ce), n_masked)
     else:
       w = 1.0 / mask_prob(o, t) if o.llada else elbo_weight(o, t)
       if o.sft:  # per row: divided by the answer length (its EOS padding included)
         rows = jnp.sum(eligible, axis=1)
         per_row = jnp.sum(w[:, None] * ce, axis=1) / jnp.maximum(rows, 1)
-        gen_loss = jnp.sum(per_row) / jnp.maximum(jnp.sum(rows > 0), 1)
+        gen = (jnp.sum(per_row), jnp.sum(rows > 0).astype(jnp.float32))
       else:
-        gen_loss = jnp.sum(w[:, None] * ce) / n_eligible
-    critic_loss = jnp.zeros((), jnp.float32)
+        gen = (jnp.sum(w[:, None] * ce), n_eligible)
+    critic = jnp.zeros((), jnp.float32)
     if o.critic != "none":
       x_gen, labels = critic_targets(k_critic, batch["inputs"], masked, logits)
       bce = optax.sigmoid_binary_cross_entropy(model.critic(x_gen, pos, seg),
                                                labels.astype(jnp.float32))
-      critic_loss = jnp.sum(jnp.where(eligible, bce, 0.0)) / n_eligible
-    metrics = {"ce_masked": ce_masked, "mask_rate": jnp.sum(masked) / n_eligible}
-    return Losses(gen_loss + o.critic_weight * critic_loss, gen_loss, critic_loss), metrics
+      critic = jnp.sum(jnp.where(eligible, bce, 0.0))
+    metrics = {"ce_masked": (jnp.sum(ce), n_masked), "mask_rate": (n_masked, n_eligible)}
+    return {"generator": gen, "critic": (critic, n_eligible)}, metrics
 
   def row_bounds(self, model, batch, rng):
     """Per row: the ELBO's NLL bound in nats (Bernoulli masking, the schedule's own weight,

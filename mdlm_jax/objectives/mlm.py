@@ -47,10 +47,10 @@ class MLM(base.Objective):
     ce = base.cross_entropy(logits, batch["inputs"])
     return jnp.where(selected, ce, 0.0), selected
 
-  def loss(self, model, batch, rng):
+  def loss_sums(self, model, batch, rng):
     ce, selected = self._ce(model, batch, rng, self.opts.mask_rate)
-    loss = jnp.sum(ce) / jnp.maximum(jnp.sum(selected), 1)
-    return loss, {"selected": jnp.mean(selected.astype(jnp.float32))}
+    count = jnp.sum(selected).astype(jnp.float32)
+    return jnp.sum(ce), count, {"selected": (count, float(selected.size))}
 
   def eval_sums(self, model, batch, rng):
     """Cross-entropy on the selected positions (not a likelihood of the sequence: the
