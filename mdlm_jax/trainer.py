@@ -160,15 +160,19 @@ def make_loss_and_grads(setup: Setup):
           batch)
 
       def body(carry, xs):
+        # The params ride in the carry behind an optimization barrier, so XLA cannot hoist
+        # their FSDP all-gathers out of the loop (which would keep a full copy of each).
+        p, sums = jax.lax.optimization_barrier(carry)
         i, mb = xs
-        out = grad_fn(params, mb, jax.random.fold_in(rng, i))
-        total = jax.tree.map(jnp.add, carry, out)
-        return (total[0], constrain(total[1])), None
+        out = grad_fn(p, mb, jax.random.fold_in(rng, i))
+        total = jax.tree.map(jnp.add, sums, out)
+        return (p, (total[0], constrain(total[1]))), None
 
       shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
       zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
       zeros = (zeros[0], constrain(zeros[1]))
-      ((num, (den, metrics)), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+      (_, ((num, (den, metrics)), grads)), _ = jax.lax.scan(
+          body, (params, zeros), (jnp.arange(accum), micro))
     den = jax.lax.stop_gradient(den)
     scale = 1.0 / jnp.where(den == 0, 1.0, den)
     loss, metrics = objectives.base.finish(num, den, metrics)
@@ -307,7 +311,8 @@ def _prepare_state(setup, tx, workdir, data_it, log):
 
 
 def train(config, workdir: str, *, log: Callable[[str], None] = _print) -> dict[str, float]:
-  """Trains (resuming from `workdir` when it holds a checkpoint); returns the last metrics.
+  """Trains (resuming from `workdir` when it holds a checkpoint); returns the last metrics and
+  the step it stopped at (`step`).
   `workdir` is a local path or an epath URL (gs://...). Order: config, data and checkpoint
   compatibility checks (nothing written yet), the workdir lock, restore-or-init, then the step
   compiles and the loop runs."""
@@ -410,6 +415,7 @@ def _train(setup, wd, data_it, log):
           log(f"SIGTERM: saved step {step}; exiting.")
           break
       flush()
+      last["step"] = step
   finally:
     mngr.wait_until_finished()
     mngr.close()

@@ -57,3 +57,33 @@ def test_fast_gpu_prng_leaves_an_explicit_setting(monkeypatch):
     assert getattr(jax.config, name) is True
   finally:
     jax.config.update(name, before)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path, corpus,
+                                                                      data_dir):
+  """A preemption notice reaches one host only: every process stops at the same step (jax's
+  preemption sync point), the step is saved once with both processes' data state, and both
+  exit 0."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  worker = os.path.join(os.path.dirname(WORKER), "preempt_worker.py")
+  wd, port, progress = str(tmp_path / "wd"), str(free_port()), str(tmp_path / "progress")
+  procs = [subprocess.Popen([sys.executable, worker, corpus, data_dir, wd, "2", str(i), port,
+                             progress], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    if os.path.exists(progress) and len(open(progress).read().split()) >= 3:
+      break
+    assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-2000:]
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=240) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  stopped = {json.loads(out.strip().splitlines()[-1])["step"] for out, _ in outs}
+  assert len(stopped) == 1 and 3 <= next(iter(stopped)) < 2000, outs
+  saved = sorted(os.listdir(os.path.join(wd, "checkpoints")))
+  assert saved == [str(next(iter(stopped)))], saved
+  data_files = os.listdir(os.path.join(wd, "checkpoints", saved[0], "data"))
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_files)

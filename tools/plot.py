@@ -20,22 +20,23 @@ _TITLE = flags.DEFINE_string("title", None, "Plot title (default: the metric).")
 
 def read_run(workdir: str, metric: str):
   """(label, tokens per step, [(step, value, stderr or None)]) of one workdir."""
-  cfg_path, rows_path = (os.path.join(workdir, f) for f in ("config.json", "metrics.jsonl"))
+  from mdlm_jax import storage  # pylint: disable=g-import-not-at-top
+  wd = storage.path(workdir)
+  cfg_path, rows_path = wd / "config.json", wd / "metrics.jsonl"
   for path in (cfg_path, rows_path):
-    if not os.path.isfile(path):
-      raise app.UsageError(f"{workdir}: no {os.path.basename(path)}; is it a training workdir?")
-  with open(cfg_path) as f:
-    cfg = json.load(f)
+    if not path.is_file():
+      raise app.UsageError(f"{workdir}: no {path.name}; is it a training workdir?")
+  cfg = json.loads(cfg_path.read_text())
   tokens = cfg["train"]["batch_size"] * cfg["data"]["seq_len"]
   points = []
-  with open(rows_path) as f:
-    for line in f:
+  for line in rows_path.read_text().splitlines():
+    if line.strip():
       row = json.loads(line)
       if metric in row:
         err = row.get(metric.replace("bits_per_byte", "bits_per_byte_stderr")
                       if "bits_per_byte" in metric else f"{metric}_stderr")
         points.append((row["step"], row[metric], err))
-  label = f"{os.path.basename(os.path.normpath(workdir))} ({cfg['objective']['name']})"
+  label = f"{wd.name} ({cfg['objective']['name']})"
   return label, tokens, points
 
 
