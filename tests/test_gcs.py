@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -20,6 +21,10 @@ gcsfs = pytest.importorskip("gcsfs")
 def bucket(tmp_path_factory):
   server = fake_gcs.FakeGCSServer()
   server.start()
+  # the wrapper pipes the server's log and never reads it: drain it, or the server blocks
+  # once the pipe is full
+  threading.Thread(target=lambda: [None for _ in iter(
+      lambda: server._process.stderr.read(1 << 16), b"")], daemon=True).start()  # pylint: disable=protected-access
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
          "STORAGE_EMULATOR_HOST": server.url, "TENSORSTORE_GCS_HTTP_URL": server.url,
          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
