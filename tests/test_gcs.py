@@ -82,3 +82,24 @@ def test_train_stop_resume_sample_evaluate_on_gs(tmp_path, bucket, corpus, data_
                        "--batches=2"], env, cwd).strip().splitlines()[-1])
   assert ev["step"] == 4 and 0 < ev["bits_per_byte"] < 9
   assert os.listdir(cwd) == [], os.listdir(cwd)  # nothing under the current directory
+
+
+def test_the_workdir_lock_on_gs(bucket):
+  """Create-if-absent on the object store: a second holder is refused, a released lock is
+  free again, a stale one is taken over."""
+  from mdlm_jax import storage  # pylint: disable=g-import-not-at-top
+  _, fs = bucket
+  first = storage.Lock("gs://runs/locked").acquire()
+  with pytest.raises(storage.LockHeld, match=f"pid {os.getpid()}"):
+    storage.Lock("gs://runs/locked").acquire()
+  first.release()
+  assert not fs.exists("runs/locked/lock.json")
+  second = storage.Lock("gs://runs/locked").acquire()
+  held = json.loads(fs.cat("runs/locked/lock.json"))
+  assert held["token"] == second.token
+  held.update(host="elsewhere", heartbeat=0)  # a holder on another host that went silent
+  fs.pipe_file("runs/locked/lock.json", json.dumps(held).encode())
+  with pytest.warns(UserWarning, match="taking over"):
+    third = storage.Lock("gs://runs/locked", timeout_s=60).acquire()
+  assert json.loads(fs.cat("runs/locked/lock.json"))["token"] == third.token
+  third.release()
