@@ -364,7 +364,7 @@ def _train(setup, wd, data_it, log):
   pending = None
 
   def flush():
-    nonlocal pending, last
+    nonlocal pending
     if pending is not None:
       s, m = pending
       pending = None

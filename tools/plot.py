@@ -7,7 +7,6 @@ with different batch shapes compare at equal data. Needs matplotlib (`pip instal
 matplotlib`, or the project's `[plot]` extra).
 """
 import json
-import os
 import sys
 
 from absl import app
