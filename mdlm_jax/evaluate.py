@@ -14,25 +14,36 @@ from mdlm_jax.data import pipeline
 
 
 def summarize(sums: dict[str, float], prefix: str = "eval/") -> dict[str, float]:
+  """Per-token and per-byte figures from summed batches. For a stochastic bound:
+  `loss_stderr` is its Monte-Carlo error (given the data; from `mc_var`, needs K >= 2 draws),
+  `loss_between_rows_stderr` the standard error from the spread between the rows scored
+  (what another sample of documents would change)."""
   tokens, nbytes = max(sums["tokens"], 1.0), max(sums["bytes"], 1.0)
   nll = sums["nll"] / tokens
   out = {f"{prefix}loss": nll, f"{prefix}bits_per_token": nll / math.log(2),
          f"{prefix}bits_per_byte": sums["nll"] / math.log(2) / nbytes,
          f"{prefix}perplexity": math.exp(min(nll, 50.0)), f"{prefix}tokens": sums["tokens"]}
+  to_bpb = tokens / math.log(2) / nbytes
+  if "mc_var" in sums:
+    se = math.sqrt(max(sums["mc_var"], 0.0)) / tokens
+    out[f"{prefix}loss_stderr"] = se
+    out[f"{prefix}bits_per_byte_stderr"] = se * to_bpb
   rows = sums.get("rows", 0.0)
-  if rows > 1:  # stochastic estimates (a diffusion bound): standard error over rows
-    # of the ratio sum(r) / sum(n): sqrt(sum (r_i - nll n_i)^2 * R / (R - 1)) / sum(n)
+  if rows > 1:  # the ratio sum(r) / sum(n) over rows: sqrt(sum (r_i - nll n_i)^2 R/(R-1)) / sum(n)
     var = sums["nll_sq"] - 2 * nll * sums["nll_tokens"] + nll ** 2 * sums["tokens_sq"]
     se = math.sqrt(max(var, 0.0) * rows / (rows - 1)) / tokens
-    out[f"{prefix}loss_stderr"] = se
-    out[f"{prefix}bits_per_byte_stderr"] = se * tokens / math.log(2) / nbytes
+    out[f"{prefix}loss_between_rows_stderr"] = se
+    out[f"{prefix}bits_per_byte_between_rows_stderr"] = se * to_bpb
   return out
 
 
 def format_line(step: int, r: dict[str, float]) -> str:
   pm = lambda key: f" ± {r[key]:.4f}" if key in r else ""
-  return (f"eval @ step {step}: loss {r['eval/loss']:.4f}{pm('eval/loss_stderr')} | bits/token "
-          f"{r['eval/bits_per_token']:.4f} | bits/byte {r['eval/bits_per_byte']:.4f}"
+  rows = r.get("eval/loss_between_rows_stderr")
+  spread = (f" (± Monte-Carlo error; between rows ± {rows:.4f})" if rows is not None
+            and "eval/loss_stderr" in r else "")
+  return (f"eval @ step {step}: loss {r['eval/loss']:.4f}{pm('eval/loss_stderr')}{spread} | "
+          f"bits/token {r['eval/bits_per_token']:.4f} | bits/byte {r['eval/bits_per_byte']:.4f}"
           f"{pm('eval/bits_per_byte_stderr')} | {int(r['eval/tokens'])} tokens")
 
 

@@ -181,12 +181,13 @@ def make_loss_and_grads(setup: Setup):
   return loss_and_grads
 
 
-def make_train_step(setup: Setup, tx, schedule, abstract_state):
+def make_train_step(setup: Setup, tx, schedule, abstract_state, guard: bool = True):
   """The jitted step: (state, batch) -> (state, metrics). State is donated.
 
   Non-finite guard: a step whose loss or gradient norm is not finite leaves params, optimizer
   state and EMA unchanged (the step counter still advances) and counts itself in `skips`
-  (total, and consecutive for train.max_skipped_steps), read by the loop with the metrics."""
+  (total, and consecutive for train.max_skipped_steps), read by the loop with the metrics.
+  `guard=False` drops the guard's selects (only `tools/bench.py --compare_guard` uses it)."""
   cfg = setup.config.train
   base_key = jax.random.key(setup.config.seed)
   loss_and_grads = make_loss_and_grads(setup)
@@ -202,7 +203,10 @@ def make_train_step(setup: Setup, tx, schedule, abstract_state):
       d = ema_decay(cfg.ema_decay, state["step"] + 1)
       ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    if guard:
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    else:
+      keep = lambda new, old: new
     skipped = (~ok).astype(jnp.int32)
     run = (state["skips"]["consecutive"] + 1) * skipped
     window_start = state["step"] % cfg.log_every_steps == 0  # the worst run since the last log

@@ -5,6 +5,8 @@
 Synthetic batches (random tokens, packed rows of several segments) so the figure is the step's
 own. With --sampler=NAME it times a sampler instead (generated tokens/s and network calls):
   python tools/bench.py --config=configs/default.py --sampler=ancestral --sample_steps=1000
+With --compare_guard=ROUNDS it times the step with and without the non-finite guard, alternated
+in one process, and the save-time checksum.
 
 Prints one JSON line: tokens_per_s, step_time_s, compile_time_s, init_time_s (parameter and
 optimizer-state init, its compilation included), flops_per_token, mfu
@@ -44,6 +46,9 @@ _SAMPLE_REPEATS = flags.DEFINE_integer("sample_repeats", 3, "Timed runs (the med
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Trace --profile_steps more steps "
                                    "there and summarise the device time per step.")
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "Steps traced with --profile_dir.")
+_COMPARE_GUARD = flags.DEFINE_integer(
+    "compare_guard", 0, "Rounds of an in-process A/B: --steps steps with the non-finite guard, "
+    "then as many without, alternated; also times the save-time checksum of the state.")
 _DOC_LEN = flags.DEFINE_integer("doc_len", 128, "Mean document length of the synthetic packed "
                                 "rows; 0: one document per row (e.g. bst with all pairs).")
 
@@ -183,6 +188,59 @@ def bench_train_step(config, *, steps: int, warmup: int, doc_len: int,
   return result
 
 
+def compare_guard(config, *, rounds: int, steps: int, warmup: int, doc_len: int) -> dict:
+  """The guard's cost: the same step compiled with and without it, timed in alternating rounds
+  in one process (so machine noise hits both alike); the checksum's cost per step is its time
+  spread over checkpoint.every_steps steps."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mdlm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mdlm_jax import trainer  # pylint: disable=g-import-not-at-top
+  from mdlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  setup = trainer.build(config)
+  tx, schedule = trainer.make_optimizer(config.train)
+  abstract_state = trainer.abstract_train_state(setup, tx)
+  rng = np.random.default_rng(0)
+  local = pipeline.local_batch_size(config.train.batch_size)
+  batches = [pipeline.to_global(pipeline.synthetic_batch(
+      rng, local, config.data.seq_len, setup.tokenizer.vocab_size, doc_len),
+      setup.batch_sharding) for _ in range(2)]
+  runs = {}
+  for name, guard in (("guard", True), ("no_guard", False)):
+    fn, _ = trainer.compile_step(trainer.make_train_step(setup, tx, schedule, abstract_state,
+                                                         guard=guard),
+                                 abstract_state, setup.abstract_batch(), verbose=False)
+    state = trainer.init_train_state(setup, tx, abstract_state)
+    for i in range(warmup):
+      state, _ = fn(state, batches[i % 2])
+    runs[name] = [fn, jax.block_until_ready(state), []]
+  for _ in range(rounds):
+    for name in runs:
+      fn, state, times = runs[name]
+      t0 = time.perf_counter()
+      for i in range(steps):
+        state, m = fn(state, batches[i % 2])
+      jax.block_until_ready((state, m))
+      times.append((time.perf_counter() - t0) / steps)
+      runs[name][1] = state
+  state = runs["guard"][1]
+  items = checkpoint._items_of(state)  # pylint: disable=protected-access
+  checkpoint.checksums(items)  # compile
+  t0 = time.perf_counter()
+  for _ in range(3):
+    checkpoint.checksums(items)
+  checksum_s = (time.perf_counter() - t0) / 3
+  ratios = [g / n for g, n in zip(runs["guard"][2], runs["no_guard"][2])]
+  step_s = float(np.median(runs["guard"][2]))
+  return {"objective": config.objective.name, "device": jax.devices()[0].device_kind,
+          "rounds": rounds, "steps_per_round": steps,
+          "step_s_guard": runs["guard"][2], "step_s_no_guard": runs["no_guard"][2],
+          "guard_over_no_guard_median": float(np.median(ratios)),
+          "guard_over_no_guard_of_sums": sum(runs["guard"][2]) / sum(runs["no_guard"][2]),
+          "checksum_s": checksum_s,
+          "checksum_per_step_fraction": checksum_s / (config.checkpoint.every_steps * step_s)}
+
+
 def main(argv):
   del argv
   distributed.initialize()
@@ -190,6 +248,10 @@ def main(argv):
     print(json.dumps(bench_sampler(_CONFIG.value)))
     return
   config = _CONFIG.value
+  if _COMPARE_GUARD.value:
+    print(json.dumps(compare_guard(config, rounds=_COMPARE_GUARD.value, steps=_STEPS.value,
+                                   warmup=_WARMUP.value, doc_len=_DOC_LEN.value)))
+    return
   result = bench_train_step(config, steps=_STEPS.value, warmup=_WARMUP.value,
                             doc_len=_DOC_LEN.value, profile_dir=_PROFILE_DIR.value,
                             profile_steps=_PROFILE_STEPS.value)

@@ -3,7 +3,9 @@
 Reports the objective's NLL (or its bound) per token, bits per token, bits per byte and
 perplexity over the split (all of it by default), and prints them as one JSON line. For
 masked diffusion the figure is the ELBO bound estimated with --time_samples draws of t per
-sequence, with its standard error (`loss_stderr`, `bits_per_byte_stderr`). For `bst` it is the
+sequence, with two errors, named: `loss_stderr` / `bits_per_byte_stderr`, the Monte-Carlo
+error of the estimate (falls as 1/sqrt(K); needs K >= 2), and `loss_between_rows_stderr`, the
+spread between the rows scored (what another sample of documents would change). For `bst` it is the
 forward likelihood with the empty suffix (a left-to-right factorisation). For `blm` it is the
 one-pass bound, or with --orders=M the importance-sampled -log p(x) over M orders per document.
 For `insertion` it is the one-pass bound over uniform insertion orders, or with --orders=M the

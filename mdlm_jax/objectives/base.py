@@ -104,6 +104,23 @@ def finish(numerator, denominator, metrics):
   return div(numerator, jax.lax.stop_gradient(denominator)), out
 
 
+def bound_error_sums(draws_KxB, tokens_B) -> dict[str, jax.Array]:
+  """Sums for the two errors of a stochastic bound (`evaluate.summarize`), from K independent
+  draws per row of a batch whose rows share randomness within a draw (antithetic times):
+  `mc_var`, the variance of the batch's summed estimate, sample variance of the K per-draw
+  batch totals / K (the rows' correlation is inside each total), so it falls as 1/K; and the
+  row sums for the spread between rows of the ratio sum(nll) / sum(tokens)."""
+  k = draws_KxB.shape[0]
+  out = {}
+  if k >= 2:
+    totals = jnp.sum(draws_KxB, axis=1)
+    out["mc_var"] = jnp.var(totals, ddof=1) / k
+  nll = jnp.mean(draws_KxB, axis=0)
+  out.update(rows=jnp.sum(tokens_B > 0).astype(jnp.float32), nll_sq=jnp.sum(nll ** 2),
+             nll_tokens=jnp.sum(nll * tokens_B), tokens_sq=jnp.sum(tokens_B ** 2))
+  return out
+
+
 def masked_sum(x, mask):
   """(sum of x over mask, the mask's count), a ratio for `loss_sums`."""
   mask = mask.astype(jnp.float32)

@@ -5,9 +5,9 @@ The schedule is written through its mask fraction m(t) (linear t, cosine cos(pi/
 poly{K} t^K) as 1 - alpha(t) = (1 - eps) m(t), so the continuous-time ELBO weight
 -alpha'(t) / (1 - alpha(t)) = m'(t) / m(t) is positive and free of eps (linear: 1/t).
 
-Maskable tokens are the real tokens of each packed document except its BOS, the same tokens
-the autoregressive baseline predicts, so the bound per token (and per byte) is comparable with
-its NLL. The network never predicts MASK (SUBS) and unmasked positions carry over their input:
+Maskable tokens are the real tokens of each packed segment except its first (a document's BOS,
+or the first token of a row that continues a document), the same tokens the autoregressive
+baseline predicts, so the bound per token (and per byte) is comparable with its NLL. The network never predicts MASK (SUBS) and unmasked positions carry over their input:
 only masked positions enter the loss.
 """
 from __future__ import annotations
@@ -53,22 +53,26 @@ def mask_fraction(schedule: str, t):
   return t ** k, k * t ** (k - 1.0)
 
 
-def mask_prob(opts, t):
-  """1 - alpha(t). LLaDA: eps + (1 - eps) t; otherwise (1 - eps) m(t)."""
+def mask_prob(opts, t, eps=None):
+  """1 - alpha(t). LLaDA: eps + (1 - eps) t; otherwise (1 - eps) m(t). `eps` overrides
+  objective.eps (the validation bound uses 0)."""
+  eps = opts.eps if eps is None else eps
   if opts.llada:
-    return opts.eps + (1.0 - opts.eps) * t
-  return (1.0 - opts.eps) * mask_fraction(opts.schedule, t)[0]
+    return eps + (1.0 - eps) * t
+  return (1.0 - eps) * mask_fraction(opts.schedule, t)[0]
 
 
-def elbo_weight(opts, t):
+def elbo_weight(opts, t, eps=None):
   """-alpha'(t) / (1 - alpha(t)) > 0, or with `discrete_steps` T the T-step weight
   T (alpha_s - alpha_t) / (1 - alpha_t), s = t - 1/T."""
+  eps = opts.eps if eps is None else eps
   if opts.discrete_steps:
     steps = opts.discrete_steps
-    p_t, p_s = mask_prob(opts, t), mask_prob(opts, jnp.maximum(t - 1.0 / steps, 0.0))
+    p_t = mask_prob(opts, t, eps)
+    p_s = mask_prob(opts, jnp.maximum(t - 1.0 / steps, 0.0), eps)
     return steps * (p_t - p_s) / p_t
   if opts.llada:
-    return (1.0 - opts.eps) / mask_prob(opts, t)
+    return (1.0 - eps) / mask_prob(opts, t, eps)
   m, dm = mask_fraction(opts.schedule, t)
   return dm / m
 
@@ -86,8 +90,18 @@ def sample_times(rng, batch: int, antithetic: bool, t_min: float, discrete_steps
 
 
 def maskable(batch):
-  """Real tokens that are not a document's BOS: what masking may hide and the loss counts."""
-  return (batch["segment_ids"] > 0) & (batch["inputs"] != tokenizers.BOS)
+  """What masking may hide and the loss counts: real tokens that are not the first of their
+  segment (a document's BOS, or the first token of a row continuing a document), exactly the
+  tokens the autoregressive baseline predicts."""
+  seg = batch["segment_ids"]
+  prev = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
+  return (seg > 0) & (seg == prev) & (batch["inputs"] != tokenizers.BOS)
+
+
+def loss_keys(rng) -> dict[str, jax.Array]:
+  """The keys one training loss draws from, by use."""
+  return dict(zip(("crop", "time", "mask", "augment", "self_condition", "critic"),
+                  jax.random.split(rng, 6)))
 
 
 def choose_masked(rng, eligible_BxT, p_B, exact: bool):
@@ -227,7 +241,7 @@ class MDLM(base.Objective):
       crop_prob=0.0,           # LLaDA uses 0.01: random-length crops of the batch
       no_replace_prob=0.0,     # MaskGIT / BERT augmentation (0.15 and 0.10 in MaskGIT)
       random_token_prob=0.0,
-      eval_time_samples=1,     # K time samples per sequence for the validation bound
+      eval_time_samples=2,     # K >= 2 time samples per sequence: the bound and its MC error
       self_condition_prob=0.0,  # MaskGIT uses 0.75
       critic="none",           # none | self | separate: token critic
       critic_weight=1.0,
@@ -251,6 +265,9 @@ class MDLM(base.Objective):
         (not opts.llada or opts.schedule == "linear",
          f"objective.llada=True uses the linear schedule; got objective.schedule="
          f"{opts.schedule!r}."),
+        (not opts.llada or not opts.discrete_steps,
+         f"objective.llada=True trains the continuous-time bound (weight 1/p); set "
+         f"objective.discrete_steps=0 (got {opts.discrete_steps}) or objective.llada=False."),
         (0.0 <= opts.crop_prob <= 1.0, f"objective.crop_prob={opts.crop_prob} must be in [0, 1]."),
         (0.0 <= opts.no_replace_prob and 0.0 <= opts.random_token_prob
          and opts.no_replace_prob + opts.random_token_prob <= 1.0,
@@ -333,7 +350,9 @@ class MDLM(base.Objective):
   def loss_terms(self, model, batch, rng):
     """({'generator': (sum, count), 'critic': (sum, count)}, metrics as (sum, count))."""
     o = self.opts
-    k_crop, k_t, k_mask, k_aug, k_sc, k_critic = jax.random.split(rng, 6)
+    keys = loss_keys(rng)
+    k_crop, k_t, k_mask, k_aug, k_sc, k_critic = (keys[k] for k in (
+        "crop", "time", "mask", "augment", "self_condition", "critic"))
     if o.crop_prob > 0:
       batch = crop(k_crop, batch, o.crop_prob)
     eligible = self.maskable(batch)
@@ -376,8 +395,17 @@ class MDLM(base.Objective):
     return {"generator": gen, "critic": (critic, n_eligible)}, metrics
 
   def row_bounds(self, model, batch, rng):
-    """Per row: the ELBO's NLL bound in nats (Bernoulli masking, the schedule's own weight,
-    t over all of (0, 1]) averaged over `eval_time_samples` draws, and its token count.
+    """Per row: the NLL bound in nats averaged over `eval_time_samples` draws (`bound_draws`),
+    its token count and the scored tokens."""
+    draws, tokens, eligible = self.bound_draws(model, batch, rng)
+    return jnp.mean(draws, axis=0), tokens, eligible
+
+  def bound_draws(self, model, batch, rng):
+    """(K, B) draws of each row's NLL bound in nats, K = `eval_time_samples`, the token counts
+    (B,) and the scored tokens. Each draw is the ELBO with Bernoulli masking, the schedule's
+    own weight and one antithetic set of times across the batch over all of (0, 1], with
+    eps = 0: alpha(0) = 1 and alpha(1) = 0, so no prior or reconstruction term is left out
+    and an exact model never scores below its NLL. Draws are independent of each other.
     With `sft`: the conditional bound of the answer given the prompt (`conditional_bound`)."""
     o = self.opts
     if o.sft:
@@ -388,19 +416,20 @@ class MDLM(base.Objective):
     def one(key):
       k_t, k_mask = jax.random.split(key)
       t = sample_times(k_t, b, True, 0.0, o.discrete_steps)
-      masked = choose_masked(k_mask, eligible, mask_prob(o, t), exact=False)
+      masked = choose_masked(k_mask, eligible, mask_prob(o, t, eps=0.0), exact=False)
       ce, _ = self._masked_ce(model, batch,
                               jnp.where(masked, tokenizers.MASK, batch["inputs"]), masked, t_B=t)
-      return elbo_weight(o, t) * jnp.sum(ce, axis=1)
+      return elbo_weight(o, t, eps=0.0) * jnp.sum(ce, axis=1)
 
     keys = jax.random.split(rng, o.eval_time_samples)
-    nll = jnp.mean(jax.lax.map(one, keys), axis=0)
-    return nll, jnp.sum(eligible, axis=1).astype(jnp.float32), eligible
+    return jax.lax.map(one, keys), jnp.sum(eligible, axis=1).astype(jnp.float32), eligible
 
   def conditional_bound(self, model, batch, rng, samples: int):
     """LLaDA's estimate of -log p(answer | prompt) <= E_l [(L / l) sum over l masked answer
     tokens of their CE], with exactly l of the L answer tokens masked uniformly at random and
-    l stratified over 1..L across the `samples` draws. Returns (per-row bound, L, answer)."""
+    l stratified over 1..L across the `samples` draws (one shared offset, so treating the
+    draws as independent overstates their Monte-Carlo error). Returns ((K, B) draws, L,
+    answer)."""
     answer = self.maskable(batch)
     n = jnp.sum(answer, axis=1)
     nf = n.astype(jnp.float32)
@@ -413,18 +442,16 @@ class MDLM(base.Objective):
                               masked, t_B=l / jnp.maximum(nf, 1))
       return nf / l * jnp.sum(ce, axis=1)
 
-    nll = jnp.mean(jax.lax.map(one, jnp.arange(samples)), axis=0)
-    return jnp.where(n > 0, nll, 0.0), nf, answer
+    draws = jax.lax.map(one, jnp.arange(samples))
+    return jnp.where(n > 0, draws, 0.0), nf, answer
 
   def eval_sums(self, model, batch, rng):
-    nll, tokens, eligible = self.row_bounds(model, batch, rng)
+    draws, tokens, eligible = self.bound_draws(model, batch, rng)
+    nll = jnp.mean(draws, axis=0)
     token_bytes = jnp.asarray(self.tokenizer.token_bytes, jnp.float32)
-    real = tokens > 0
     return {"nll": jnp.sum(nll), "tokens": jnp.sum(tokens),
             "bytes": jnp.sum(token_bytes[batch["inputs"]] * eligible),
-            # for the standard error of the ratio sum(nll) / sum(tokens) over rows
-            "rows": jnp.sum(real).astype(jnp.float32), "nll_sq": jnp.sum(nll ** 2),
-            "nll_tokens": jnp.sum(nll * tokens), "tokens_sq": jnp.sum(tokens ** 2)}
+            **base.bound_error_sums(draws, tokens)}
 
   def flops_per_token(self, seq_len: int) -> float:
     """Forward + backward of the denoiser, the expected self-conditioning first pass
