@@ -45,14 +45,6 @@ def initial_condition(objective, model, canvas):
   return jnp.zeros((), jnp.float32)
 
 
-def draw(key, logits, temperature, top_k=0, top_p=1.0, min_p=0.0):
-  """Gumbel-max draw at a (possibly traced) temperature; 0 is argmax. Also returns the
-  filtered log-probabilities."""
-  logits = sampling.filter_logits(logits, top_k, top_p, min_p)
-  noisy = logits + temperature * sampling.gumbel(key, logits.shape)
-  return jnp.argmax(noisy, axis=-1).astype(jnp.int32), jax.nn.log_softmax(logits, axis=-1)
-
-
 def _record(history, x, k, steps):
   """Stores the canvas after step k into evenly spaced snapshot slots."""
   if history is None:
@@ -107,7 +99,7 @@ def ancestral(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0,
     p_t, p_s = mdlm_lib.mask_prob(opts, ts[k]), mdlm_lib.mask_prob(opts, ts[k + 1])
     reveal_prob = jnp.where(ts[k + 1] <= 0.0, 1.0, (p_t - p_s) / p_t)
     k_tok, k_rev, k_pick = jax.random.split(jax.random.fold_in(rng, k), 3)
-    tok, _ = draw(k_tok, logits, temperature, top_k, top_p, min_p)
+    tok, _ = sampling.draw(k_tok, logits, temperature, top_k, top_p, min_p)
     masked = x == tokenizers.MASK
     reveal = masked & (jax.random.uniform(k_rev, x.shape) < reveal_prob)
     if sync_rows:
@@ -153,7 +145,7 @@ def confidence(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0
     logits, cond = net(x, cond, 1.0 - k / steps)
     frac = 1.0 - (k + 1) / steps
     k_tok, k_noise = jax.random.split(jax.random.fold_in(rng, k))
-    tok, logp = draw(k_tok, logits, temperature * frac, top_k, top_p, min_p)
+    tok, logp = sampling.draw(k_tok, logits, temperature * frac, top_k, top_p, min_p)
     masked = x == tokenizers.MASK
     cand_tok = jnp.where(masked, tok, x)
     if critic:
@@ -176,14 +168,18 @@ def confidence(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0
 
 
 def guided(net, x, fixed, cfg_scale: float, cond=None, time=None):
-  """Classifier-free guidance: u + (w + 1)(c - u), u from the canvas with every given real
-  token masked. Returns (logits, next cond, network calls)."""
-  c, next_cond = net(x, cond, time)
+  """Classifier-free guidance: u + (w + 1)(c - u), u from the canvas with every given token
+  (BOS, prompt, suffix; padding aside) masked. With guidance `cond` is the pair of the two
+  branches' self-conditioning states, each fed back to its own branch. Returns (logits,
+  next cond, network calls)."""
   if cfg_scale <= 0:
+    c, next_cond = net(x, cond, time)
     return c, next_cond, 1
-  unc = jnp.where(fixed & (x >= tokenizers.NUM_SPECIAL), tokenizers.MASK, x)
-  u, _ = net(unc, cond, time)
-  return u + (cfg_scale + 1.0) * (c - u), next_cond, 2
+  cond_c, cond_u = cond
+  c, next_c = net(x, cond_c, time)
+  unc = jnp.where(fixed & (x != tokenizers.PAD), tokenizers.MASK, x)
+  u, next_u = net(unc, cond_u, time)
+  return u + (cfg_scale + 1.0) * (c - u), (next_c, next_u), 2
 
 
 def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top_p=1.0,
@@ -214,7 +210,7 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
     in_block = masked & (block == current[:, None])
     logits, cond, _ = guided(net, x, fixed, cfg_scale, cond, 1.0 - k / steps)
     k_tok, k_rand = jax.random.split(jax.random.fold_in(rng, k))
-    tok, logp = draw(k_tok, logits, temperature, top_k, top_p, min_p)
+    tok, logp = sampling.draw(k_tok, logits, temperature, top_k, top_p, min_p)
     if remasking == "low_confidence":
       conf = jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0]
     else:
@@ -228,7 +224,8 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
     spent = jnp.where(done_block, 0, spent + 1)
     return x, spent, cond, _record(history, x, k, steps)
 
-  carry = (canvas, jnp.zeros((b,), jnp.int32), initial_condition(objective, model, canvas),
+  cond0 = initial_condition(objective, model, canvas)
+  carry = (canvas, jnp.zeros((b,), jnp.int32), (cond0, cond0) if cfg_scale > 0 else cond0,
            _history(snapshots, canvas))
   x, _, cond, history = jax.lax.fori_loop(0, steps, body, carry)
   # rounding can leave masks after `steps` when a block got fewer steps than it has tokens'

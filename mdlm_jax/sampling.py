@@ -48,13 +48,24 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
   return logits
 
 
+def draw(key, logits, temperature, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
+  """One Gumbel-max draw per row of float32 logits (..., V) at a (possibly traced)
+  temperature, 0 being argmax. As in HF and vLLM, the logits are divided by the temperature
+  before top-k / top-p / min-p filter them. Returns (token ids, log-probabilities at
+  temperature 1 renormalised over the kept tokens: the confidence samplers rank by them)."""
+  logits = logits.astype(jnp.float32)
+  temperature = jnp.asarray(temperature, jnp.float32)
+  scaled = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p, min_p)
+  kept = scaled > NEG_INF / 2
+  noise = jnp.where(temperature > 0, gumbel(key, logits.shape), 0.0)
+  tok = jnp.argmax(jnp.where(kept, scaled + noise, -jnp.inf), axis=-1).astype(jnp.int32)
+  return tok, jax.nn.log_softmax(jnp.where(kept, logits, NEG_INF), axis=-1)
+
+
 def sample_logits(key, logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   min_p: float = 0.0):
-  """Token ids from float32 logits (..., V); temperature 0 is greedy."""
-  logits = filter_logits(logits.astype(jnp.float32), top_k, top_p, min_p)
-  if temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jnp.argmax(logits / temperature + gumbel(key, logits.shape), axis=-1).astype(jnp.int32)
+  """Token ids from float32 logits (..., V); temperature 0 is greedy (see `draw`)."""
+  return draw(key, logits, temperature, top_k, top_p, min_p)[0]
 
 
 def generate_ar(model, prompt_BxP, rng, *, max_new_tokens: int, temperature: float = 1.0,

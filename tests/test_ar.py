@@ -160,6 +160,35 @@ def test_sampling_frequencies_and_greedy():
   assert (np.asarray(sampling.sample_logits(jax.random.key(0), logits, 0.0)) == 0).all()
 
 
+def _tempered_then_filtered(probs, temperature, top_p=1.0, min_p=0.0):
+  """The exact distribution HF / vLLM sample from: temperature first, then the filters."""
+  q = probs ** (1.0 / temperature)
+  q = q / q.sum()
+  order = np.argsort(-q)
+  before = np.cumsum(q[order]) - q[order]
+  keep = np.zeros(len(q), bool)
+  keep[order[before < top_p]] = True
+  keep &= q >= min_p * q.max()
+  q = np.where(keep, q, 0.0)
+  return q / q.sum()
+
+
+@pytest.mark.parametrize("temperature,filters", [
+    (0.5, {}), (2.0, {}), (0.3, {"top_p": 0.6}), (2.0, {"min_p": 0.5}), (1.5, {"top_p": 0.75})])
+def test_draws_follow_the_tempered_then_filtered_distribution(temperature, filters):
+  probs = np.array([0.5, 0.3, 0.2])
+  n = 40000
+  want = _tempered_then_filtered(probs, temperature, **filters)
+  logits = jnp.log(jnp.asarray(np.tile(probs, (n, 1)), jnp.float32))
+  for draws in (sampling.sample_logits(jax.random.key(1), logits, temperature, **filters),
+                # a traced temperature (the annealed samplers)
+                jax.jit(lambda t: sampling.draw(jax.random.key(2), logits, t, **filters)[0])(
+                    jnp.float32(temperature))):
+    freq = np.bincount(np.asarray(draws), minlength=3) / n
+    assert (freq[want == 0] == 0).all(), (freq, want)
+    np.testing.assert_allclose(freq, want, atol=4.5 * np.sqrt(0.25 / n))
+
+
 def test_gumbel_has_its_distribution_and_an_untruncated_tail():
   g = np.asarray(sampling.gumbel(jax.random.key(0), (400000,)), np.float64)
   np.testing.assert_allclose(g.mean(), np.euler_gamma, atol=0.01)

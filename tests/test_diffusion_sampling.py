@@ -111,19 +111,23 @@ def test_confidence_schedule_of_masked_counts(setup):
 
 
 def test_classifier_free_guidance_formula():
-  x = jnp.asarray([[tokenizers.BOS, 50, MASK, MASK]])
+  """u comes from the canvas with every given token masked, BOS included; each branch gets back
+  its own self-conditioning state."""
+  x = jnp.asarray([[tokenizers.BOS, 50, MASK, MASK, 60, tokenizers.PAD]])
   fixed = x != MASK
   seen = []
 
   def net(z, cond, time=None):
-    seen.append(z)
-    return jnp.where((z == MASK)[..., None], 1.0, 3.0) * jnp.arange(5.0), cond
+    seen.append((z, cond))
+    return jnp.where((z == MASK)[..., None], 1.0, 3.0) * jnp.arange(5.0) + cond, cond + 10.0
 
-  out, _, calls = ds.guided(net, x, fixed, 2.0)
-  c, u = net(x, None)[0], net(jnp.asarray([[tokenizers.BOS, MASK, MASK, MASK]]), None)[0]
+  out, (next_c, next_u), calls = ds.guided(net, x, fixed, 2.0, (jnp.float32(1), jnp.float32(2)))
+  unc = jnp.asarray([[MASK, MASK, MASK, MASK, MASK, tokenizers.PAD]])
+  c, u = net(x, 1.0)[0], net(unc, 2.0)[0]
   np.testing.assert_allclose(out, u + 3.0 * (c - u))
-  assert calls == 2
-  np.testing.assert_array_equal(seen[1], [[tokenizers.BOS, MASK, MASK, MASK]])  # prompt masked
+  assert calls == 2 and float(next_c) == 11.0 and float(next_u) == 12.0
+  np.testing.assert_array_equal(seen[1][0], unc)  # prompt, BOS and suffix masked; PAD stays
+  assert float(seen[0][1]) == 1.0 and float(seen[1][1]) == 2.0
 
 
 @pytest.mark.parametrize("name,opts", [("ancestral", {}), ("confidence", {"critic": True}),
