@@ -326,3 +326,75 @@ def test_candidates_are_ranked_by_the_backward_score(make_config):
   scores = obj.middle_log_likelihood(net, jnp.repeat(prompt, 6, 0), all6[:, 1:],
                                      jnp.repeat(suffix, 6, 0))
   np.testing.assert_array_equal(best[0], all6[int(jnp.argmax(scores))])
+
+
+def test_candidate_score_reads_a_middle_up_to_its_first_eos(make_config):
+  """[70, EOS] scores the same with PAD or anything after its EOS, and what it scores equals
+  the backward terms of the row where [70, EOS] meets the empty suffix directly."""
+  obj, net = make(make_config)
+  eos, pad = tokenizers.EOS, tokenizers.PAD
+  prompt = jnp.asarray([[tokenizers.BOS, 40, 41]], jnp.int32)
+  empty = jnp.zeros((1, 0), jnp.int32)
+  score = lambda m: float(obj.middle_log_likelihood(net, prompt, jnp.asarray([m], jnp.int32),
+                                                    empty)[0])
+  short = score([70, eos])
+  for longer in ([70, eos, pad, pad, pad], [70, eos, 99, 98, eos], [70, pad, pad]):
+    np.testing.assert_allclose(score(longer), short, rtol=1e-6)
+  row = np.array([tokenizers.BOS, 40, 41, 70, eos], np.int32)
+  f, b_slots = net.states(jnp.asarray(row[None]), jnp.arange(5)[None], jnp.ones((1, 5), jnp.int32))
+  a, c = net.text.first_f(f[:, 2]), net.text.first_b(b_slots[0, 3:5])
+  logp = jax.nn.log_softmax(bst.head_logits(a, c, net.text.w_out[...][:, V:],
+                                            net.text.b_out[...][V:]))
+  np.testing.assert_allclose(short, float(logp[0, 70] + logp[1, eos]), rtol=1e-5)
+
+
+def test_a_middle_ends_where_the_completed_text_is_most_likely(make_config):
+  """end='best' cuts each middle at the L whose prefix + m[:L] + suffix has the highest forward
+  likelihood, computed here with `eval_sums` on each completed row; rows end before
+  max_new_tokens."""
+  obj, net = make(make_config)
+  rng = np.random.default_rng(2)
+  b, p, m, s = 4, 3, 6, 3
+  prompt = np.concatenate([np.full((b, 1), tokenizers.BOS), rng.integers(20, 200, (b, p - 1))],
+                          1).astype(np.int32)
+  suffix = rng.integers(20, 200, (b, s)).astype(np.int32)
+  fixed = np.asarray(jax.jit(lambda: obj.generate(
+      net, jnp.asarray(prompt), jax.random.key(5), max_new_tokens=m, suffix_BxS=jnp.asarray(
+          suffix), end="fixed"))())
+  best = np.asarray(jax.jit(lambda: obj.generate(
+      net, jnp.asarray(prompt), jax.random.key(5), max_new_tokens=m, suffix_BxS=jnp.asarray(
+          suffix), end="best"))())
+  # every completed row, padded to one width, scored by one jitted eval_sums per row
+  width = p + m + s
+  rows = np.full((b, m + 1, width), tokenizers.PAD, np.int32)
+  seg = np.zeros((b, m + 1, width), np.int32)
+  for r in range(b):
+    for n in range(m + 1):
+      row = np.concatenate([prompt[r], fixed[r, p:p + n], suffix[r]])
+      rows[r, n, :len(row)], seg[r, n, :len(row)] = row, 1
+  nll_of = jax.jit(jax.vmap(lambda x, sg: obj.eval_sums(
+      net, {"inputs": x[None], "segment_ids": sg[None], "positions": jnp.arange(width)[None]},
+      jax.random.key(0))["nll"]))
+  nll = np.asarray(nll_of(jnp.asarray(rows.reshape(-1, width)),
+                          jnp.asarray(seg.reshape(-1, width)))).reshape(b, m + 1)
+  lengths = []
+  for r in range(b):
+    n = int(np.argmin(nll[r]))
+    lengths.append(n)
+    np.testing.assert_array_equal(best[r, p:p + n], fixed[r, p:p + n])
+    assert (best[r, p + n:] == tokenizers.PAD).all()
+  assert min(lengths) < m, lengths
+  # with K candidates the kept one has the most likely completed text among the K
+  k = 3
+  gen = lambda kk, pr, su: obj.generate(net, pr, jax.random.key(6), max_new_tokens=m,
+                                        suffix_BxS=su, end="best", num_candidates=kk)
+  one = np.asarray(jax.jit(lambda: gen(k, jnp.asarray(prompt[:1]), jnp.asarray(suffix[:1])))())
+  each = jax.jit(lambda: gen(1, jnp.repeat(jnp.asarray(prompt[:1]), k, 0),
+                             jnp.repeat(jnp.asarray(suffix[:1]), k, 0)))()
+  lens = jnp.sum(each[:, p:] != tokenizers.PAD, axis=1)
+  scores = obj.completed_log_likelihood(net, jnp.repeat(jnp.asarray(prompt[:1]), k, 0),
+                                        each[:, p:], jnp.repeat(jnp.asarray(suffix[:1]), k, 0),
+                                        lens)
+  np.testing.assert_array_equal(one[0], np.asarray(each)[int(jnp.argmax(scores))])
+  with pytest.raises(ValueError, match="end='last'"):
+    obj.generate(net, jnp.asarray(prompt), jax.random.key(0), max_new_tokens=2, end="last")

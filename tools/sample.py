@@ -34,6 +34,10 @@ _PROMPT = flags.DEFINE_string("prefix", "", "Text before the generated span.")
 flags.DEFINE_alias("prompt", "prefix")
 _SUFFIX = flags.DEFINE_string("suffix", None, "Text after the generated span (mdlm, bst, "
                                "ar trained with objective.fim_rate > 0).")
+_MIDDLE_END = flags.DEFINE_enum(
+    "middle_end", "best", ["best", "fixed"], "bst with --suffix: 'best' ends each middle "
+    "where the completed text (middle + suffix) is most likely given the prefix; 'fixed' keeps "
+    "--max_new_tokens tokens.")
 _CANDIDATES = flags.DEFINE_integer("num_candidates", 1, "bst: middles drawn per sample; the "
                                    "one the backward head finds most likely is kept.")
 _TEMPLATE = flags.DEFINE_string("template", None, "Text with <mask:N> spans to fill (mdlm), "
@@ -132,6 +136,7 @@ def main(argv):
     options["suffix_BxS"] = np.tile(suffix, (_NUM.value, 1))
   if name == "bst":
     options["num_candidates"] = _CANDIDATES.value
+    options["end"] = _MIDDLE_END.value
   if decoding:
     options["decoding"] = decoding
 

@@ -416,12 +416,22 @@ class BST(base.Objective):
 
   # --- generation ---
   def generate(self, model, prompt_BxP, rng, *, max_new_tokens=256, temperature=1.0, top_k=0,
-               top_p=1.0, min_p=0.0, suffix_BxS=None, num_candidates=1):
+               top_p=1.0, min_p=0.0, suffix_BxS=None, num_candidates=1, end="fixed"):
     """Samples middles between each prompt row and `suffix_BxS` (None or width 0: the empty
     suffix, i.e. unconditional continuation) with F's KV cache and the suffix encoded once.
-    With num_candidates K > 1, K middles are drawn per row and the one the backward head finds
-    most likely given the suffix is kept. Returns (B, P + max_new_tokens) int32."""
-    b = prompt_BxP.shape[0]
+    A middle stops at its EOS. Trained middles hold no EOS before a non-empty suffix, so there
+    `end` says where a middle ends: 'fixed' keeps `max_new_tokens` tokens (a span of known
+    length); 'best' cuts each middle at the length L (0..its own) where the completed text
+    m[:L] + suffix is most likely given the prefix under the left-to-right factorisation (F
+    with the empty suffix, the likelihood `eval_sums` reports); the rest becomes PAD.
+    With num_candidates K > 1, K middles are drawn per row and one is kept: with the empty
+    suffix the one the backward head finds most likely (`middle_log_likelihood`, the paper's
+    goal-conditioned planning); with a suffix and end='best', the one whose completed text is
+    most likely (a criterion comparable across lengths); with end='fixed', the backward head's
+    choice. Returns (B, P + max_new_tokens) int32."""
+    if end not in ("fixed", "best"):
+      raise ValueError(f"end={end!r} must be 'fixed' or 'best'.")
+    b, p = prompt_BxP.shape
     if suffix_BxS is None:
       suffix_BxS = jnp.zeros((b, 0), jnp.int32)
     k = num_candidates
@@ -431,29 +441,84 @@ class BST(base.Objective):
     out = sampling.generate_ar(_ForwardHead(model, suffix_states[:, -1]), prompts, rng,
                                max_new_tokens=max_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, min_p=min_p)
+    cut = end == "best" and suffix_BxS.shape[1] > 0
+    if cut:
+      middles, score = self.best_cut(model, prompts, out[:, p:], suffixes)
+      out = jnp.concatenate([prompts, middles], axis=1)
     if k == 1:
       return out
-    score = self.middle_log_likelihood(model, prompts, out[:, prompts.shape[1]:], suffixes)
+    if not cut:
+      score = self.middle_log_likelihood(model, prompts, out[:, p:], suffixes)
     best = jnp.argmax(score.reshape(b, k), axis=1)
     return out.reshape(b, k, -1)[jnp.arange(b), best]
+
+  def completed_log_likelihood(self, model, prompt_BxP, middle_BxL, suffix_BxS, lengths_B):
+    """log p(m[:L] + suffix | prefix) under F with the empty suffix, L = lengths_B per row."""
+    b, p = prompt_BxP.shape
+    l, s = middle_BxL.shape[1], suffix_BxS.shape[1]
+    idx = jnp.arange(l + s)[None, :]
+    # the suffix moved up to follow m[:L]; PAD after it
+    src = jnp.where(idx < lengths_B[:, None], idx, idx - lengths_B[:, None] + l)
+    tail = jnp.take_along_axis(jnp.concatenate([middle_BxL, suffix_BxS], axis=1),
+                               jnp.clip(src, 0, l + s - 1), axis=1)
+    real = idx < (lengths_B[:, None] + s)
+    x = jnp.concatenate([prompt_BxP, jnp.where(real, tail, tokenizers.PAD)], axis=1)
+    seg = jnp.concatenate([jnp.ones_like(prompt_BxP), real.astype(jnp.int32)], axis=1)
+    pos = jnp.broadcast_to(jnp.arange(p + l + s, dtype=jnp.int32), x.shape)
+    f = model.forward_states(x, pos, seg)[:, p - 1:-1]      # predicts x[p], x[p + 1], ...
+    empty = model.suffix_state(jnp.zeros((b, 0), jnp.int32))[:, -1:]
+    w, bias = model.text.weights()
+    v = self.vocab_size
+    logits = head_logits(model.text.first_f(f), model.text.first_b(empty), w[:, :v], bias[:v])
+    return -jnp.sum(jnp.where(real, base.cross_entropy(logits, x[:, p:]), 0.0), axis=1)
+
+  def best_cut(self, model, prompt_BxP, middle_BxL, suffix_BxS):
+    """(middles cut at their most likely end, PAD after it; the completed texts' scores)."""
+    l = middle_BxL.shape[1]
+    own = _until_eos(middle_BxL) & (middle_BxL != tokenizers.PAD)
+    n_own = jnp.sum(own, axis=1)
+    middle = jnp.where(own, middle_BxL, tokenizers.PAD)
+    scores = jax.lax.map(lambda n: self.completed_log_likelihood(
+        model, prompt_BxP, middle, suffix_BxS, jnp.full(n_own.shape, n)), jnp.arange(l + 1))
+    scores = jnp.where(jnp.arange(l + 1)[:, None] <= n_own[None, :], scores, -jnp.inf)
+    length = jnp.argmax(scores, axis=0)
+    keep = jnp.arange(l)[None, :] < length[:, None]
+    return jnp.where(keep, middle, tokenizers.PAD), jnp.max(scores, axis=0)
 
   def middle_log_likelihood(self, model, prompt_BxP, middle_BxL, suffix_BxS):
     """log p(middle | prefix, suffix) under the backward head, right to left: the middle's
     token m_t is scored from (f at the prefix end, b after m_{t+1}..m_L and the suffix).
-    PAD (after an EOS) counts as EOS."""
+    A middle is its tokens up to and including its first EOS (or PAD, read as EOS): what
+    follows is neither read nor scored, the middle being moved right so that its last token
+    meets the suffix."""
+    own = _until_eos(middle_BxL)
+    n = jnp.sum(own, axis=1)
+    l = middle_BxL.shape[1]
     middle = jnp.where(middle_BxL == tokenizers.PAD, tokenizers.EOS, middle_BxL)
+    shift = l - n
+    src = jnp.arange(l)[None, :] - shift[:, None]           # right-aligned: PAD first
+    scored = src >= 0
+    middle = jnp.where(scored, jnp.take_along_axis(middle, jnp.maximum(src, 0), axis=1),
+                       tokenizers.PAD)
     f = model.forward_states(prompt_BxP, jnp.broadcast_to(
         jnp.arange(prompt_BxP.shape[1], dtype=jnp.int32), prompt_BxP.shape),
         jnp.ones_like(prompt_BxP))[:, -1:]
     states = model.suffix_state(jnp.concatenate([middle, suffix_BxS], axis=1))
-    s, l = suffix_BxS.shape[1], middle.shape[1]
+    s = suffix_BxS.shape[1]
     states = states[:, s:s + l]            # after the suffix, after m_L, ..., after m_2
     a, c = model.text.split(f, states)
     w, bias = model.text.weights()
     v = self.vocab_size
     logits = head_logits(a, c, w[:, v:], bias[v:])
     targets = jnp.flip(middle, 1)          # m_L, ..., m_1
-    return -jnp.sum(base.cross_entropy(logits, targets), axis=1)
+    ce = base.cross_entropy(logits, targets)
+    return -jnp.sum(jnp.where(jnp.flip(scored, 1), ce, 0.0), axis=1)
+
+
+def _until_eos(middle_BxL):
+  """(B, L) bool: the middle's own tokens, up to and including its first EOS or PAD."""
+  stop = (middle_BxL == tokenizers.EOS) | (middle_BxL == tokenizers.PAD)
+  return jnp.cumsum(stop, axis=1) - stop < 1
 
 
 class _ForwardHead:
