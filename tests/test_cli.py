@@ -110,6 +110,10 @@ def test_blm_train_fill_blanks_and_evaluate(tmp_path, corpus, data_dir):
   assert "2 blanks" in out and len(texts) == 2 and all("(x): " in t for t in texts), out
   p = run(["tools/sample.py", f"--workdir={wd}", "--template=no blank here"], check=False)
   assert p.returncode != 0 and "no <blank>" in p.stderr
+  # prefix + max_new fits 128, but the canvas (prefix, BLANK, suffix, EOS, room) does not
+  p = run(["tools/sample.py", f"--workdir={wd}", "--prefix=" + "x" * 50, "--suffix=" + "y" * 50,
+           "--max_new_tokens=30"], check=False)
+  assert p.returncode != 0 and "blm rows of 132 positions" in p.stderr, p.stderr[-500:]
   bound = json.loads(run(["tools/evaluate.py", f"--workdir={wd}", "--batches=1"]
                          ).stdout.strip().splitlines()[-1])
   sampled = json.loads(run(["tools/evaluate.py", f"--workdir={wd}", "--batches=1", "--orders=2"]

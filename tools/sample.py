@@ -124,11 +124,12 @@ def main(argv):
   prompt = np.concatenate([[tokenizers.BOS], tok.encode(_PROMPT.value)]).astype(np.int32)
   suffix = tok.encode(_SUFFIX.value or "").astype(np.int32)
   limit = setup.config.model.max_seq_len
-  used = len(prompt) + len(suffix) + 3 if name == "ar" and len(suffix) else len(prompt)
-  if used + _MAX_NEW.value > limit or len(suffix) + 1 > limit:
+  width = setup.objective.canvas_width(len(prompt), len(suffix), _MAX_NEW.value)
+  if width > limit:
     raise app.UsageError(f"prefix ({len(prompt)} tokens), suffix ({len(suffix)}) and "
-                         f"--max_new_tokens={_MAX_NEW.value} exceed the model's limit "
-                         f"model.max_seq_len={limit}; shorten them.")
+                         f"--max_new_tokens={_MAX_NEW.value} make {name} rows of {width} "
+                         f"positions, over the model's limit model.max_seq_len={limit}; shorten "
+                         "them.")
   prompts = np.tile(prompt, (_NUM.value, 1))
   options = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMP.value, top_k=_TOP_K.value,
                  top_p=_TOP_P.value, min_p=_MIN_P.value)

@@ -83,6 +83,10 @@ class AR(base.Objective):
     return {"nll": jnp.sum(nll * v), "tokens": jnp.sum(v),
             "bytes": jnp.sum(token_bytes[targets] * v)}
 
+  def canvas_width(self, prompt_len: int, suffix_len: int, max_new_tokens: int) -> int:
+    # with a suffix: the prompt [BOS, <fim_prefix>, prefix, <fim_suffix>, suffix, <fim_middle>]
+    return prompt_len + max_new_tokens + (suffix_len + 3 if suffix_len else 0)
+
   def generate(self, model, prompt_BxP, rng, *, max_new_tokens=256, temperature=1.0, top_k=0,
                top_p=1.0, min_p=0.0, suffix_BxS=None):
     """Continues the prompt; with `suffix_BxS` (FIM-trained models) generates the middle from

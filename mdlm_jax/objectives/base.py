@@ -58,6 +58,11 @@ class Objective:
     """Samples continuations of `prompt_BxP` (int32, starting with BOS)."""
     raise ValueError(f"objective {self.name!r} has no sampler for a prompt.")
 
+  def canvas_width(self, prompt_len: int, suffix_len: int, max_new_tokens: int) -> int:
+    """The widest row `generate` reads for these lengths: it must fit model.max_seq_len."""
+    del suffix_len
+    return prompt_len + max_new_tokens
+
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) of the network calls the loss makes."""
     return 3.0 * forward_flops_per_token(self.model_config, seq_len)

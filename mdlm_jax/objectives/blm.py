@@ -278,6 +278,9 @@ class BLM(base.Objective):
     out = jnp.take_along_axis(canvas, jnp.minimum(src, canvas.shape[1] - 1), axis=1)
     return jnp.where(idx < length - s, out, tokenizers.PAD)[:, :p + max_new_tokens]
 
+  def canvas_width(self, prompt_len: int, suffix_len: int, max_new_tokens: int) -> int:
+    return prompt_len + suffix_len + max_new_tokens + 1  # `one_blank`: BLANK ... EOS
+
   def fill(self, model, canvas_BxT, rng, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     """Replaces every BLANK of `canvas_BxT` (one document per row, PAD after its end) by
     actions until none is left or the row is full (a full row adds no new blanks). Tokens

@@ -452,6 +452,10 @@ class BST(base.Objective):
     best = jnp.argmax(score.reshape(b, k), axis=1)
     return out.reshape(b, k, -1)[jnp.arange(b), best]
 
+  def canvas_width(self, prompt_len: int, suffix_len: int, max_new_tokens: int) -> int:
+    # B reads the suffix after its empty-suffix slot; end='best' reads prefix + middle + suffix
+    return max(prompt_len + max_new_tokens + suffix_len, suffix_len + 1)
+
   def completed_log_likelihood(self, model, prompt_BxP, middle_BxL, suffix_BxS, lengths_B):
     """log p(m[:L] + suffix | prefix) under F with the empty suffix, L = lengths_B per row."""
     b, p = prompt_BxP.shape

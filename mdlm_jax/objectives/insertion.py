@@ -448,6 +448,9 @@ class Insertion(base.Objective):
                     jnp.where(idx == n_mid, tokenizers.EOS, tokenizers.PAD))
     return jnp.concatenate([prompt_BxP.astype(jnp.int32), mid], axis=1)
 
+  def canvas_width(self, prompt_len: int, suffix_len: int, max_new_tokens: int) -> int:
+    return prompt_len + suffix_len + 1 + max_new_tokens  # prompt, suffix, EOS, room
+
   def fill(self, model, canvas_BxT, region_BxT, rng, *, temperature=1.0, top_k=0, top_p=1.0,
            min_p=0.0, decoding=None):
     """Inserts words into the slots between region-0 and region-2 tokens (a slot is open when
