@@ -5,7 +5,9 @@ blanks of u . h_b), a word w for it (the tied output layer on h_b) and whether a
 its left and/or right (a 4-way softmax of an MLP on [h_b; e_w]); a bidirectional encoder reads
 the canvas. Generation repeats actions from [BOS] BLANK [EOS] until no blank is left.
 
-Words are a document's real tokens except BOS and EOS (these stay on every canvas). Training
+Words are a document's real tokens except BOS and EOS (these stay on every canvas), and except
+the prompt of prompt/answer rows (`sft_pairs`, `star_graph`): a prompt is given, never
+generated or scored. Training
 (one pass): for each document of n words draw k uniform in 0..n-1 and a random order, keep the
 k earliest words, collapse each run of the others into one blank; every dropped word is a
 target (its blank, itself, and whether dropped words remain on its left / right in that run):
@@ -104,9 +106,13 @@ def segment_logsumexp(values_BxT, valid_BxT, key_BxT):
 
 
 def words(batch):
-  """(B, T) bool: the tokens a BLM generates (real tokens but BOS and EOS)."""
+  """(B, T) bool: the tokens a BLM generates (real tokens but BOS, EOS and, on prompt/answer
+  rows, the prompt: it stays on every canvas and is never a target)."""
   x = batch["inputs"]
-  return (batch["segment_ids"] > 0) & (x != tokenizers.BOS) & (x != tokenizers.EOS)
+  out = (batch["segment_ids"] > 0) & (x != tokenizers.BOS) & (x != tokenizers.EOS)
+  if "prompt_mask" in batch:
+    out &= batch["prompt_mask"] == 0
+  return out
 
 
 def draw_order(rng, batch, word_BxT=None):

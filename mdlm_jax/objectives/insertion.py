@@ -142,11 +142,15 @@ def fpe_vectors(net: InsertionNet, segment_ids_BxT):
 
 
 def anchors(batch):
-  """(B, T) bool: tokens every canvas keeps (BOS, EOS, each segment's first and last)."""
+  """(B, T) bool: tokens every canvas keeps (BOS, EOS, each segment's first and last, and the
+  prompt of prompt/answer rows: given, never inserted or scored)."""
   x, seg = batch["inputs"], batch["segment_ids"]
   first = model_lib.run_starts(seg)
   last = jnp.concatenate([first[:, 1:], jnp.ones_like(first[:, :1])], axis=1)
-  return (seg > 0) & ((x == tokenizers.BOS) | (x == tokenizers.EOS) | first | last)
+  out = (x == tokenizers.BOS) | (x == tokenizers.EOS) | first | last
+  if "prompt_mask" in batch:
+    out |= batch["prompt_mask"] > 0
+  return (seg > 0) & out
 
 
 def words(batch):
