@@ -415,3 +415,107 @@ def test_bad_options_are_refused(make_config, bad):
                      **{f"objective.{k}": v for k, v in bad.items()}})
   with pytest.raises((ValueError, config_lib.ConfigError), match=f"objective.{next(iter(bad))}"):
     config_lib.validate(cfg)
+
+
+# ---- decoding rules against exact references ----
+def _action_logp(seed=0, t=4, v=10):
+  """Joint log-probabilities over (slot, word) of one row: slot 1's best is end-of-slot, slot 3
+  is not open."""
+  z = np.random.default_rng(seed).normal(size=(1, t, v)) * 1.5
+  z[0, 1, tokenizers.EOS] = z[0, 1].max() + 1.0
+  z[0, [0, 2], tokenizers.EOS] = z[0, [0, 2]].min() - 1.0
+  logp = z - np.log(np.exp(z).sum())
+  open_ = np.array([[True, True, True, False]])
+  return jnp.asarray(logp, jnp.float32), jnp.asarray(open_), logp, open_
+
+
+def _frequencies(fn, n, t, v):
+  keys = jax.random.split(jax.random.key(0), n)
+  got, w = jax.jit(jax.vmap(fn))(keys)
+  got, w = np.asarray(got)[:, 0], np.asarray(w)[:, 0]
+  counts = np.zeros((t + 1, v))
+  for r in range(n):
+    at = np.flatnonzero(got[r])
+    if len(at):
+      counts[at[0], w[r, at[0]]] += 1
+    else:
+      counts[t, 0] += 1   # no insertion
+  return counts / n
+
+
+@pytest.mark.parametrize("slot_final", [True, False])
+def test_sequential_action_follows_its_rule_exactly(slot_final):
+  logp_j, open_j, logp, open_ = _action_logp()
+  t, v = logp.shape[1:]
+  room = jnp.asarray([5])
+  allowed = np.zeros((t, v), bool)
+  if slot_final:   # Stern et al.: slots whose best is end-of-slot are finished; words only
+    live = open_[0] & (logp[0].argmax(-1) != tokenizers.EOS)
+    allowed[live] = True
+    allowed[:, tokenizers.EOS] = False
+  else:            # the joint over open slots, end-of-slot meaning stop
+    allowed[open_[0]] = True
+
+  def exact(temperature):
+    p = np.where(allowed, np.exp(logp[0] / temperature), 0.0)
+    want = np.zeros((t + 1, v))
+    want[:t] = p / p.sum()
+    want[t, 0] = want[:t, tokenizers.EOS].sum()   # drawing EOS: no insertion
+    want[:t, tokenizers.EOS] = 0.0
+    return want
+
+  # greedy: the single best allowed action
+  got, w = ins.sequential_action(jax.random.key(0), logp_j, open_j, room, slot_final,
+                                       temperature=0.0)
+  best = np.unravel_index(np.argmax(np.where(allowed, logp[0], -np.inf)), (t, v))
+  if slot_final:   # slot 1 is finished, so the best word of slots 0 and 2 goes in
+    assert np.flatnonzero(np.asarray(got)[0]).tolist() == [best[0]]
+    assert int(np.asarray(w)[0, best[0]]) == best[1]
+  else:            # slot 1's end-of-slot is the best action: stop
+    assert best[1] == tokenizers.EOS and not np.asarray(got).any()
+  # sampled, at two temperatures: the exact distribution (total variation over 20000 draws)
+  for temperature in (1.0, 0.5):
+    want = exact(temperature)
+    freq = _frequencies(lambda k: ins.sequential_action(
+        k, logp_j, open_j, room, slot_final, temperature=temperature), 20000, t, v)
+    assert 0.5 * np.abs(freq - want).sum() < 0.03, (temperature, freq.round(3), want.round(3))
+    assert (freq[want == 0] == 0).all()
+
+
+def test_sequential_slot_finalized_decoding_stops_when_every_slot_is_finished():
+  logp_j, open_j, logp, open_ = _action_logp()
+  z = np.asarray(logp_j).copy()
+  z[0, :, tokenizers.EOS] = z[0].max() + 1.0   # every slot's best is end-of-slot
+  got, _ = ins.sequential_action(jax.random.key(0), jnp.asarray(z), open_j,
+                                       jnp.asarray([5]), True, temperature=1.0)
+  assert not np.asarray(got).any()
+  # a slot that is not open never receives a word, even if its words are likeliest
+  z = np.asarray(logp_j).copy()
+  z[0, 3, 9] = 50.0
+  for s in range(20):
+    got, _ = ins.sequential_action(jax.random.key(s), jnp.asarray(z), open_j,
+                                         jnp.asarray([5]), True, temperature=1.0)
+    assert not np.asarray(got)[0, 3]
+
+
+def test_parallel_action_draws_each_open_slot_from_its_own_distribution():
+  logp_j, open_j, logp, open_ = _action_logp(seed=1)
+  t, v = logp.shape[1:]
+  n = 20000
+  keys = jax.random.split(jax.random.key(1), n)
+  got, w = jax.jit(jax.vmap(lambda k: ins.parallel_action(
+      k, logp_j, open_j, jnp.asarray([5]), temperature=1.0)))(keys)
+  got, w = np.asarray(got)[:, 0], np.asarray(w)[:, 0]
+  for s in range(t):
+    cond = np.exp(logp[0, s] - np.log(np.exp(logp[0, s]).sum()))
+    if not open_[0, s]:
+      assert not got[:, s].any()
+      continue
+    freq = np.bincount(w[:, s], minlength=v) / n
+    assert 0.5 * np.abs(freq - cond).sum() < 0.03, (s, freq.round(3), cond.round(3))
+    np.testing.assert_array_equal(got[:, s], w[:, s] != tokenizers.EOS)
+  # room for one insertion: only the leftmost drawn word goes in
+  ins1, w1 = ins.parallel_action(jax.random.key(2), logp_j, open_j, jnp.asarray([1]),
+                                       temperature=0.0)
+  words = open_[0] & (logp[0].argmax(-1) != tokenizers.EOS)
+  assert np.flatnonzero(np.asarray(ins1)[0]).tolist() == [np.flatnonzero(words)[0]]

@@ -100,10 +100,6 @@ def main(argv):
       decoding = insertion.resolve_decoding(_SAMPLER.value, finalization)
     except ValueError as e:
       raise app.UsageError(f"--sampler={_SAMPLER.value}: {e}") from None
-    if decoding == "sequential" and finalization == "slot":
-      print("warning: --sampler=sequential on a model trained with objective.finalization="
-            "'slot': its end-of-slot mass over all slots is high, so it tends to stop at once "
-            "(train with finalization='sequence' to decode this way).", file=sys.stderr)
   for flag, value in (("--template", _TEMPLATE.value),
                       ("--sampler", None if decoding else _SAMPLER.value),
                       ("--steps", _STEPS.value)):

@@ -354,6 +354,39 @@ def insert(net: InsertionNet, canvas_BxT, u_BxTxD, region_BxT, after_BxT, new_Bx
   return tok, u, reg
 
 
+def parallel_action(key, logp_BxTxV, open_BxT, room_B, **draw):
+  """Every open slot draws from its own p(word | slot) (`sampling.draw` options); end-of-slot
+  (EOS) closes it. Returns (insert after t (B, T) bool, the word (B, T)): the leftmost
+  insertions that fit the row's room."""
+  b, t, v = logp_BxTxV.shape
+  cond = logp_BxTxV - jax.nn.logsumexp(logp_BxTxV, axis=-1, keepdims=True)
+  w = sampling.sample_logits(key, cond.reshape(b * t, v), **draw).reshape(b, t)
+  ins = open_BxT & (w != tokenizers.EOS)
+  return ins & (jnp.cumsum(ins, axis=1) <= room_B[:, None]), w
+
+
+def sequential_action(key, logp_BxTxV, open_BxT, room_B, slot_final: bool, **draw):
+  """One (slot, word) action per row from the joint log-probabilities over open slots.
+  Sequence finalization: end-of-slot (EOS) anywhere means stop. Slot finalization (Stern et
+  al.'s greedy rule): a slot whose best action is end-of-slot is finished; the action is
+  drawn among the other open slots' words (their joint renormalised; greedy at temperature
+  0) and the row stops when every open slot is finished. Returns (insert after t, word)."""
+  b, t, v = logp_BxTxV.shape
+  logp = jnp.where(open_BxT[..., None], logp_BxTxV, sampling.NEG_INF)
+  if slot_final:
+    finished = jnp.argmax(logp_BxTxV, axis=-1) == tokenizers.EOS
+    live = open_BxT & ~finished
+    word = jnp.arange(v) != tokenizers.EOS
+    logp = jnp.where(live[..., None] & word, logp, sampling.NEG_INF)
+    go = jnp.any(live, axis=1)
+  else:
+    go = jnp.ones((b,), bool)
+  a = sampling.sample_logits(key, logp.reshape(b, t * v), **draw)
+  at, w = a // v, a % v
+  ins = (jnp.arange(t) == at[:, None]) & ((w != tokenizers.EOS) & go & (room_B > 0))[:, None]
+  return ins, jnp.broadcast_to(w[:, None], (b, t))
+
+
 def resolve_decoding(decoding: str, finalization: str) -> str:
   """'auto' -> parallel after slot finalization, sequential after sequence finalization;
   refuses parallel decoding of a model that never learnt a per-slot end-of-slot."""
@@ -480,19 +513,12 @@ class Insertion(base.Objective):
       open_ = slots(c) & (region <= 1) & (nxt_region >= 1)
       logp = action_logprobs(model, c, self.opts.distribution, u if model.fpe else None, open_)
       room = t - jnp.sum(real, axis=1)
+      draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
       if decoding == "parallel":
-        cond_logits = logp - jax.nn.logsumexp(logp, axis=-1, keepdims=True)  # p(word | slot)
-        w = sampling.sample_logits(k_draw, cond_logits.reshape(b * t, v), temperature, top_k,
-                                   top_p, min_p).reshape(b, t)
-        ins = open_ & (w != tokenizers.EOS)
-        ins = ins & (jnp.cumsum(ins, axis=1) <= room[:, None])  # the leftmost ones that fit
+        ins, w = parallel_action(k_draw, logp, open_, room, **draw)
       else:
-        a = sampling.sample_logits(k_draw, logp.reshape(b, t * v), temperature, top_k, top_p,
-                                   min_p)
-        at, w1 = a // v, a % v
-        ins = (jnp.arange(t) == at[:, None]) & (w1 != tokenizers.EOS)[:, None] & \
-            (room > 0)[:, None]
-        w = jnp.broadcast_to(w1[:, None], (b, t))
+        ins, w = sequential_action(k_draw, logp, open_, room,
+                                   slot_final=self.opts.finalization == "slot", **draw)
       ins = ins & ~done[:, None] & jnp.any(open_, axis=1, keepdims=True)
       canvas, u, region = insert(model, canvas, u, region, ins, w)
       return canvas, u, region, done | ~jnp.any(ins, axis=1), key, i + 1
