@@ -162,3 +162,33 @@ def test_unknown_sampler_and_bad_steps_are_refused(setup):
     obj.sample(model, canvas(), jax.random.key(0), sampler="ddim")
   with pytest.raises(ValueError, match="steps=0"):
     obj.sample(model, canvas(), jax.random.key(0), steps=0)
+
+
+@pytest.mark.parametrize("name,opts", [("ancestral", {}), ("confidence", {}), ("llada", {}),
+                                       ("llada", {"cfg_scale": 1.0})])
+def test_each_call_gets_back_the_previous_calls_self_conditioning(setup, monkeypatch, name,
+                                                                   opts):
+  """A counting network: its next condition is its input condition + 1 (+ 100 in the
+  unconditional branch, whose canvas has BOS masked). Each branch must see its own count."""
+  obj, _ = setup
+  seen = []
+
+  def fake_network(objective, model):
+    def net(x, cond=None, time=None):
+      unconditional = x[0, 0] == MASK
+      jax.debug.callback(lambda c, u: seen.append((bool(u), float(c))), cond, unconditional,
+                         ordered=True)
+      logits = jnp.zeros(x.shape + (obj.vocab_size,)).at[..., MASK].set(-1e9)
+      return logits, cond + jnp.where(unconditional, 100.0, 1.0)
+    return net
+
+  monkeypatch.setattr(ds, "network", fake_network)
+  monkeypatch.setattr(ds, "initial_condition", lambda *a: jnp.zeros((), jnp.float32))
+  monkeypatch.setattr(type(obj), "self_conditioned", property(lambda self: True))
+  steps = 4
+  x0 = jnp.asarray(np.concatenate([[tokenizers.BOS, 40], [MASK] * 6])[None], jnp.int32)
+  jax.block_until_ready(ds.run(name, obj, None, x0, jax.random.key(0), steps=steps, **opts))
+  cond_branch = [c for u, c in seen if not u][:steps]
+  np.testing.assert_array_equal(cond_branch, np.arange(steps))
+  if opts.get("cfg_scale"):
+    np.testing.assert_array_equal([c for u, c in seen if u][:steps], 100.0 * np.arange(steps))

@@ -288,6 +288,35 @@ def test_critic_targets_label_generated_tokens_that_differ():
   assert not labels[~masked].any() and labels[masked].any() and not labels[masked].all()
 
 
+def test_critic_generator_draws_at_a_uniform_random_temperature():
+  """P(x_gen = v) = integral over tau in [0, 1) of softmax(z / tau)_v (Gumbel-max at tau)."""
+  v, n = 3, 20000
+  z = jnp.asarray([0.0, -0.7, -1.5])
+  logits = jnp.broadcast_to(z, (1, 1, v))
+  draw = jax.jit(jax.vmap(lambda k: mdlm.critic_targets(
+      k, jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool), logits)[0][0, 0]))
+  freq = np.bincount(np.asarray(draw(jax.random.split(jax.random.key(0), n))), minlength=v) / n
+  taus = (np.arange(4000) + 0.5) / 4000
+  zt = np.asarray(z)[None] / taus[:, None]
+  want = (np.exp(zt - zt.max(1, keepdims=True)) /
+          np.exp(zt - zt.max(1, keepdims=True)).sum(1, keepdims=True)).mean(0)
+  np.testing.assert_allclose(freq, want, atol=4 * np.sqrt(0.25 / n))
+
+
+def test_crop_prob_1_trains_on_the_cropped_batch(make_config):
+  obj = make(make_config, crop_prob=1.0)
+  batch = packed_batch()
+  table = jax.random.normal(jax.random.key(1), (4, 24, obj.vocab_size))
+  rng = jax.random.key(11)
+  cropped = mdlm.crop(mdlm.loss_keys(rng)["crop"], batch, 1.0)
+  assert np.asarray(cropped["segment_ids"] == 0).sum() > np.asarray(batch["segment_ids"] == 0).sum()
+  plain = make(make_config)
+  got = obj.loss_sums(TableModel(table), batch, rng)
+  want = plain.loss_sums(TableModel(table), cropped, rng)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  np.testing.assert_allclose(got[1], want[1])
+
+
 @pytest.mark.parametrize("kind", ["self", "separate"])
 def test_critic_loss_is_bce_on_the_generated_sequence(make_config, kind):
   obj = make(make_config, critic=kind, critic_weight=0.5)

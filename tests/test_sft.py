@@ -125,3 +125,26 @@ def test_sft_trains_on_pairs_and_needs_them(make_config, pairs_glob, tmp_path):
   batch = {k: v for k, v in sft_batch().items() if k != "prompt_mask"}
   with pytest.raises(ValueError, match="data.name=sft_pairs"):
     obj.loss(lambda x, p, s: jnp.zeros(x.shape + (obj.vocab_size,)), batch, jax.random.key(0))
+
+
+def test_conditional_bound_of_an_exact_copy_model_is_the_answer_entropy(make_config, pairs_glob):
+  """Answers [a, a], a uniform over K: the exact model copies a visible twin. With l
+  stratified over 1..L the estimate is log K (l = 1 scores 0, l = 2 scores 2 log K); a bound
+  that always masked all L would give 2 log K."""
+  obj = objectives.create(sft_config(make_config, pairs_glob), TOK)
+  k, rows, v = 5, 64, obj.vocab_size
+  a = np.random.default_rng(0).integers(0, k, rows) + tokenizers.NUM_SPECIAL
+  x = np.stack([np.full(rows, tokenizers.BOS), np.full(rows, 50), a, a], 1).astype(np.int32)
+
+  def model(xt, p, s):
+    other = xt[:, jnp.array([0, 1, 3, 2])]
+    real = (jnp.arange(v) >= tokenizers.NUM_SPECIAL) & (jnp.arange(v) < tokenizers.NUM_SPECIAL + k)
+    seen = jnp.where(jax.nn.one_hot(other, v) > 0, 0.0, -1e9)
+    return jnp.where((other == tokenizers.MASK)[..., None], jnp.where(real, 0.0, -1e9), seen)
+
+  batch = {"inputs": jnp.asarray(x), "segment_ids": jnp.ones((rows, 4), jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(4), (rows, 4)),
+           "prompt_mask": jnp.asarray(np.tile([1, 1, 0, 0], (rows, 1)), jnp.int32)}
+  draws, n, _ = obj.conditional_bound(model, batch, jax.random.key(0), 64)
+  assert (np.asarray(n) == 2).all()
+  np.testing.assert_allclose(np.asarray(draws).mean(), math.log(k), rtol=0.02)
