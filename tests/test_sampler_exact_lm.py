@@ -1,7 +1,6 @@
 """The left-to-right samplers (ar, bst towards a suffix) and the blank-filling sampler (blm)
 against exact references computed from uncached network calls: their outputs over many keys
 match the exact distribution of the rule (temperature, then top-k) in total variation."""
-import itertools
 
 import jax
 import jax.numpy as jnp

@@ -42,6 +42,9 @@ _SAMPLER = flags.DEFINE_string("sampler", None, "Time a sampler instead of the t
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 256, "Denoising steps of the sampler.")
 _SAMPLE_LEN = flags.DEFINE_integer("sample_len", 256, "Tokens to generate per row.")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 8, "Rows sampled at once.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "With --sampler: the trained params of this "
+                               "workdir (its config) instead of random ones; insertion samplers "
+                               "then also report each row's tokens and decoding steps.")
 _SAMPLE_REPEATS = flags.DEFINE_integer("sample_repeats", 3, "Timed runs (the median is kept).")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Trace --profile_steps more steps "
                                    "there and summarise the device time per step.")
@@ -66,15 +69,20 @@ def pipeline_tokens_per_s(config, tokenizer, batches: int) -> float:
 
 
 def bench_sampler(config):
-  """Generated tokens/s of one sampler from random params (after compiling), and the network
-  calls it made."""
+  """Generated tokens/s of one sampler from random params (or a workdir's trained ones), after
+  compiling, and the network calls it made."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from mdlm_jax import tokenizers  # pylint: disable=g-import-not-at-top
   from mdlm_jax import trainer  # pylint: disable=g-import-not-at-top
-  setup = trainer.build(config)
-  params = setup.init_params()
+  if _WORKDIR.value:
+    from mdlm_jax import restore  # pylint: disable=g-import-not-at-top
+    setup, params, _ = restore.load(_WORKDIR.value, mesh_overrides={"data": -1, "tensor": 1})
+  else:
+    setup = trainer.build(config)
+    params = setup.init_params()
   name, b, n = _SAMPLER.value, _SAMPLE_BATCH.value, _SAMPLE_LEN.value
   prompt = jnp.full((b, 1), tokenizers.BOS, jnp.int32)
   if name == "ar":
@@ -117,7 +125,14 @@ def bench_sampler(config):
     made = int(jnp.sum(out != tokenizers.PAD)) - 2 * b if grows else b * n
     runs.append((time.perf_counter() - t0, made, int(info["calls"])))
   dt, made, calls = sorted(runs)[len(runs) // 2]
-  return {"objective": config.objective.name, "sampler": name, "batch": b, "length": n,
+  per_row = None
+  if name.startswith("insertion_") and _WORKDIR.value:  # each row decoded on its own
+    one = lambda r, c, g: setup.objective.fill(nnx.merge(setup.graphdef, params), c[None],
+                                               g[None], r, decoding=decoding)
+    out, _, info = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(9), b), canvas, region)
+    made_rows = np.asarray(jnp.sum(out[:, 0] != tokenizers.PAD, axis=1)) - 2
+    per_row = [[int(m), int(c)] for m, c in zip(made_rows, np.asarray(info["calls"]))]
+  return {"per_row_tokens_and_steps": per_row,"objective": config.objective.name, "sampler": name, "batch": b, "length": n,
           "steps": None if name == "ar" or grows else _SAMPLE_STEPS.value,
           "network_calls": calls, "tokens": made, "seconds": dt, "tokens_per_s": made / dt,
           "compile_time_s": compile_s, "device": jax.devices()[0].device_kind}

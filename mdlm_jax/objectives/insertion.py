@@ -502,7 +502,6 @@ class Insertion(base.Objective):
     seg0 = (canvas_BxT != tokenizers.PAD).astype(jnp.int32)
     u0 = (fpe_vectors(model, seg0) if model.fpe
           else jnp.zeros((b, t, 1), jnp.float32))
-    v = self.vocab_size
 
     def body(state):
       canvas, u, region, done, key, i = state
