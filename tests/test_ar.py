@@ -221,3 +221,19 @@ def test_generate_keeps_prompt_and_stops_at_eos(make_config):
   greedy = np.asarray(obj.generate(model, prompt, jax.random.key(1), max_new_tokens=8,
                                    temperature=0.0))
   assert (greedy == greedy[0]).all(), "greedy decoding must not depend on the row"
+
+
+def test_sampling_defaults_are_temperature_1_and_no_filter(make_config):
+  """The documented defaults: what a caller gets without options is the plain distribution."""
+  z = jax.random.normal(jax.random.key(0), (64, 300))
+  np.testing.assert_array_equal(sampling.filter_logits(z), z)
+  key = jax.random.key(1)
+  plain = sampling.sample_logits(key, z, 1.0, 0, 1.0, 0.0)
+  np.testing.assert_array_equal(sampling.sample_logits(key, z), plain)
+  np.testing.assert_array_equal(sampling.draw(key, z, 1.0)[0], plain)
+  _, model = objective(make_config, name="ar")
+  prompt = jnp.full((4, 1), tokenizers.BOS, jnp.int32)
+  gen = lambda **kw: np.asarray(sampling.generate_ar(model, prompt, jax.random.key(2),
+                                                     max_new_tokens=6, **kw))
+  np.testing.assert_array_equal(gen(), gen(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0))
+  assert gen().dtype == np.int32
