@@ -22,16 +22,23 @@ def make(make_config, name, **over):
   return obj, obj.build(nnx.Rngs(3))
 
 
-def rule(logits, temperature, top_k):
-  """The draw's exact distribution: logits / temperature, the top k kept, softmax."""
+def rule(logits, temperature, top_k=0, top_p=1.0, min_p=0.0):
+  """The draw's exact distribution: logits / temperature, then the top k, the smallest set
+  reaching top_p (the crossing token kept) and the tokens within min_p of the best, softmax."""
   z = np.asarray(logits, np.float64) / temperature
-  kth = np.sort(z)[-top_k]
-  z = np.where(z >= kth, z, -np.inf)
-  e = np.exp(z - z.max())
-  return e / e.sum()
+  if top_k:
+    z = np.where(z >= np.sort(z)[-top_k], z, -np.inf)
+  p = np.exp(z - z.max())
+  p /= p.sum()
+  order = np.argsort(-p)
+  keep = np.zeros(len(p), bool)
+  keep[order[(np.cumsum(p[order]) - p[order]) < top_p]] = True
+  keep &= p >= min_p * p.max()
+  p = np.where(keep, p, 0.0)
+  return p / p.sum()
 
 
-def left_to_right_reference(next_logits, prompt, steps, temperature, top_k):
+def left_to_right_reference(next_logits, prompt, steps, temperature, top_k, **filters):
   """{continuation: probability} of `steps` tokens, EOS followed by PAD."""
   dist = {(): 1.0}
   for _ in range(steps):
@@ -40,7 +47,7 @@ def left_to_right_reference(next_logits, prompt, steps, temperature, top_k):
       if cont and cont[-1] in (EOS, PAD):
         new[cont + (PAD,)] = new.get(cont + (PAD,), 0.0) + p
         continue
-      q = rule(next_logits(list(prompt) + list(cont)), temperature, top_k)
+      q = rule(next_logits(list(prompt) + list(cont)), temperature, top_k, **filters)
       for tok in np.flatnonzero(q > 0):
         new[cont + (int(tok),)] = new.get(cont + (int(tok),), 0.0) + p * q[tok]
     dist = new
@@ -58,8 +65,9 @@ def total_variation(p, q):
   return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
 
 
-@pytest.mark.parametrize("temperature,top_k", [(1.0, 3), (0.5, 4)])
-def test_ar_sampler_matches_the_uncached_model(make_config, temperature, top_k):
+@pytest.mark.parametrize("temperature,top_k,filters", [
+    (1.0, 3, {}), (0.5, 4, {}), (1.0, 0, {"top_p": 0.3}), (1.5, 0, {"min_p": 0.6})])
+def test_ar_sampler_matches_the_uncached_model(make_config, temperature, top_k, filters):
   obj, model = make(make_config, "ar")
   prompt = [BOS, 70]
 
@@ -67,10 +75,10 @@ def test_ar_sampler_matches_the_uncached_model(make_config, temperature, top_k):
     x = jnp.asarray([prefix], jnp.int32)
     return np.asarray(model(x, jnp.arange(len(prefix))[None], jnp.ones_like(x)))[0, -1]
 
-  ref = left_to_right_reference(next_logits, prompt, 2, temperature, top_k)
+  ref = left_to_right_reference(next_logits, prompt, 2, temperature, top_k, **filters)
   fn = jax.jit(jax.vmap(lambda k: obj.generate(model, jnp.asarray([prompt], jnp.int32), k,
                                                max_new_tokens=2, temperature=temperature,
-                                               top_k=top_k)[0, 2:]))
+                                               top_k=top_k, **filters)[0, 2:]))
   emp = frequencies(fn(jax.random.split(jax.random.key(0), DRAWS)))
   assert total_variation(emp, ref) < 0.03, (sorted(emp.items()), sorted(ref.items()))
 
