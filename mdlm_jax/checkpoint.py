@@ -16,6 +16,10 @@ an error naming the setting and the fix, and nothing is touched. An item switche
 to read, or whose arrays do not match their checksums, is damage: the trainer renames it
 aside (`STEP.damaged`, never deleted) with a warning and tries the previous one; the tools
 (read-only) skip it. When no step restores, the run stops and nothing is overwritten.
+With several processes every process takes the same decision: a failure on any one (its own
+data state, say) is agreed on through a collective before anything is renamed. The arrays
+are read by Orbax's collective restore, where files every process shares fail alike; a
+failure there on one process alone ends in Orbax's barrier timeout, not in a divergence.
 """
 from __future__ import annotations
 
@@ -249,8 +253,6 @@ def _restore_step(mngr, step, abstract_state, data_iterator, meta):
            "integrity": ocp.args.JsonRestore()}
   if use_ema:
     items["ema"] = ocp.args.StandardRestore(want["ema"])
-  if data_iterator is not None:
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
   try:
     r = mngr.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # pylint: disable=broad-except
@@ -258,6 +260,17 @@ def _restore_step(mngr, step, abstract_state, data_iterator, meta):
   arrays = {k: r[k] for k in ("params", "opt", "ema") if k in items}
   _verify(arrays, {k: v for k, v in (r["integrity"] or {}).items()
                    if k.split("/", 1)[0] in arrays})
+  if data_iterator is not None:
+    # Each process reads its own data state; outside Orbax's restore, whose closing barrier a
+    # process that failed alone would skip (the others would then wait in a collective it
+    # never joins), so that its failure is agreed on like any other.
+    try:
+      grain.checkpoint.CheckpointHandler().restore(
+          mngr.directory / str(step) / "data", args=grain.checkpoint.CheckpointRestore(
+              data_iterator))
+    except Exception as e:  # pylint: disable=broad-except
+      raise Damaged(f"the data state of process {jax.process_index()}: "
+                    f"{type(e).__name__}: {str(e)[:300]}") from e
   ema = None
   if "ema" in want:
     if use_ema:
@@ -283,6 +296,9 @@ def _agree(failed: bool) -> bool:
 
 def set_aside(mngr, step) -> str:
   """Renames checkpoints/STEP to STEP.damaged (STEP.damaged.2, ... if taken); process 0."""
+  if jax.process_count() > 1:  # every process picks the name before process 0 renames
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"name aside {step}")
   src = mngr.directory / str(step)
   dst, k = mngr.directory / f"{step}.damaged", 1
   while dst.exists():
@@ -333,15 +349,20 @@ def resume(workdir, abstract_state: dict, data_iterator, *, keep: int = 3,
                            "start from step 0, or move a copy back.")
       return mngr, None
     step = max(steps)
-    try:
+    failed, state = None, None
+    try:  # what each process reads alone: agreed on before Orbax's collective restore
       meta = _metadata(mngr, step)
       _check_compatible(mngr, step, meta, abstract_state, text, restore_data)
-      failed, state = None, _restore_step(mngr, step, abstract_state,
-                                          data_iterator if restore_data else None, meta)
     except Damaged as e:
-      failed, state = str(e), None
+      failed = str(e)
     if not _agree(failed is not None):
-      return mngr, state
+      try:
+        state = _restore_step(mngr, step, abstract_state,
+                              data_iterator if restore_data else None, meta)
+      except Damaged as e:
+        failed = str(e)
+      if not _agree(failed is not None):
+        return mngr, state
     mngr.close()
     aside.append(set_aside(mngr, step))
     warnings.warn(f"checkpoint step {step} could not be restored "

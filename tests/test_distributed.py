@@ -15,14 +15,22 @@ def free_port():
     return s.getsockname()[1]
 
 
-def launch(tmp_path, name, nproc, corpus, data_dir):
-  out, wd, port = str(tmp_path / f"{name}.json"), str(tmp_path / name), str(free_port())
-  procs = [subprocess.Popen([sys.executable, WORKER, out, corpus, data_dir, wd, str(nproc),
-                             str(i), port], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(nproc)]
-  for p in procs:
-    _, err = p.communicate(timeout=300)
+def run_workers(worker, args, nproc, after=(), timeout=300):
+  """Runs `nproc` processes of `worker` with `args`, the process count, the id, a free port
+  and `after`; returns their stdouts once every one exited 0."""
+  port = str(free_port())
+  procs = [subprocess.Popen([sys.executable, worker, *args, str(nproc), str(i), port, *after],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(nproc)]
+  outs = [p.communicate(timeout=timeout) for p in procs]
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
+  return [out for out, _ in outs]
+
+
+def launch(tmp_path, name, nproc, corpus, data_dir):
+  out, wd = str(tmp_path / f"{name}.json"), str(tmp_path / name)
+  run_workers(WORKER, (out, corpus, data_dir, wd), nproc)
   with open(out) as f:
     return json.load(f), wd
 
@@ -87,3 +95,26 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path, 
   assert saved == [str(next(iter(stopped)))], saved
   data_files = os.listdir(os.path.join(wd, "checkpoints", saved[0], "data"))
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_files)
+
+
+def test_damage_seen_by_one_of_two_processes_is_set_aside_by_both(tmp_path, corpus, data_dir):
+  """The newest checkpoint fails to restore on process 1 only (its data state is garbage):
+  both processes agree, it is set aside once, both resume from the previous step, repeat its
+  losses exactly and train to the end."""
+  worker = os.path.join(os.path.dirname(WORKER), "resume_worker.py")
+  wd = str(tmp_path / "wd")
+  run_workers(worker, (corpus, data_dir, wd), 2, after=("4",))
+  ckpt = os.path.join(wd, "checkpoints")
+  with open(os.path.join(ckpt, "4", "data", "process_1-of-2.json"), "w") as f:
+    f.write("{not json")
+  outs = [json.loads(o.strip().splitlines()[-1])
+          for o in run_workers(worker, (corpus, data_dir, wd), 2, after=("6",))]
+  assert [o["step"] for o in outs] == [6, 6]
+  for pid, o in enumerate(outs):
+    aside = [w for w in o["warnings"] if "set it aside" in w]
+    assert len(aside) == 1 and "step 4" in aside[0] and "4.damaged" in aside[0], (pid, aside)
+  assert sorted(os.listdir(ckpt)) == ["2", "4", "4.damaged", "6"]
+  rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  logged = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+  assert [s for s, _ in logged] == [1, 2, 3, 4, 3, 4, 5, 6], logged
+  assert logged[2:4] == logged[4:6]  # steps 3 and 4 again, from step 2's state and data
