@@ -6,12 +6,11 @@ SLURM jobs are detected by jax.distributed.initialize() itself with --distribute
 """
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
+from mdlm_jax import cli
 from mdlm_jax import distributed
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
-                                          lock_config=True)
+_CONFIG = cli.define_config()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard go here.",
                                required=True)
 
@@ -25,4 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

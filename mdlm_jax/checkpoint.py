@@ -37,6 +37,8 @@ from mdlm_jax import storage
 
 CONFIG_FILE = "config.json"
 HISTORY_KEY = "_history"
+DATASET_KEY = "_dataset"  # the prepared TFDS dataset: name, config, version, directory
+_META = (HISTORY_KEY, DATASET_KEY)
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -54,7 +56,7 @@ def _flat(d, prefix=""):
 
 def config_changes(saved: dict, config_dict: dict) -> dict[str, list]:
   """{dotted key: [value in the workdir, value now]} for every key that differs."""
-  old = _flat({k: v for k, v in saved.items() if k != HISTORY_KEY})
+  old = _flat({k: v for k, v in saved.items() if k not in _META})
   new = _flat(config_dict)
   return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
           if old.get(k) != new.get(k)}
@@ -68,9 +70,10 @@ def load_saved_config(workdir) -> dict | None:
   return storage.read_json(storage.path(workdir) / CONFIG_FILE)
 
 
-def record_config(workdir, config_dict: dict, step: int) -> dict[str, list]:
+def record_config(workdir, config_dict: dict, step: int,
+                  dataset: dict | None = None) -> dict[str, list]:
   """Writes config.json (process 0), appending to its history what changed since the run
-  that wrote it; returns those changes."""
+  that wrote it, and the prepared dataset's TFDS name (`_dataset`); returns the changes."""
   saved = load_saved_config(workdir)
   history = list((saved or {}).get(HISTORY_KEY, []))
   changes = config_changes(saved, config_dict) if saved is not None else {}
@@ -78,9 +81,11 @@ def record_config(workdir, config_dict: dict, step: int) -> dict[str, list]:
     history.append({"time": time.time(), "step": step, "event": "created"})
   elif changes:
     history.append({"time": time.time(), "step": step, "changes": changes})
-  if jax.process_index() == 0 and (saved is None or changes):
-    storage.write_json(storage.path(workdir) / CONFIG_FILE,
-                       dict(config_dict, **{HISTORY_KEY: history}))
+  dataset = dataset if dataset is not None else (saved or {}).get(DATASET_KEY)
+  moved = dataset != (saved or {}).get(DATASET_KEY)
+  if jax.process_index() == 0 and (saved is None or changes or moved):
+    meta = {HISTORY_KEY: history, **({DATASET_KEY: dataset} if dataset else {})}
+    storage.write_json(storage.path(workdir) / CONFIG_FILE, dict(config_dict, **meta))
   return changes
 
 
@@ -91,18 +96,25 @@ def load_config_dict(workdir) -> dict:
   saved = load_saved_config(workdir)
   if saved is None:
     raise ValueError(f"--workdir={workdir} has no {CONFIG_FILE}: not a training workdir.")
-  saved.pop(HISTORY_KEY, None)
+  for key in _META:
+    saved.pop(key, None)
   return saved
 
 
 ITEMS = ("params", "ema", "opt")
 
 
-def manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+def manager(workdir, keep: int = 3, read_only: bool = False,
+            local: bool = False) -> ocp.CheckpointManager:
+  """The workdir's manager. `local` (read-only): this process alone, joining no barrier of
+  the others, for the checks each process makes by itself before a run starts."""
+  mp = (ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                           active_processes={jax.process_index()})
+        if local else ocp.options.MultiprocessingOptions())
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(keep), read_only=read_only,
       enable_async_checkpointing=not read_only, create=not read_only,
-      cleanup_tmp_directories=not read_only)
+      cleanup_tmp_directories=not read_only, multiprocessing_options=mp)
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
   for item in ITEMS:
     registry.add(item, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
@@ -318,7 +330,7 @@ def check_resumable(workdir, abstract_state: dict, *, changes: dict | None = Non
   into `abstract_state`, before a run takes the workdir's lock or writes anything."""
   if not (storage.path(workdir) / "checkpoints").exists():
     return
-  mngr = manager(workdir, read_only=True)
+  mngr = manager(workdir, read_only=True, local=True)
   try:
     for step in sorted(mngr.all_steps(), reverse=True):
       try:

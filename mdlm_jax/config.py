@@ -103,19 +103,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(d.seq_len <= m.max_seq_len,
          f"data.seq_len={d.seq_len} exceeds the model's limit model.max_seq_len={m.max_seq_len}; "
          "lower data.seq_len or raise model.max_seq_len.")
-  _check(d.name != "text_files" or bool(d.files),
-         "data.name='text_files' needs data.files, a glob such as '/path/*.txt'.")
-  if d.name == "star_graph":
-    from mdlm_jax.data import builders  # pylint: disable=g-import-not-at-top
-    g = d.graph
-    try:
-      builders.check_graph(g.degree, g.path_length, g.nodes)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-    row = builders.star_graph_tokens(g.degree, g.path_length)[1]
-    _check(d.tokenizer != "bytes" or d.seq_len >= row,
-           f"data.seq_len={d.seq_len} is shorter than a star-graph problem of degree "
-           f"{g.degree} and path_length {g.path_length} ({row} tokens); raise data.seq_len.")
+  from mdlm_jax.data import builders  # pylint: disable=g-import-not-at-top
+  try:
+    builders.check(d)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   _check(t.steps >= 1, f"train.steps={t.steps} must be >= 1.")
   _check(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be >= 1.")
   _check(t.grad_accum_steps >= 1 and t.batch_size % t.grad_accum_steps == 0,

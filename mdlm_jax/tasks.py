@@ -1,4 +1,5 @@
-"""Generation tasks that score a trained model: star-graph path finding and infilling.
+"""Generation tasks that score a trained model: star-graph path finding and infilling; and the
+evaluation hooks the trainer runs at each evaluation without knowing them (`eval_hooks`).
 
 - `star_graph_accuracy`: the prompt is a validation problem up to '=' (edges, start, goal); the
   model writes the path greedily; a problem counts when the whole path is right.
@@ -17,8 +18,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mdlm_jax import evaluate
 from mdlm_jax import tokenizers
 from mdlm_jax.data import builders
+
+# Evaluation hooks. A maker `(setup) -> hook or None` is registered with `@eval_hook`; a hook
+# `(params, step) -> (scalars, texts, line)` runs at every evaluation of a training run: its
+# scalars go to the metrics and TensorBoard, its texts ({tag: text}) to TensorBoard, its line
+# to the console. A maker returns None when its task does not apply to the run.
+_HOOKS = []
+
+
+def eval_hook(maker):
+  _HOOKS.append(maker)
+  return maker
+
+
+def eval_hooks(setup) -> list:
+  """The hooks that apply to this run, in registration order."""
+  return [h for h in (make(setup) for make in _HOOKS) if h is not None]
 
 
 def fill_middle(setup, model, prefix_BxP, suffix_BxS, length: int, rng, *,
@@ -88,6 +106,38 @@ def star_graph_eval(setup, split: str = "validation", max_examples: int = -1,
             "examples": n, "degree": cfg.data.graph.degree,
             "path_length": cfg.data.graph.path_length, "nodes": cfg.data.graph.nodes}
   return run
+
+
+@eval_hook
+def _star_graph_hook(setup):
+  """Path accuracy of `eval.task_examples` validation problems on star-graph data."""
+  cfg = setup.config
+  if (builders.rows_of(cfg.data) != "problems" or not cfg.eval.task_examples
+      or jax.process_count() != 1):
+    return None
+  run = star_graph_eval(setup, max_examples=cfg.eval.task_examples)
+
+  def hook(params, step):
+    found = run(params)
+    row = {f"eval/{k}": found[k] for k in ("path_accuracy", "first_step_accuracy")}
+    return row, {}, (f"star graph @ step {step}: path accuracy {found['path_accuracy']:.4f} | "
+                     f"first step {found['first_step_accuracy']:.4f} | {found['examples']} "
+                     "problems")
+  return hook
+
+
+@eval_hook
+def _sample_hook(setup):
+  """An unconditional sample of `eval.sample_tokens` tokens, when the objective has a prompt
+  sampler."""
+  sampler = evaluate.make_sampler(setup, setup.config.eval.sample_tokens)
+  if sampler is None:
+    return None
+
+  def hook(params, step):
+    text = sampler(params, jax.random.fold_in(jax.random.key(setup.config.seed + 2), step))
+    return {}, {"samples/unconditional": text}, f"sample @ step {step}:\n{text}\n"
+  return hook
 
 
 def star_graph_accuracy(setup, params, split: str = "validation", max_examples: int = -1,

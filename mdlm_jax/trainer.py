@@ -28,6 +28,7 @@ from mdlm_jax import sharding
 from mdlm_jax import storage
 from mdlm_jax import tasks
 from mdlm_jax import tokenizers
+from mdlm_jax.data import builders
 from mdlm_jax.data import pipeline
 
 
@@ -286,7 +287,7 @@ def _print(line: str) -> None:
   print(line, flush=True)
 
 
-def _prepare_state(setup, tx, workdir, data_it, log):
+def _prepare_state(setup, tx, workdir, data_it, log, dataset=None):
   """Restores the newest good checkpoint of `workdir` (or initialises), records the config.
   Returns (manager, state, data iterator)."""
   config = setup.config
@@ -307,7 +308,7 @@ def _prepare_state(setup, tx, workdir, data_it, log):
       data_it = iter(pipeline.train_dataset(config, setup.tokenizer, seed_offset=step))
       log(f"checkpoint.restore_data=False: the data order restarts, reshuffled with seed "
           f"{config.seed} + {step}.")
-  changes = checkpoint.record_config(workdir, config_dict, step)
+  changes = checkpoint.record_config(workdir, config_dict, step, dataset)
   if changes and saved is not None:
     log("Settings changed since the workdir's last run (recorded in its config.json):\n  "
         + checkpoint.describe_changes(changes))
@@ -337,20 +338,23 @@ def train(config, workdir: str, *, log: Callable[[str], None] = _print) -> dict[
   if jax.process_index() == 0:
     lock = storage.Lock(wd, timeout_s=config.checkpoint.lock_timeout_s).acquire()
   try:
-    return _train(setup, wd, data_it, log)
+    dataset = builders.describe(builders.load_builder(config.data))
+    return _train(setup, wd, data_it, log, dataset)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train(setup, wd, data_it, log):
+def _train(setup, wd, data_it, log, dataset=None):
   config, t = setup.config, setup.config.train
+  started = time.time()
   tx, schedule = make_optimizer(t)
   n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(setup.abstract_params))
   log(f"objective {config.objective.name} | {n_params / 1e6:.2f}M params | mesh "
       f"{dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
       f"{jax.process_count()} process(es)")
-  mngr, state, data_it, abstract_state = _prepare_state(setup, tx, wd, data_it, log)
+  mngr, state, data_it, abstract_state = _prepare_state(setup, tx, wd, data_it, log,
+                                                        dataset)
   step = int(jax.device_get(state["step"]))
   step_fn, _ = compile_step(make_train_step(setup, tx, schedule, abstract_state),
                             abstract_state, setup.abstract_batch())
@@ -360,10 +364,7 @@ def _train(setup, wd, data_it, log):
       t.steps, step, t.batch_size * config.data.seq_len,
       setup.objective.flops_per_token(config.data.seq_len), jax.device_count())
   evaluator = evaluate_lib.Evaluator(setup)
-  sampler = evaluate_lib.make_sampler(setup, config.eval.sample_tokens)
-  task = None  # star-graph data: path accuracy of eval.task_examples validation problems
-  if config.data.name == "star_graph" and config.eval.task_examples and jax.process_count() == 1:
-    task = tasks.star_graph_eval(setup, max_examples=config.eval.task_examples)
+  hooks = tasks.eval_hooks(setup)
   last: dict[str, float] = {}
   pending = None
 
@@ -397,6 +398,7 @@ def _train(setup, wd, data_it, log):
         stopping = stop.at(step)
         if step % config.checkpoint.every_steps == 0 or step == t.steps or stopping:
           checkpoint.save(mngr, state, data_it)
+          log(f"saving step {step} to {mngr.directory / str(step)} (asynchronously)")
         if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == t.steps):
           flush()
           params = state["ema"] if state["ema"] is not None else state["params"]
@@ -404,17 +406,14 @@ def _train(setup, wd, data_it, log):
           writer.scalars(step, result)
           log(evaluate_lib.format_line(step, result))
           last.update(result)
-          if task is not None:
-            found = task(params)
-            row = {f"eval/{k}": found[k] for k in ("path_accuracy", "first_step_accuracy")}
-            writer.scalars(step, row)
-            log(f"star graph @ step {step}: path accuracy {found['path_accuracy']:.4f} | first "
-                f"step {found['first_step_accuracy']:.4f} | {found['examples']} problems")
-            last.update(row)
-          if sampler is not None:
-            text = sampler(params, jax.random.fold_in(jax.random.key(config.seed + 2), step))
-            writer.text(step, "samples/unconditional", text)
-            log(f"sample @ step {step}:\n{text}\n")
+          for hook in hooks:
+            scalars, texts, line = hook(params, step)
+            if scalars:
+              writer.scalars(step, scalars)
+              last.update(scalars)
+            for tag, text in texts.items():
+              writer.text(step, tag, text)
+            log(line)
         if stopping:
           log(f"SIGTERM: saved step {step}; exiting.")
           break
@@ -422,7 +421,28 @@ def _train(setup, wd, data_it, log):
       last["step"] = step
   finally:
     mngr.wait_until_finished()
+    saved = mngr.latest_step()
     mngr.close()
     writer.close()
     data_it.close()
+  log(summary(wd, last, time.time() - started, saved))
   return last
+
+
+def summary(workdir, last: dict, seconds: float, saved_step) -> str:
+  """What a finished (or stopped) run prints: its final figures, wall time, checkpoint, and
+  the commands that use it."""
+  lines = [f"run finished at step {last.get('step')} in {metrics_lib.format_duration(seconds)}"]
+  train = {k: v for k, v in last.items() if k in ("train/loss", "train/grad_norm")}
+  evals = {k: v for k, v in last.items() if k.startswith("eval/") and "stderr" not in k
+           and k not in ("eval/tokens", "eval/bytes", "eval/rows")}
+  for name, row in (("train", train), ("eval", evals)):
+    if row:
+      lines.append(f"  {name}: " + ", ".join(f"{k.split('/', 1)[1]} {v:.4g}"
+                                              for k, v in sorted(row.items())))
+  if saved_step is not None:
+    lines.append(f"  checkpoint: {storage.path(workdir) / 'checkpoints' / str(saved_step)}")
+  lines += ["  next:", f"    python tools/sample.py --workdir={workdir}",
+            f"    python tools/evaluate.py --workdir={workdir}",
+            f"    tensorboard --logdir={storage.path(workdir) / 'tensorboard'}"]
+  return "\n".join(lines)

@@ -48,6 +48,7 @@ def numpy_next_token_nll(logits, inputs, seg, prompt=None):
   return total / count, count
 
 
+@pytest.mark.slow
 def test_prompt_tokens_are_never_targets(make_config):
   """Prompt/answer rows (SFT pairs, star-graph problems): the loss and the evaluation count the
   answer's tokens only; the prompt is read, never predicted."""
@@ -202,6 +203,7 @@ def test_gumbel_has_its_distribution_and_an_untruncated_tail():
   assert float(sampling.gumbel_from_bits(zero, jnp.uint32(2 ** 20))) > 30.0
 
 
+@pytest.mark.slow
 def test_generate_keeps_prompt_and_stops_at_eos(make_config):
   obj, model = objective(make_config)
   prompt = jnp.asarray([[tokenizers.BOS, 10, 11, 12]] * 3, jnp.int32)
@@ -223,6 +225,7 @@ def test_generate_keeps_prompt_and_stops_at_eos(make_config):
   assert (greedy == greedy[0]).all(), "greedy decoding must not depend on the row"
 
 
+@pytest.mark.slow
 def test_sampling_defaults_are_temperature_1_and_no_filter(make_config):
   """The documented defaults: what a caller gets without options is the plain distribution."""
   z = jax.random.normal(jax.random.key(0), (64, 300))

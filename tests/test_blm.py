@@ -41,6 +41,7 @@ def reference_canvas(words, present):
   return canvas + [EOS], at
 
 
+@pytest.mark.slow
 def test_canvas_collapses_each_run_of_dropped_words_per_document():
   batch = batch_of(DOCS, 16)
   rng = np.random.default_rng(0)
@@ -104,6 +105,7 @@ def _forward(net):
   return _FORWARD[id(net)]
 
 
+@pytest.mark.slow
 def test_order_likelihood_equals_the_simulated_insertions(make_config):
   _, net = make(make_config)
   batch = batch_of(DOCS, 16)
@@ -126,6 +128,7 @@ def test_order_likelihood_equals_the_simulated_insertions(make_config):
     np.testing.assert_allclose(float(got[r, i]), simulate(net, words, order), rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_one_pass_bound_is_the_order_averaged_bound(make_config):
   """E over k ~ U{0..n-1} and a uniform k-subset of n * mean(dropped CE), minus log n!, equals
   -log n! - mean over all n! orders of log p(x, order) (enumerated exactly), and the exact
@@ -158,6 +161,7 @@ def test_one_pass_bound_is_the_order_averaged_bound(make_config):
   assert exact - 1e-3 <= importance <= jensen + 1e-3
 
 
+@pytest.mark.slow
 def test_training_draws_k_uniform_below_n_and_a_uniform_subset():
   batch = batch_of([[[40, 41, 42], [50, 51, 52, 53, 54]]], 14)
   ks = {3: [], 5: []}
@@ -182,6 +186,7 @@ def test_training_draws_k_uniform_below_n_and_a_uniform_subset():
   assert kept[[0, 4, 5, 11, 12, 13]].sum() == 0  # BOS, EOS and padding are never words
 
 
+@pytest.mark.slow
 def test_loss_is_finite_with_gradient_and_padding_changes_nothing(make_config):
   obj, net = make(make_config)
   batch = batch_of(DOCS, 16)
@@ -200,6 +205,7 @@ def test_loss_is_finite_with_gradient_and_padding_changes_nothing(make_config):
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fill_keeps_every_given_token_in_order_and_leaves_no_blank(make_config):
   obj, net = make(make_config)
   canvas = np.full((3, 20), PAD, np.int32)
@@ -222,6 +228,7 @@ def test_fill_keeps_every_given_token_in_order_and_leaves_no_blank(make_config):
       assert real[0] == BOS and real[-1] == EOS
 
 
+@pytest.mark.slow
 def test_a_full_row_still_fills_its_blanks(make_config):
   obj, net = make(make_config)
   canvas = jnp.asarray([[BOS, 40, BLANK, BLANK, 41, EOS]])
@@ -229,6 +236,7 @@ def test_a_full_row_still_fills_its_blanks(make_config):
   assert not (out == BLANK).any() and out[0, 1] == 40 and out[0, 4] == 41
 
 
+@pytest.mark.slow
 def test_generate_returns_prompt_middle_eos_without_the_suffix(make_config):
   obj, net = make(make_config)
   prompt = jnp.asarray([[BOS, 40, 41]] * 2)

@@ -93,6 +93,7 @@ def reference_loss(net, obj, batch, first_i=None):
   return (sums[0] + o.backward_weight * sums[1] + o.distance_weight * sums[2]) / count, count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_chunked_loss_equals_every_pair_computed_directly(make_config, option):
   obj, net = make(make_config, **OPTIONS[option])
@@ -118,6 +119,7 @@ def prompted_batch(seed=0):
           "positions": jnp.asarray(positions_of(seg)), "prompt_mask": jnp.asarray(pm)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window", [0, 11, 12])
 @pytest.mark.parametrize("option", ["separate", "max_gap", "distance"])
 def test_prompted_rows_train_on_answer_pairs_only(make_config, option, window):
@@ -133,6 +135,7 @@ def test_prompted_rows_train_on_answer_pairs_only(make_config, option, window):
   assert float(metrics["rows_cut"]) == 0
 
 
+@pytest.mark.slow
 def test_a_short_answer_window_reports_the_rows_it_cuts(make_config):
   obj, net = make(make_config, answer_window=9)  # answers: 7, 5 and 10 tokens, EOS included
   _, metrics = obj.loss(net, prompted_batch(), jax.random.key(0))
@@ -167,6 +170,7 @@ def direct_loss(obj, net, batch):
   return loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_gradient_equals_the_direct_all_pairs_gradient(make_config, option):
   obj, net = make(make_config, **OPTIONS[option])
@@ -193,6 +197,7 @@ def test_pairs_touching_padding_or_another_document_contribute_nothing(make_conf
   assert float(sums[-1]) == 5 * 4 / 2 + 6 * 5 / 2 + 8 * 7 / 2 + 11 * 10 / 2
 
 
+@pytest.mark.slow
 def test_no_backward_state_reads_past_its_document_or_its_own_target(make_config):
   obj, net = make(make_config)
   batch = packed_batch()
@@ -213,6 +218,7 @@ def test_no_backward_state_reads_past_its_document_or_its_own_target(make_config
         assert k + 1 in reads  # it does read the suffix
 
 
+@pytest.mark.slow
 def test_pair_fraction_keeps_whole_gap_slots_with_equal_chance(make_config):
   obj, net = make(make_config, pair_fraction=0.25)
   n, rows = 32, 4000
@@ -233,6 +239,7 @@ def test_pair_fraction_keeps_whole_gap_slots_with_equal_chance(make_config):
   np.testing.assert_allclose(float(m["pairs_per_row"]) * 3, want)
 
 
+@pytest.mark.slow
 def test_every_pair_is_enumerated_exactly_once():
   for n in (2, 3, 8, 9):
     for max_k in range(1, n):
@@ -253,6 +260,7 @@ def test_bad_options_are_refused(make_config, bad):
                                      **{f"objective.{k}": v for k, v in bad.items()}}))
 
 
+@pytest.mark.slow
 def test_empty_suffix_likelihood_is_a_left_to_right_factorisation(make_config):
   """eval `nll` = sum of -log p(x_{i+1} | f_i, empty suffix), checked position by position."""
   obj, net = make(make_config)
@@ -275,6 +283,7 @@ def test_empty_suffix_likelihood_is_a_left_to_right_factorisation(make_config):
   assert float(sums["tokens"]) == tokens
 
 
+@pytest.mark.slow
 def test_cached_decoding_equals_uncached_and_keeps_the_prefix(make_config):
   obj, net = make(make_config)
   rng = np.random.default_rng(0)
@@ -295,6 +304,7 @@ def test_cached_decoding_equals_uncached_and_keeps_the_prefix(make_config):
   np.testing.assert_array_equal(out[:, 5:], np.argmax(logits[:, 4:-1], -1))
 
 
+@pytest.mark.slow
 def test_candidate_score_is_the_backward_heads_likelihood_of_the_middle(make_config):
   """Scoring [prefix | middle | suffix] equals the sum of the training loss's backward terms
   of the pairs (prefix end, each middle token) on the same row."""
@@ -314,6 +324,7 @@ def test_candidate_score_is_the_backward_heads_likelihood_of_the_middle(make_con
   np.testing.assert_allclose(float(score[0]), want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_candidates_are_ranked_by_the_backward_score(make_config):
   obj, net = make(make_config)
   prompt = jnp.full((1, 1), tokenizers.BOS, jnp.int32)
@@ -328,6 +339,7 @@ def test_candidates_are_ranked_by_the_backward_score(make_config):
   np.testing.assert_array_equal(best[0], all6[int(jnp.argmax(scores))])
 
 
+@pytest.mark.slow
 def test_candidate_score_reads_a_middle_up_to_its_first_eos(make_config):
   """[70, EOS] scores the same with PAD or anything after its EOS, and what it scores equals
   the backward terms of the row where [70, EOS] meets the empty suffix directly."""
@@ -348,6 +360,7 @@ def test_candidate_score_reads_a_middle_up_to_its_first_eos(make_config):
   np.testing.assert_allclose(short, float(logp[0, 70] + logp[1, eos]), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_middle_ends_where_the_completed_text_is_most_likely(make_config):
   """end='best' cuts each middle at the L whose prefix + m[:L] + suffix has the highest forward
   likelihood, computed here with `eval_sums` on each completed row; rows end before

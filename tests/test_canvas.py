@@ -49,6 +49,7 @@ def test_canvas_width_is_the_widest_row_generate_reads(make_config, name, over):
     assert obj.canvas_width(p, s, n) == widest_input(obj, model, p, s, n), (p, s, n)
 
 
+@pytest.mark.slow
 def test_a_row_past_max_seq_len_gives_nan_logits(make_config):
   """Why the width is checked: one position past the rotary table and every logit is NaN."""
   cfg = make_config({"objective.name": "blm", "model.max_seq_len": 16})

@@ -31,6 +31,7 @@ def run(args, check=True, timeout=300):
   return p
 
 
+@pytest.mark.slow
 def test_train_sample_evaluate(tmp_path, corpus, data_dir):
   wd = str(tmp_path / "wd")
   out = run(["train.py", f"--workdir={wd}", *tiny_flags(corpus, data_dir)]).stdout
@@ -83,6 +84,7 @@ def test_train_sample_evaluate(tmp_path, corpus, data_dir):
   assert p.returncode != 0 and "no config.json" in p.stderr
 
 
+@pytest.mark.slow
 def test_ar_train_and_sample(tmp_path, corpus, data_dir):
   wd = str(tmp_path / "wd")
   run(["train.py", "--config=configs/ar.py", f"--workdir={wd}",
@@ -95,6 +97,7 @@ def test_ar_train_and_sample(tmp_path, corpus, data_dir):
   assert "objective.fim_rate > 0" in p.stderr
 
 
+@pytest.mark.slow
 def test_blm_train_fill_blanks_and_evaluate(tmp_path, corpus, data_dir):
   wd = str(tmp_path / "wd")
   log = run(["train.py", "--config=configs/blm.py:tiny", f"--workdir={wd}",
@@ -121,6 +124,7 @@ def test_blm_train_fill_blanks_and_evaluate(tmp_path, corpus, data_dir):
   assert 0 < sampled["bits_per_byte"] < bound["bits_per_byte"] + 1.0, (sampled, bound)
 
 
+@pytest.mark.slow
 def test_insertion_train_sample_between_prefix_and_suffix_and_evaluate(tmp_path, corpus,
                                                                         data_dir):
   wd = str(tmp_path / "wd")
@@ -154,6 +158,7 @@ def test_insertion_train_sample_between_prefix_and_suffix_and_evaluate(tmp_path,
   assert timing["network_calls"] >= 1 and 0 <= timing["tokens"] <= 2 * 16
 
 
+@pytest.mark.slow
 def test_bst_train_sample_with_suffix_and_infill(tmp_path, corpus, data_dir):
   wd = str(tmp_path / "wd")
   run(["train.py", f"--workdir={wd}", "--config.objective.name=bst",
@@ -178,6 +183,7 @@ def test_bst_train_sample_with_suffix_and_infill(tmp_path, corpus, data_dir):
   assert p.returncode != 0 and "objective.pair_fraction=0" in p.stderr
 
 
+@pytest.mark.slow
 def test_unknown_config_key_and_bad_value_fail_fast(tmp_path, corpus, data_dir):
   wd = str(tmp_path / "wd")
   p = run(["train.py", f"--workdir={wd}", "--config.model.num_layer=2"], check=False)
@@ -188,11 +194,13 @@ def test_unknown_config_key_and_bad_value_fail_fast(tmp_path, corpus, data_dir):
   assert not os.path.exists(os.path.join(wd, "checkpoints"))
 
 
+@pytest.mark.slow
 def test_sampling_a_workdir_without_checkpoint_is_a_clear_error(tmp_path):
   p = run(["tools/sample.py", f"--workdir={tmp_path}"], check=False)
   assert p.returncode != 0 and "no config.json" in p.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigterm_saves_and_the_resumed_run_matches(tmp_path, corpus, data_dir, workers):
   """SIGTERM to the whole process group (as schedulers and `timeout` send it), Grain worker

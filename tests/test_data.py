@@ -74,6 +74,7 @@ def test_pipeline_is_deterministic(make_config):
   assert any((x["inputs"] != z["inputs"]).any() for x, z in zip(a, c)), "seed must matter"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prefetch,workers", [(0, 0), (2, 0), (0, 2)])
 def test_mid_epoch_resume_continues_the_same_stream(make_config, prefetch, workers):
   src = source(make_config)
@@ -93,6 +94,7 @@ def test_mid_epoch_resume_continues_the_same_stream(make_config, prefetch, worke
   fresh.close()
 
 
+@pytest.mark.slow
 def test_worker_processes_serve_every_document_once_per_epoch(make_config):
   """data.workers > 0: each worker batches its own slice; over one epoch the rows are the same
   documents as with the single-thread pipeline, each exactly once."""
@@ -108,6 +110,7 @@ def test_worker_processes_serve_every_document_once_per_epoch(make_config):
   assert len(set(rows(single))) == n
 
 
+@pytest.mark.slow
 def test_worker_processes_survive_sigterm(make_config):
   """A scheduler's SIGTERM reaches the whole process group; the workers must keep serving
   so that the trainer can read its last batch and save."""

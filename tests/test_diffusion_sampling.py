@@ -38,6 +38,7 @@ SAMPLERS = [("ancestral", {}), ("ancestral", {"grid": "cosine", "top_p": 0.9}),
             ("llada", {"block_length": 4}), ("llada", {"remasking": "random", "cfg_scale": 1.5})]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,opts", SAMPLERS)
 def test_samplers_keep_given_tokens_and_leave_no_mask(setup, name, opts):
   obj, model = setup
@@ -51,6 +52,7 @@ def test_samplers_keep_given_tokens_and_leave_no_mask(setup, name, opts):
   assert int(info["calls"]) >= 1
 
 
+@pytest.mark.slow
 def test_cached_ancestral_matches_uncached_with_fewer_network_calls(setup):
   obj, model = setup
   x0 = canvas()
@@ -67,6 +69,7 @@ def test_cached_ancestral_matches_uncached_with_fewer_network_calls(setup):
   assert int(info_c["calls"]) <= masks + 1 < steps / 3
 
 
+@pytest.mark.slow
 def test_synced_rows_share_reveal_steps_and_keep_each_rows_distribution(setup):
   obj, model = setup
   x0 = jnp.asarray(np.tile(np.concatenate([[tokenizers.BOS], [MASK] * 16]), (4, 1)), jnp.int32)
@@ -132,6 +135,7 @@ def test_classifier_free_guidance_formula():
 
 @pytest.mark.parametrize("name,opts", [("ancestral", {}), ("confidence", {"critic": True}),
                                        ("llada", {"cfg_scale": 1.0})])
+@pytest.mark.slow
 def test_self_conditioned_time_conditioned_critic_model_samples(corpus, data_dir, name, opts):
   from helpers import tiny_config
   cfg = tiny_config(corpus, data_dir, {"objective.name": "mdlm",

@@ -5,6 +5,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
 
@@ -35,6 +37,7 @@ def launch(tmp_path, name, nproc, corpus, data_dir):
     return json.load(f), wd
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path, corpus, data_dir):
   single, _ = launch(tmp_path, "single", 1, corpus, data_dir)
   multi, wd = launch(tmp_path, "multi", 2, corpus, data_dir)
@@ -67,6 +70,7 @@ def test_fast_gpu_prng_leaves_an_explicit_setting(monkeypatch):
     jax.config.update(name, before)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path, corpus,
                                                                       data_dir):
   """A preemption notice reaches one host only: every process stops at the same step (jax's
@@ -97,6 +101,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path, 
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_files)
 
 
+@pytest.mark.slow
 def test_damage_seen_by_one_of_two_processes_is_set_aside_by_both(tmp_path, corpus, data_dir):
   """The newest checkpoint fails to restore on process 1 only (its data state is garbage):
   both processes agree, it is set aside once, both resume from the previous step, repeat its

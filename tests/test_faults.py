@@ -49,6 +49,7 @@ def _largest_array_file(step_dir):
   return max(files, key=os.path.getsize)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated manifest", "64 flipped bytes", "checksum"])
 def test_damaged_newest_checkpoint_is_set_aside_and_the_run_trains_to_the_end(
     tmp_path, make_config, reference, damage):
@@ -103,6 +104,7 @@ def test_checksum_sees_one_element_and_not_the_mesh():
   assert checkpoint.checksums({"a": swapped, "n": jnp.int32(3)})["a"] != one["a"]
 
 
+@pytest.mark.slow
 def test_every_checkpoint_damaged_stops_with_all_kept(tmp_path, make_config):
   wd = str(tmp_path / "wd")
   trainer.train(make_config({"train.steps": 2, "checkpoint.every_steps": 1}), wd, log=quiet)
@@ -118,6 +120,7 @@ def test_every_checkpoint_damaged_stops_with_all_kept(tmp_path, make_config):
 
 # ------------------------------------------------------------------- incompatible is not damage
 
+@pytest.mark.slow
 def test_ema_switched_on_and_off_resumes(tmp_path, make_config):
   wd = str(tmp_path / "wd")
   trainer.train(make_config({"train.steps": 2}), wd, log=quiet)
@@ -132,6 +135,7 @@ def test_ema_switched_on_and_off_resumes(tmp_path, make_config):
   assert steps_in(wd) == [2, 4, 6] and not glob.glob(os.path.join(wd, "checkpoints", "*.damaged"))
 
 
+@pytest.mark.slow
 def test_another_mesh_resumes_the_same_run(tmp_path, make_config, reference):
   wd = str(tmp_path / "wd")
   trainer.train(make_config({"train.steps": 2, "model.num_heads": 2}), wd, log=quiet)
@@ -144,6 +148,7 @@ def test_another_mesh_resumes_the_same_run(tmp_path, make_config, reference):
   assert history[-1]["changes"]["mesh.fsdp"] == [1, 2]
 
 
+@pytest.mark.slow
 def test_other_process_count_is_a_clear_error_unless_the_data_restarts(tmp_path, make_config):
   wd = str(tmp_path / "wd")
   trainer.train(make_config({"train.steps": 2}), wd, log=quiet)
@@ -164,6 +169,7 @@ def test_other_process_count_is_a_clear_error_unless_the_data_restarts(tmp_path,
   assert steps_in(wd) == [2, 4]
 
 
+@pytest.mark.slow
 def test_resume_accepts_what_changes_no_array_and_records_it(tmp_path, make_config, reference):
   """remat, attention and logging changes resume; an option the workdir's run predates (absent
   from its config.json) takes its default; config.json keeps the history."""
@@ -191,6 +197,7 @@ def test_resume_accepts_what_changes_no_array_and_records_it(tmp_path, make_conf
 
 # --------------------------------------------------------------------------- non-finite guard
 
+@pytest.mark.slow
 def test_a_diverging_run_skips_its_non_finite_steps_and_stops(tmp_path, make_config):
   wd = str(tmp_path / "wd")
   cfg = make_config({"train.steps": 40, "train.learning_rate": 1e4, "train.warmup_steps": 0,
@@ -209,6 +216,7 @@ def test_a_diverging_run_skips_its_non_finite_steps_and_stops(tmp_path, make_con
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params)), s
 
 
+@pytest.mark.slow
 def test_the_guard_keeps_the_state_of_a_non_finite_step(make_config):
   cfg = make_config({})
   setup = trainer.build(cfg)
@@ -233,6 +241,7 @@ def test_the_guard_keeps_the_state_of_a_non_finite_step(make_config):
 
 # ------------------------------------------------------------------------------- one writer
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_and_a_dead_holders_lock_taken_over(tmp_path, make_config):
   wd = str(tmp_path / "wd")
   with storage.Lock(wd):  # a live holder: this process
@@ -288,6 +297,7 @@ def _sft_rows(b=8, t=32, seed=0):
                                                                 (b, 1)), "prompt_mask": prompt}
 
 
+@pytest.mark.slow
 def test_accumulation_gives_the_full_batch_loss_and_gradient(make_config):
   batch = _sft_rows()
   out = {}
@@ -306,6 +316,7 @@ def test_accumulation_gives_the_full_batch_loss_and_gradient(make_config):
     chex.assert_trees_all_close(out[k][2], out[1][2], rtol=2e-5, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_accumulation_keeps_gradients_sharded_under_fsdp(make_config):
   """The scan's carry holds each gradient as its fsdp shard: no parameter-sized f32 buffer
   in the compiled while loop's state."""
@@ -356,6 +367,7 @@ print(len(builders.data_source(builders.load_builder(c.data), "train")))
 """
 
 
+@pytest.mark.slow
 def test_two_runs_preparing_one_dataset_at_once_both_use_it(tmp_path, corpus):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   code = PREPARE.format(root=root, files=corpus, data_dir=str(tmp_path / "tfds"))
@@ -370,6 +382,7 @@ def test_two_runs_preparing_one_dataset_at_once_both_use_it(tmp_path, corpus):
   assert sum("Preparing dataset" in out for out, _ in outs) == 1, outs
 
 
+@pytest.mark.slow
 def test_a_long_document_does_not_fill_consecutive_batches(tmp_path):
   """One document of ~500 rows among short ones: packed lanes and the shuffle window give
   each batch about batch_size / PACK_LANES of its rows; without them it fills batch after
@@ -396,6 +409,7 @@ def test_a_long_document_does_not_fill_consecutive_batches(tmp_path):
   assert longest_run(1024) <= 2
 
 
+@pytest.mark.slow
 def test_a_corpus_of_one_file_trains(tmp_path, make_config):
   one = tmp_path / "one.txt"
   one.write_text("".join(f"line {i} of the only file\n" for i in range(400)))

@@ -48,6 +48,7 @@ def run(args, env, cwd):
   return p.stdout
 
 
+@pytest.mark.slow
 def test_train_stop_resume_sample_evaluate_on_gs(tmp_path, bucket, corpus, data_dir):
   env, fs = bucket
   cwd = tmp_path / "cwd"

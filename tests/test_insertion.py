@@ -75,6 +75,7 @@ def reference(batch, keep, order, tau):
   return canvases, targets
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order,tau", [("tree", 1.0), ("tree", 0.4), ("uniform", 1.0)])
 def test_canvas_slots_and_span_weights_match_a_walk_over_the_documents(order, tau):
   t = 16
@@ -118,6 +119,7 @@ def numpy_logp(s_logits, score, canvas, distribution):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distribution", ["joint", "factorized"])
 @pytest.mark.parametrize("fpe", [True, False])
 def test_slot_loss_and_bound_terms_match_numpy(make_config, distribution, fpe):
@@ -223,6 +225,7 @@ def test_sequence_finalization_targets_the_next_action(make_config, order, monke
                  decoding="parallel")
 
 
+@pytest.mark.slow
 def test_slot_finalization_has_no_pull_towards_filled_slots(make_config, monkeypatch):
   """Factorised, every slot scored alike (u = 0): the slot loss's gradient on the slot scorer
   vanishes (every slot has a target, so p(slot) uniform is its optimum, and where the words go
@@ -244,6 +247,7 @@ def test_slot_finalization_has_no_pull_towards_filled_slots(make_config, monkeyp
                                                               np.abs(g_seq).max())
 
 
+@pytest.mark.slow
 def test_fpe_places_the_ends_then_the_middles_recursively(make_config):
   _, net = make(make_config)
   seg = np.zeros((2, 12), np.int32)
@@ -285,6 +289,7 @@ def test_insert_keeps_order_and_positions_and_places_new_tokens_between(make_con
   np.testing.assert_allclose(u2[0, 3], net.between(u[0, 1], u[0, 2]), rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distribution", ["joint", "factorized"])
 def test_bound_expectation_is_the_order_averaged_bound_above_the_exact_nll(make_config,
                                                                           distribution,
@@ -352,6 +357,7 @@ def test_bound_expectation_is_the_order_averaged_bound_above_the_exact_nll(make_
   assert float(got["tokens"]) == n
 
 
+@pytest.mark.slow
 def test_draw_keep_takes_k_uniform_in_0_to_n(make_config):
   batch = packed_batch([[[40, 41, 42]]], 8)
   ks = [int(ins.draw_keep(jax.random.key(i), batch)[2][0, 0]) for i in range(400)]
@@ -359,6 +365,7 @@ def test_draw_keep_takes_k_uniform_in_0_to_n(make_config):
   assert counts.sum() == 400 and (counts > 60).all() and len(counts) == 4, counts  # 100 each
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoding", ["parallel", "sequential"])
 def test_generate_keeps_prefix_and_suffix_and_inserts_per_step(make_config, decoding):
   obj, net = make(make_config)
@@ -388,6 +395,7 @@ def test_generate_keeps_prefix_and_suffix_and_inserts_per_step(make_config, deco
   np.testing.assert_array_equal(np.asarray(gen)[:, :p], np.asarray(prompt))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("finalization", ["slot", "sequence"])
 def test_loss_gradient_is_finite_and_padding_changes_nothing(make_config, finalization,
                                                              monkeypatch):
@@ -443,6 +451,7 @@ def _frequencies(fn, n, t, v):
   return counts / n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slot_final", [True, False])
 def test_sequential_action_follows_its_rule_exactly(slot_final):
   logp_j, open_j, logp, open_ = _action_logp()
@@ -498,6 +507,7 @@ def test_sequential_slot_finalized_decoding_stops_when_every_slot_is_finished():
     assert not np.asarray(got)[0, 3]
 
 
+@pytest.mark.slow
 def test_parallel_action_draws_each_open_slot_from_its_own_distribution():
   logp_j, open_j, logp, open_ = _action_logp(seed=1)
   t, v = logp.shape[1:]

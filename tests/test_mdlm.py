@@ -179,6 +179,7 @@ def numpy_masked_ce(logits, targets, masked):
 @pytest.mark.parametrize("opts", [
     dict(), dict(schedule="cosine", masking="exact"), dict(weighting="none"),
     dict(llada=True), dict(discrete_steps=16, time_sampling="iid", schedule="poly2")])
+@pytest.mark.slow
 def test_mdlm_loss_matches_numpy(make_config, opts):
   obj = make(make_config, **opts)
   batch = packed_batch()
@@ -213,6 +214,7 @@ def test_mdlm_loss_matches_numpy(make_config, opts):
   np.testing.assert_allclose(metrics["ce_masked"], ce.sum() / masked.sum(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_unmasked_positions_and_the_mask_logit_receive_no_gradient(make_config):
   obj = make(make_config)
   batch = packed_batch()
@@ -230,6 +232,7 @@ def test_unmasked_positions_and_the_mask_logit_receive_no_gradient(make_config):
 
 
 # ---------------------------------------------------------------- self-conditioning, critic
+@pytest.mark.slow
 def test_self_conditioning_feeds_the_first_pass_states_without_gradient(make_config):
   obj = make(make_config, self_condition_prob=1.0)
   model = obj.build(nnx.Rngs(0))
@@ -275,6 +278,7 @@ def test_time_conditioning_feeds_each_row_its_t(make_config):
   np.testing.assert_allclose(loss, want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_critic_targets_label_generated_tokens_that_differ():
   b, t, v = 4, 64, 30
   inputs = jax.random.randint(jax.random.key(0), (b, t), 8, v)
@@ -418,6 +422,7 @@ def test_mdlm_scores_exactly_the_tokens_ar_predicts(make_config):
   assert sums["tokens"] == scored_by_ar.sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opts", [dict(discrete_steps=4), dict(llada=True, eps=0.1)])
 def test_reported_error_is_the_monte_carlo_error_of_the_bound(make_config, opts):
   """Over independent seeds the estimate's spread is the true Monte-Carlo error: the reported
@@ -448,6 +453,7 @@ def test_reported_error_is_the_monte_carlo_error_of_the_bound(make_config, opts)
   assert 1.6 < reported[2] / reported[8] < 2.5
 
 
+@pytest.mark.slow
 def test_eval_sums_report_the_bound_and_its_standard_error(make_config):
   from mdlm_jax import evaluate
   obj = make(make_config, eval_time_samples=3)

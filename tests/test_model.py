@@ -49,6 +49,7 @@ def test_chunked_causal_with_exact_chunks_is_causal():
   assert j[np.triu(np.ones((t, t), bool), k=1)].max() == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 def test_segments_never_see_each_other(causal):
   seg = [1] * 5 + [2] * 7 + [3] * 4
@@ -60,6 +61,7 @@ def test_segments_never_see_each_other(causal):
     assert (j[~across] > 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 def test_packed_document_matches_document_alone(causal):
   model = make()
@@ -73,6 +75,7 @@ def test_packed_document_matches_document_alone(causal):
   chex.assert_trees_all_close(out_packed, out_alone, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_chunked_attention_matches_reference_softmax():
   b, t, n, h = 2, 192, 2, 8
   ks = jax.random.split(jax.random.key(0), 3)
@@ -100,6 +103,7 @@ def runs_of(seg_row):
   return runs
 
 
+@pytest.mark.slow
 def test_packed_segments_layout_matches_the_runs_of_each_row():
   rows = [[1] * 170 + [2] * 170 + [3] * 172,             # cuDNN's own example: 3 segments
           [1] * 150 + [2] * 187 + [3] * 175,
@@ -138,6 +142,7 @@ def packed_reference(q, k, v, offsets, lengths, causal, scale_out=1.0):
   return scale_out * jnp.einsum("bnts,bsnh->btnh", p, v)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [True, False])
 def test_cudnn_packed_attention_is_exact_with_and_without_room(causal, monkeypatch):
   """The packed path (its cuDNN call replaced by a reference reading offsets/lengths back)
@@ -175,6 +180,7 @@ def test_cudnn_packed_without_cudnn_names_the_setting():
     make(attention="cudnn_packed", dtype="bfloat16")(jnp.zeros((1, 8), jnp.int32), pos, seg)
 
 
+@pytest.mark.slow
 def test_kv_cache_decoding_matches_full_forward():
   model = make()
   t = 12
@@ -190,6 +196,7 @@ def test_kv_cache_decoding_matches_full_forward():
   chex.assert_trees_all_close(jnp.concatenate(steps, axis=1), full, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_changes_nothing_but_memory(remat):
   tokens = jax.random.randint(jax.random.key(5), (2, 16), 0, 40)
@@ -206,6 +213,7 @@ def test_remat_changes_nothing_but_memory(remat):
   chex.assert_trees_all_close(base, other, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   model = make(dtype="bfloat16")
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model)))
@@ -216,6 +224,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   np.testing.assert_allclose(logits, ref, atol=0.05)
 
 
+@pytest.mark.slow
 def test_rope_rotates_each_pair_by_position_times_frequency():
   h, base = 8, 10000.0
   pos = jnp.asarray([[0, 5, 17, 63]])

@@ -26,6 +26,7 @@ def prompted_batch():
            "positions": jnp.asarray(pos), "prompt_mask": jnp.asarray(prompt)}, p, answers)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["blm", "insertion"])
 def test_the_prompt_stays_on_every_canvas_and_only_the_answer_is_scored(make_config, name):
   batch, p, answers = prompted_batch()

@@ -185,6 +185,7 @@ START = (BOS,) + (MASK,) * (T - 1)
 
 @pytest.mark.parametrize("temperature,steps,schedule", [(1.0, 4, "linear"), (0.6, 3, "linear"),
                                                         (1.0, 2, "cosine")])
+@pytest.mark.slow
 def test_ancestral_matches_its_exact_reference(make_config, temperature, steps, schedule):
   obj = make_objective(make_config, schedule=schedule)
   net = TableNet(obj.vocab_size)
@@ -192,6 +193,7 @@ def test_ancestral_matches_its_exact_reference(make_config, temperature, steps, 
   check(empirical(obj, net, "ancestral", steps, temperature=temperature), ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature,steps", [(1.0, 3), (2.0, 2), (0.0, 3)])
 def test_confidence_matches_its_exact_reference(make_config, temperature, steps):
   obj = make_objective(make_config)
@@ -203,6 +205,7 @@ def test_confidence_matches_its_exact_reference(make_config, temperature, steps)
 @pytest.mark.parametrize("temperature,steps,remasking", [
     (0.0, 3, "low_confidence"), (1.0, 2, "low_confidence"), (1.0, 3, "low_confidence"),
     (1.0, 2, "random")])
+@pytest.mark.slow
 def test_llada_matches_its_exact_reference(make_config, temperature, steps, remasking):
   obj = make_objective(make_config)
   net = TableNet(obj.vocab_size, seed=2)
@@ -221,6 +224,7 @@ def test_the_references_tell_the_rules_apart(make_config):
   assert min(total_variation(conf, hot), total_variation(conf, anc)) > 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_ancestral_masks_left_after_each_step_are_binomial(make_config, schedule):
   """P(a position is still masked after the step to s) = prod of (1 - reveal prob) = p(s) /

@@ -67,6 +67,7 @@ def total_variation(p, q):
 
 @pytest.mark.parametrize("temperature,top_k,filters", [
     (1.0, 3, {}), (0.5, 4, {}), (1.0, 0, {"top_p": 0.3}), (1.5, 0, {"min_p": 0.6})])
+@pytest.mark.slow
 def test_ar_sampler_matches_the_uncached_model(make_config, temperature, top_k, filters):
   obj, model = make(make_config, "ar")
   prompt = [BOS, 70]
@@ -83,6 +84,7 @@ def test_ar_sampler_matches_the_uncached_model(make_config, temperature, top_k, 
   assert total_variation(emp, ref) < 0.03, (sorted(emp.items()), sorted(ref.items()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature,top_k", [(1.0, 3), (0.4, 3)])
 def test_bst_sampler_matches_the_uncached_forward_head(make_config, temperature, top_k):
   obj, net = make(make_config, "bst")
@@ -146,6 +148,7 @@ def blm_reference(obj, model, canvas, temperature, top_k):
   return final
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature,top_k", [(1.0, 2), (0.6, 2)])
 def test_blm_sampler_matches_its_exact_reference(make_config, temperature, top_k):
   obj, model = make(make_config, "blm")

@@ -68,6 +68,7 @@ def sft_batch(b=4, t=12):
           "positions": jnp.broadcast_to(jnp.arange(t), (b, t)), "prompt_mask": jnp.asarray(pm)}
 
 
+@pytest.mark.slow
 def test_sft_never_masks_the_prompt_and_normalises_by_answer_length(make_config, pairs_glob):
   obj = objectives.create(sft_config(make_config, pairs_glob), TOK)
   batch = sft_batch()
@@ -91,6 +92,7 @@ def test_sft_never_masks_the_prompt_and_normalises_by_answer_length(make_config,
     np.testing.assert_allclose(loss, want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_conditional_bound_of_an_exact_independent_model_is_the_answer_nll(make_config,
                                                                            pairs_glob):
   obj = objectives.create(sft_config(make_config, pairs_glob), TOK)
@@ -114,6 +116,7 @@ def test_conditional_bound_of_an_exact_independent_model_is_the_answer_nll(make_
   assert abs(diff.mean()) < 4 * diff.std() / math.sqrt(rows) + 1e-3
 
 
+@pytest.mark.slow
 def test_sft_trains_on_pairs_and_needs_them(make_config, pairs_glob, tmp_path):
   cfg = sft_config(make_config, pairs_glob)
   with cfg.unlocked():
@@ -127,6 +130,7 @@ def test_sft_trains_on_pairs_and_needs_them(make_config, pairs_glob, tmp_path):
     obj.loss(lambda x, p, s: jnp.zeros(x.shape + (obj.vocab_size,)), batch, jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_conditional_bound_of_an_exact_copy_model_is_the_answer_entropy(make_config, pairs_glob):
   """Answers [a, a], a uniform over K: the exact model copies a visible twin. With l
   stratified over 1..L the estimate is log K (l = 1 scores 0, l = 2 scores 2 log K); a bound

@@ -98,12 +98,12 @@ def test_fim_permutation_moves_the_middle_last():
 def test_fim_rate_share_of_training_documents(make_config):
   src = builders.data_source(builders.load_builder(make_config().data), "train")
   it = iter(pipeline.make_dataset(src, TOK, seq_len=32, batch_size=8, seed=0, train=True,
-                                  prefetch=0, pack=False, fim_rate=0.5))
+                                  prefetch=0, pack=False, transforms=(pipeline.Fim(0.5),)))
   rows = np.concatenate([next(it)["inputs"] for _ in range(40)])
   share = np.mean(rows[:, 1] == tokenizers.FIM_PREFIX)
   assert 0.4 < share < 0.6
   it = iter(pipeline.make_dataset(src, TOK, seq_len=32, batch_size=8, seed=0, train=False,
-                                  prefetch=0, pack=False, fim_rate=0.5))
+                                  prefetch=0, pack=False, transforms=(pipeline.Fim(0.5),)))
   assert not np.any(next(it)["inputs"] == tokenizers.FIM_PREFIX)  # evaluation stays plain
 
 
@@ -121,6 +121,7 @@ def test_unpacked_rows_hold_one_document_then_padding(make_config):
 
 @pytest.mark.parametrize("objective,extra", [("ar", {"objective.fim_rate": 0.5}), ("bst", {}),
                                              ("mdlm", {})])
+@pytest.mark.slow
 def test_fill_middle_keeps_length_and_is_greedy(make_config, objective, extra):
   cfg = make_config({"objective.name": objective, **extra})
   setup = trainer.build(cfg)
@@ -137,6 +138,7 @@ def test_fill_middle_keeps_length_and_is_greedy(make_config, objective, extra):
   np.testing.assert_array_equal(a, b)  # greedy: the key does not matter
 
 
+@pytest.mark.slow
 def test_plain_ar_cannot_infill(make_config):
   setup = trainer.build(make_config({"objective.name": "ar"}))
   model = nnx.merge(setup.graphdef, setup.init_params())
@@ -246,6 +248,7 @@ def test_star_graph_path_accuracy_scores_whole_paths(make_config, monkeypatch):
   assert 0 < wrong < 1
 
 
+@pytest.mark.slow
 def test_training_on_star_graphs_reports_path_accuracy(make_config, tmp_path):
   cfg = star_graph_config(make_config, "bst", **{"train.steps": 4, "train.batch_size": 8,
                                                  "eval.every_steps": 4, "eval.batches": 1,

@@ -22,6 +22,7 @@ def test_bytes_tokenizer_roundtrip_and_specials():
   assert tok.decode_with_specials([tokenizers.MASK, *tok.encode("ab")]) == "_ab"
 
 
+@pytest.mark.slow
 def test_sentencepiece_tokenizer_trained_by_the_tool(tmp_path, corpus, data_dir):
   out = str(tmp_path / "tok.model")
   p = subprocess.run([sys.executable, "tools/train_tokenizer.py", f"--output={out}",

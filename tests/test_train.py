@@ -3,6 +3,7 @@ import glob
 import gzip
 import json
 import os
+import sys
 
 import chex
 import jax
@@ -11,7 +12,6 @@ import pytest
 
 from mdlm_jax import checkpoint
 from mdlm_jax import config as config_lib
-from mdlm_jax import metrics
 from mdlm_jax import sharding
 from mdlm_jax import trainer
 from mdlm_jax.data import pipeline
@@ -37,6 +37,7 @@ def run_steps(cfg, mesh, batches):
   return out, jax.device_get(state["params"]), setup
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["mdlm", "blm", "insertion"])
 def test_sharded_step_on_8_devices_matches_one_device(make_config, objective):
   assert jax.device_count() == 8
@@ -59,6 +60,7 @@ def test_sharded_step_on_8_devices_matches_one_device(make_config, objective):
   chex.assert_trees_all_close(params_eight, params_one, rtol=2e-4, atol=atol)
 
 
+@pytest.mark.slow
 def test_ema_follows_the_warmed_up_recurrence(make_config):
   """EMA_n = d_n EMA_(n-1) + (1 - d_n) params_n from the initial params, d_n = min(d, (1 + n) /
   (10 + n)), recomputed in numpy from the params of every step."""
@@ -87,6 +89,7 @@ def test_mesh_inference_and_errors():
     sharding.mesh_shape({"data": 4, "fsdp": 2, "tensor": 2}, 8)
 
 
+@pytest.mark.slow
 def test_resumed_run_repeats_the_uninterrupted_losses_exactly(tmp_path, make_config):
   over = {"train.steps": 6, "train.ema_decay": 0.5, "train.grad_accum_steps": 2,
           "objective.meap_mask_ratio": 0.15, "checkpoint.every_steps": 3}
@@ -102,6 +105,7 @@ def test_resumed_run_repeats_the_uninterrupted_losses_exactly(tmp_path, make_con
   assert a[6] < a[1]
 
 
+@pytest.mark.slow
 def test_workdir_of_another_model_is_refused_untouched(tmp_path, make_config):
   wd = str(tmp_path / "wd")
   trainer.train(make_config({"train.steps": 2}), wd, log=quiet)
@@ -159,6 +163,7 @@ def test_config_variants_have_their_stated_sizes():
     mdlm.get_config("huge")
 
 
+@pytest.mark.slow
 def test_params_restore_alone_onto_another_mesh(tmp_path, make_config):
   wd = str(tmp_path / "wd")
   cfg = make_config({"train.steps": 2, "model.num_heads": 4, "train.ema_decay": 0.9})
@@ -199,7 +204,10 @@ def test_trace_summary_splits_device_time_by_kind(tmp_path):
   d.mkdir(parents=True)
   with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
     json.dump({"traceEvents": events}, f)
-  s = metrics.summarize_trace(str(tmp_path), steps=2)
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "tools"))
+  import trace_summary  # pylint: disable=g-import-not-at-top
+  s = trace_summary.summarize_trace(str(tmp_path), steps=2)
   assert s["device_ms_per_step"] == pytest.approx(4.0)
   assert s["share"] == pytest.approx({"matmul": 0.5, "attention": 0.25, "other": 0.25})
   assert s["top_ops_ms"][0] == ["dot.1", 2.0]

@@ -23,14 +23,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
+from mdlm_jax import cli  # noqa: E402
+import trace_summary  # noqa: E402  (tools/, beside this file)
 from mdlm_jax import distributed  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
-                                          lock_config=True)
+_CONFIG = cli.define_config()
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
 _PIPELINE = flags.DEFINE_bool("pipeline", False, "Also time the Grain pipeline alone.")
@@ -196,7 +195,7 @@ def bench_train_step(config, *, steps: int, warmup: int, doc_len: int,
       for i in range(profile_steps):
         state, m = step_fn(state, batches[i % 2])
       jax.block_until_ready((state, m))
-    result["profile"] = metrics_lib.summarize_trace(profile_dir, profile_steps)
+    result["profile"] = trace_summary.summarize_trace(profile_dir, profile_steps)
     if result["profile"].get("device_ms_per_step"):  # < 1: the device waits on the host
       result["profile"]["device_busy"] = result["profile"]["device_ms_per_step"] / (
           1e3 * step_time)
@@ -287,4 +286,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

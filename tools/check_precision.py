@@ -14,14 +14,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
+from mdlm_jax import cli  # noqa: E402
 from mdlm_jax import distributed  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
-                                          lock_config=True)
+_CONFIG = cli.define_config()
 _VARIANTS = flags.DEFINE_list("variants",
                               ["bfloat16:cudnn", "bfloat16:cudnn_packed", "bfloat16:xla"],
                               "dtype:attention pairs compared with float32:xla.")
@@ -76,4 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -15,8 +15,9 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
+
+from mdlm_jax import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory (two runs go under it).",
@@ -84,4 +85,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,6 +12,8 @@ import sys
 from absl import app
 from absl import flags
 
+from mdlm_jax import cli
+
 _OUTPUT = flags.DEFINE_string("output", "curves.png", "PNG file to write.")
 _METRIC = flags.DEFINE_string("metric", "eval/bits_per_byte", "metrics.jsonl key to draw.")
 _TITLE = flags.DEFINE_string("title", None, "Plot title (default: the metric).")
@@ -72,4 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

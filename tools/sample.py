@@ -27,6 +27,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
+from mdlm_jax import cli  # noqa: E402
 from mdlm_jax import distributed  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir.", required=True)
@@ -90,18 +91,13 @@ def main(argv):
   if hasattr(setup.objective, "fill") and _TEMPLATE.value is not None:
     return fill_blanks(setup, params, step)
   decoding = None
-  if name == "insertion" and _SAMPLER.value is not None:
-    if _SAMPLER.value not in ("parallel", "sequential"):
-      raise app.UsageError(f"--sampler={_SAMPLER.value!r}: an insertion model decodes with "
-                           "--sampler=parallel or --sampler=sequential.")
-    from mdlm_jax.objectives import insertion  # pylint: disable=g-import-not-at-top
-    finalization = setup.config.objective.finalization
+  if setup.objective.samplers:  # insertion: parallel or sequential decoding
     try:
-      decoding = insertion.resolve_decoding(_SAMPLER.value, finalization)
+      decoding = setup.objective.resolve_sampler(_SAMPLER.value)
     except ValueError as e:
-      raise app.UsageError(f"--sampler={_SAMPLER.value}: {e}") from None
+      raise app.UsageError(str(e)) from None
   for flag, value in (("--template", _TEMPLATE.value),
-                      ("--sampler", None if decoding else _SAMPLER.value),
+                      ("--sampler", None if setup.objective.samplers else _SAMPLER.value),
                       ("--steps", _STEPS.value)):
     if value is not None:
       raise app.UsageError(f"{flag} needs a model that fills masked positions (objective "
@@ -207,13 +203,12 @@ def sample_canvas(setup, params, step):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from mdlm_jax import diffusion_sampling  # pylint: disable=g-import-not-at-top
   from mdlm_jax import tokenizers  # pylint: disable=g-import-not-at-top
   tok, limit = setup.tokenizer, setup.config.data.seq_len
-  sampler = _SAMPLER.value or "ancestral"
-  if sampler not in diffusion_sampling.SAMPLERS:
-    raise app.UsageError(f"--sampler={sampler!r} is unknown; choose one of "
-                         f"{', '.join(diffusion_sampling.SAMPLERS)}.")
+  try:
+    sampler = setup.objective.resolve_sampler(_SAMPLER.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   if _TEMPLATE.value is not None:
     if _PROMPT.value or _SUFFIX.value:
       raise app.UsageError("give either --template or --prefix/--suffix, not both.")
@@ -257,4 +252,4 @@ def sample_canvas(setup, params, step):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

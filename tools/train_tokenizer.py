@@ -12,14 +12,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
+from mdlm_jax import cli  # noqa: E402
 from mdlm_jax import distributed  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
-                                          lock_config=True)
+_CONFIG = cli.define_config()
 _OUTPUT = flags.DEFINE_string("output", None, "Path of the .model file to write.",
                               required=True)
 _VOCAB = flags.DEFINE_integer("vocab_size", 8192, "Pieces, <unk> included.")
@@ -53,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import sys
 import sysconfig
@@ -29,6 +30,18 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from mdlm_jax import storage
+
+class _QuietLocalSources(logging.Filter):
+  """TFDS's notices that mean nothing for these local sources: a custom config (ours are
+  named by a hash of the files) and a variant folder without dataset_info.json (being
+  prepared)."""
+
+  def filter(self, record):
+    return not record.getMessage().startswith(("Using custom data configuration",
+                                               "Variant folder"))
+
+
+logging.getLogger("absl").addFilter(_QuietLocalSources())
 
 VALIDATION_PERCENT = 3
 CHUNK_LINES = 32  # a one-document corpus is split into chunks of this many lines
@@ -115,6 +128,16 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder):
     return epath.Path(__file__)
 
   TEXT_FEATURES = ("text",)
+  ROWS = "documents"  # how the pipeline makes rows: documents (packed), pairs, problems
+
+  @classmethod
+  def check(cls, data_cfg) -> None:
+    """Raises ValueError naming a `data.` setting this source cannot serve (config time)."""
+
+  @classmethod
+  def make_config(cls, data_cfg):
+    """The BuilderConfig for these settings (None: the builder's only one)."""
+    return None
 
   def _info(self):
     names = self.TEXT_FEATURES + ("key",)
@@ -124,6 +147,14 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _paths(self) -> tuple[list[str], str]:
     raise NotImplementedError
+
+  # TFDS's "Downloading and preparing dataset Unknown size (download: Unknown size, ...)" and
+  # its closing notice: nothing is downloaded; `_prepare_locked` says what happens instead.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
 
   _chunked = False
 
@@ -202,6 +233,16 @@ class TextFiles(_TextBuilder):
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = []
 
+  @classmethod
+  def check(cls, data_cfg) -> None:
+    if not data_cfg.files:
+      raise ValueError(f"data.name={data_cfg.name!r} needs data.files, a glob such as "
+                       "'/path/*.txt'.")
+
+  @classmethod
+  def make_config(cls, data_cfg):
+    return text_files_config(data_cfg.files)
+
   def _paths(self):
     return resolve_files(self.builder_config.files), ""
 
@@ -209,6 +250,7 @@ class TextFiles(_TextBuilder):
 class SftPairs(TextFiles):
   """Prompt/answer pairs from `.jsonl` files (features prompt, answer, key)."""
   TEXT_FEATURES = ("prompt", "answer")
+  ROWS = "pairs"
 
   def _items(self, paths, root):
     return _pairs(paths, root)
@@ -282,6 +324,21 @@ class StarGraph(_TextBuilder):
   """Star-graph path finding; validation problems never appear in train."""
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = []
+  ROWS = "problems"
+
+  @classmethod
+  def check(cls, data_cfg) -> None:
+    g = data_cfg.graph
+    check_graph(g.degree, g.path_length, g.nodes)
+    row = star_graph_tokens(g.degree, g.path_length)[1]
+    if data_cfg.tokenizer == "bytes" and data_cfg.seq_len < row:
+      raise ValueError(f"data.seq_len={data_cfg.seq_len} is shorter than a star-graph problem "
+                       f"of degree {g.degree} and path_length {g.path_length} ({row} tokens); "
+                       "raise data.seq_len.")
+
+  @classmethod
+  def make_config(cls, data_cfg):
+    return star_graph_config(data_cfg.graph)
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -352,19 +409,29 @@ def prepared(make) -> tfds.core.DatasetBuilder:
   return make()
 
 
+SOURCES = {"python_stdlib": PythonStdlib, "text_files": TextFiles, "sft_pairs": SftPairs,
+           "star_graph": StarGraph}
+
+
+def check(data_cfg) -> None:
+  """The source's own checks of the `data.` settings (none for other TFDS names)."""
+  if data_cfg.name in SOURCES:
+    SOURCES[data_cfg.name].check(data_cfg)
+
+
+def rows_of(data_cfg) -> str:
+  """'documents', 'pairs' or 'problems': the source's kind of rows."""
+  return SOURCES[data_cfg.name].ROWS if data_cfg.name in SOURCES else "documents"
+
+
 def load_builder(data_cfg) -> tfds.core.DatasetBuilder:
   """The builder for `data.name`, prepared into `data.data_dir` on first use when it is one of
   ours; any other TFDS name must already be prepared there (as array_record)."""
   data_dir = os.path.expanduser(data_cfg.data_dir)
-  if data_cfg.name in ("python_stdlib", "text_files", "sft_pairs", "star_graph"):
-    cls = {"python_stdlib": PythonStdlib, "text_files": TextFiles, "sft_pairs": SftPairs,
-           "star_graph": StarGraph}[data_cfg.name]
-    if cls is PythonStdlib:
-      kwargs = {}
-    elif cls is StarGraph:
-      kwargs = {"config": star_graph_config(data_cfg.graph)}
-    else:
-      kwargs = {"config": text_files_config(data_cfg.files)}
+  if data_cfg.name in SOURCES:
+    cls = SOURCES[data_cfg.name]
+    config = cls.make_config(data_cfg)
+    kwargs = {} if config is None else {"config": config}
     return prepared(lambda: cls(data_dir=data_dir, file_format="array_record", **kwargs))
   try:
     builder = tfds.builder(data_cfg.name, data_dir=data_dir)
@@ -376,6 +443,13 @@ def load_builder(data_cfg) -> tfds.core.DatasetBuilder:
         f"once where the data can be downloaded:\n  tfds build {data_cfg.name} "
         f"--data_dir={data_dir} --file_format=array_record")
   return builder
+
+
+def describe(builder) -> dict:
+  """What plain TFDS needs to find the prepared dataset again (recorded in config.json)."""
+  return {"name": builder.name, "config": builder.builder_config.name
+          if builder.builder_config else None, "version": str(builder.version),
+          "directory": str(builder.data_dir)}
 
 
 def data_source(builder, split: str):

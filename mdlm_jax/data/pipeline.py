@@ -24,17 +24,17 @@ import grain
 import jax
 import numpy as np
 
+from mdlm_jax import objectives
 from mdlm_jax import tokenizers
 from mdlm_jax.data import builders
 
 KEYS = ("inputs", "segment_ids", "positions")
 PROMPT_KEYS = KEYS + ("prompt_mask",)
-PROMPTED = ("sft_pairs", "star_graph")  # datasets whose rows are a prompt and its answer
 PACK_LANES = 8  # packing streams interleaved before the shuffle window (see make_dataset)
 
 
 def batch_keys(data_cfg) -> tuple[str, ...]:
-  return PROMPT_KEYS if data_cfg.name in PROMPTED else KEYS
+  return KEYS if builders.rows_of(data_cfg) == "documents" else PROMPT_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,23 +138,25 @@ def _rename(x):
 
 def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
                  train: bool, process_index: int = 0, process_count: int = 1,
-                 prefetch: int = 2, pairs: bool = False, pack: bool = True,
-                 fim_rate: float = 0.0, workers: int = 0, problems: bool = False,
+                 prefetch: int = 2, rows: str = "documents", pack: bool = True,
+                 transforms: tuple = (), workers: int = 0,
                  shuffle_window: int = 0) -> grain.IterDataset:
   """A per-process dataset of packed batches {inputs, segment_ids, positions} (batch, seq_len).
 
   train: shuffled (reshuffled each epoch) and repeated forever; otherwise one ordered pass
   whose last rows are zero-padded (segment id 0 marks padding). pack=False: one document per
-  row. fim_rate: that share of documents in prefix-suffix-middle order (train only).
+  row. transforms: Grain random maps applied to each tokenized training document before
+  packing, as the objective declares them (`Objective.train_transforms`; `ar`'s FIM).
   shuffle_window > 0 (train, packed): documents are packed in PACK_LANES lanes whose rows are
   interleaved, then shuffled in a window of that many rows, so a long document gives a batch
   about batch_size / PACK_LANES of its rows instead of filling batch after batch.
-  pairs / problems: prompt/answer rows of `sft_pairs` / `star_graph` (see the module docstring).
+  rows: the source's kind (`builders.rows_of`): 'documents', or the prompt/answer rows of
+  'pairs' (`sft_pairs`) and 'problems' (`star_graph`), see the module docstring.
   workers > 0: that many processes each read, tokenize and batch their own slice of the
   records (Grain multiprocess prefetch; batches come round-robin from the workers), for
   accelerators that consume batches faster than one host thread makes them."""
-  if pairs or problems:  # fixed rows: batches of record indices, each read in one call
-    row = (TokenizePair if pairs else TokenizeProblem)(tokenizer, seq_len)
+  if rows != "documents":  # fixed rows: batches of record indices, each read in one call
+    row = {"pairs": TokenizePair, "problems": TokenizeProblem}[rows](tokenizer, seq_len)
     idx = grain.MapDataset.range(len(source))
     if train:
       idx = idx.shuffle(seed=seed).repeat()
@@ -165,8 +167,8 @@ def make_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int,
     if train:
       ds = ds.shuffle(seed=seed).repeat()
     ds = ds[process_index::process_count].map(Tokenize(tokenizer))
-    if fim_rate > 0 and train:
-      ds = ds.random_map(Fim(fim_rate), seed=seed + 1)
+    for i, transform in enumerate(transforms if train else ()):
+      ds = ds.random_map(transform, seed=seed + 1 + i)
     if pack:
       lanes = PACK_LANES if train and shuffle_window else 1
       packed = [grain.experimental.ConcatThenSplitIterDataset(
@@ -273,10 +275,10 @@ def train_dataset(config, tokenizer, seed_offset: int = 0) -> grain.IterDataset:
       batch_size=local_batch_size(config.train.batch_size), seed=config.seed + seed_offset,
       train=True, shuffle_window=config.data.shuffle_window,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      prefetch=config.data.prefetch, pairs=config.data.name == "sft_pairs",
-      pack=config.data.pack, fim_rate=config.objective.get("fim_rate", 0.0)
-      if config.objective.name == "ar" else 0.0, workers=config.data.workers,
-      problems=config.data.name == "star_graph")
+      prefetch=config.data.prefetch, rows=builders.rows_of(config.data),
+      pack=config.data.pack, workers=config.data.workers,
+      transforms=tuple(objectives.get(config.objective.name).train_transforms(
+          config.objective)))
 
 
 def check_split(config, split: str) -> None:
@@ -290,5 +292,4 @@ def eval_dataset(config, tokenizer, split: str = "validation") -> grain.IterData
       builders.data_source(builder, split), tokenizer, seq_len=config.data.seq_len,
       batch_size=local_batch_size(config.train.batch_size), seed=config.seed, train=False,
       process_index=jax.process_index(), process_count=jax.process_count(), prefetch=0,
-      pairs=config.data.name == "sft_pairs", pack=config.data.pack,
-      problems=config.data.name == "star_graph")
+      rows=builders.rows_of(config.data), pack=config.data.pack)

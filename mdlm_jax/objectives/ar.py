@@ -52,6 +52,11 @@ class AR(base.Objective):
     if opts.z_loss < 0:
       raise ValueError(f"objective.z_loss={opts.z_loss} must be >= 0 (0 disables; 1e-4 is usual).")
 
+  @classmethod
+  def train_transforms(cls, opts) -> tuple:
+    from mdlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return (pipeline.Fim(opts.fim_rate),) if opts.fim_rate > 0 else ()
+
   def _nll(self, model, batch, inputs):
     targets, valid = next_token_targets(batch)
     valid = valid & base.next_is_answer(batch)

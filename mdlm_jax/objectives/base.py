@@ -20,6 +20,7 @@ class Objective:
   defaults: ClassVar[dict[str, Any]] = {}
   causal: ClassVar[bool] = True
   accepts_suffix: ClassVar[bool] = False  # generate() takes suffix_BxS
+  samplers: ClassVar[tuple[str, ...]] = ()  # names `tools/sample.py --sampler` accepts
 
   def __init__(self, config, tokenizer):
     self.config = config
@@ -32,6 +33,13 @@ class Objective:
   @classmethod
   def validate(cls, opts) -> None:
     """Raises ValueError naming a bad `objective.` option."""
+
+  @classmethod
+  def train_transforms(cls, opts) -> tuple:
+    """Grain random maps the pipeline applies to each tokenized training document
+    ({'inputs': [BOS] text [EOS]}) before packing, in order (none by default)."""
+    del opts
+    return ()
 
   def build(self, rngs: nnx.Rngs) -> nnx.Module:
     """The objective's modules; the trainer only sees their params."""
@@ -57,6 +65,17 @@ class Objective:
   def generate(self, model: nnx.Module, prompt_BxP, rng, **options):
     """Samples continuations of `prompt_BxP` (int32, starting with BOS)."""
     raise ValueError(f"objective {self.name!r} has no sampler for a prompt.")
+
+  def resolve_sampler(self, name: str | None) -> str | None:
+    """The sampler `name` asks for (None: the objective's default), or ValueError naming the
+    choices; None when the objective has a single sampler."""
+    if name is None:
+      return self.samplers[0] if self.samplers else None
+    if name not in self.samplers:
+      choices = ", ".join(self.samplers) or "none: it has one sampler"
+      raise ValueError(f"--sampler={name!r} is unknown; objective {self.name!r} samples with "
+                       f"{choices}.")
+    return name
 
   def canvas_width(self, prompt_len: int, suffix_len: int, max_new_tokens: int) -> int:
     """The widest row `generate` reads for these lengths: it must fit model.max_seq_len."""

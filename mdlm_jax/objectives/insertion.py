@@ -407,6 +407,7 @@ class Insertion(base.Objective):
   name = "insertion"
   causal = False
   accepts_suffix = True
+  samplers = DECODINGS
   # decoding 'auto': parallel after slot finalization, sequential after sequence finalization
   # eval_orders > 0: validation by importance sampling over that many orders (as blm's)
   defaults = dict(order="tree", tau=1.0, distribution="joint", fpe=True, decoding="auto",
@@ -484,6 +485,17 @@ class Insertion(base.Objective):
     mid = jnp.where(idx < n_mid, mid[:, :max_new_tokens],
                     jnp.where(idx == n_mid, tokenizers.EOS, tokenizers.PAD))
     return jnp.concatenate([prompt_BxP.astype(jnp.int32), mid], axis=1)
+
+  def resolve_sampler(self, name: str | None) -> str:
+    """--sampler: `parallel` or `sequential`; by default what objective.decoding resolves to
+    (parallel after slot finalization); parallel refused after sequence finalization."""
+    if name is not None and name not in DECODINGS:
+      raise ValueError(f"--sampler={name!r}: an insertion model decodes with "
+                       "--sampler=parallel or --sampler=sequential.")
+    try:
+      return resolve_decoding(name or self.opts.decoding, self.opts.finalization)
+    except ValueError as e:
+      raise ValueError(f"--sampler={name}: {e}" if name else str(e)) from None
 
   def canvas_width(self, prompt_len: int, suffix_len: int, max_new_tokens: int) -> int:
     return prompt_len + suffix_len + 1 + max_new_tokens  # prompt, suffix, EOS, room

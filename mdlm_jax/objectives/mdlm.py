@@ -228,6 +228,7 @@ class DiffusionNet(nnx.Module):
 class MDLM(base.Objective):
   name = "mdlm"
   causal = False
+  samplers = ("ancestral", "confidence", "llada")  # diffusion_sampling.SAMPLERS
   defaults = dict(
       schedule="linear",       # linear | cosine | poly{K}
       eps=1e-3,                # 1 - alpha(t) = (1 - eps) m(t); LLaDA: eps + (1 - eps) t

@@ -1,0 +1,106 @@
+"""What a person sees from train.py and the tools: a user error (a config key or value, a flag,
+a path, a workdir) is one line naming the setting and the fix, exit code 2, no traceback;
+`--verbose` or MDLM_JAX_VERBOSE=1 shows the traceback. Also the default config's path,
+wherever the command is run from."""
+from __future__ import annotations
+
+import ast
+import os
+import re
+import sys
+
+from absl import app
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.py")
+_OURS = tuple(os.path.join(ROOT, d) for d in ("mdlm_jax", "tools", "configs", "train.py"))
+
+flags.DEFINE_bool("verbose", False, "Show the traceback of a user error.")
+
+
+def define_config(default: str = DEFAULT_CONFIG):
+  """The --config flag (a config file, `FILE:VARIANT`, and --config.KEY=VALUE overrides)."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # config files import `configs.default`
+  try:  # overrides already on the command line are applied here, at definition
+    return config_flags.DEFINE_config_file("config", default, "Config file.", lock_config=True)
+  except (AttributeError, KeyError) as e:
+    if _verbose():
+      raise
+    fail(_override_error(e, sys.argv))
+
+
+def _verbose() -> bool:
+  if os.environ.get("MDLM_JAX_VERBOSE", "") not in ("", "0"):
+    return True
+  return "--verbose" in sys.argv or (flags.FLAGS.is_parsed() and flags.FLAGS.verbose)
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _raised_by_us(e: BaseException) -> bool:
+  """A ValueError raised by this project's own checks (not deep inside a library)."""
+  tb, last = e.__traceback__, None
+  while tb is not None:
+    last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+  return last is not None and os.path.abspath(last).startswith(_OURS)
+
+
+def _override_error(e: Exception, argv: list[str]) -> str:
+  """ml_collections' message for a --config.KEY that names no key, e.g.
+  `'\\'step\\'\\nDid you mean "steps" instead of "step"?'`, as one line naming the flag."""
+  text = str(e)
+  try:
+    text = ast.literal_eval(text) if text[:1] in "'\"" else text
+  except (ValueError, SyntaxError):
+    pass
+  text = " ".join(str(text).split())
+  m = re.match(r"'([^']+)'", text)
+  key = m.group(1) if m else None
+  names = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  hits = [n for n in names if key and key in n[len("--config."):].split(".")]
+  where = hits[0] if hits else "--config"
+  hint = text[m.end():].strip() if m else text
+  return f"{where}: no such config key {key!r}" + (f" ({hint})" if hint else "") + \
+      "; see the keys in docs/training.md or the config file."
+
+
+def _parse(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if _verbose():
+      raise
+    fail(f"{e}")
+  except (AttributeError, KeyError) as e:  # a --config.KEY that names no key
+    if _verbose():
+      raise
+    fail(_override_error(e, argv))
+  except (TypeError, ValueError) as e:  # a --config.KEY=VALUE of the wrong type
+    if _verbose():
+      raise
+    fail(f"a --config override: {' '.join(str(e).split())}")
+  return argv
+
+
+def run(main) -> None:
+  """`absl.app.run(main)` with user errors reported in one line, exit code 2."""
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except app.UsageError as e:
+      if _verbose():
+        raise
+      fail(str(e))
+    except (ValueError, FileNotFoundError) as e:
+      if _verbose() or not _raised_by_us(e):
+        raise
+      fail(str(e))
+
+  app.run(wrapped, flags_parser=_parse)
