@@ -10,6 +10,7 @@ from helpers import positions_of
 from mdlm_jax import objectives
 from mdlm_jax import tokenizers
 from mdlm_jax.objectives import bst
+from mdlm_jax.objectives import bst_pairs
 
 V = tokenizers.get_tokenizer("bytes").vocab_size
 OPTIONS = {
@@ -157,7 +158,7 @@ def direct_loss(obj, net, batch):
   fb = jnp.concatenate([f[rows, fi], b_slots[rows, bj - 1]], axis=-1)
 
   def head(hd, out_slices):
-    h = bst.leaky(fb @ jnp.concatenate([hd.w_f[...], hd.w_b[...]]) + hd.bias[...])
+    h = bst_pairs.leaky(fb @ jnp.concatenate([hd.w_f[...], hd.w_b[...]]) + hd.bias[...])
     z = h @ hd.w_out[...] + hd.b_out[...]
     return [jnp.mean(-jnp.take_along_axis(jax.nn.log_softmax(z[:, lo:hi]), y[:, None], 1))
             for (lo, hi), y in out_slices]
@@ -184,6 +185,7 @@ def test_gradient_equals_the_direct_all_pairs_gradient(make_config, option):
   assert any(float(jnp.abs(a).max()) > 0 for a in jax.tree.leaves(ours))
 
 
+@pytest.mark.slow
 def test_pairs_touching_padding_or_another_document_contribute_nothing(make_config):
   obj, net = make(make_config)
   batch = packed_batch()
@@ -244,7 +246,7 @@ def test_every_pair_is_enumerated_exactly_once():
   for n in (2, 3, 8, 9):
     for max_k in range(1, n):
       slots = jnp.arange(1, bst.gap_slots(n, max_k) + 1)[None]
-      fi, bk, gap, ok = (np.asarray(a)[0] for a in bst.pair_lanes(slots, n))
+      fi, bk, gap, ok = (np.asarray(a)[0] for a in bst_pairs.pair_lanes(slots, n))
       got = sorted(zip(fi[ok & (gap <= max_k)], bk[ok & (gap <= max_k)]))
       want = [(i, k) for i in range(n) for k in range(i + 1, min(n, i + max_k + 1))]
       assert got == want and np.all(bk - fi == gap)

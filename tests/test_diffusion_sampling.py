@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mdlm_jax import diffusion_sampling as ds
+from mdlm_jax.objectives import mdlm_sampling as ds
 from mdlm_jax import objectives
 from mdlm_jax import tokenizers
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mdlm_jax import diffusion_sampling
+from mdlm_jax.objectives import mdlm_sampling
 from mdlm_jax import metrics
 from mdlm_jax import objectives
 from mdlm_jax import tasks
@@ -46,6 +46,7 @@ def test_the_traceback_is_there_when_asked_for(tmp_path):
   assert p.returncode != 0 and "Traceback" in p.stderr and "ConfigError" in p.stderr
 
 
+@pytest.mark.slow
 def test_tools_report_a_missing_workdir_and_bad_flags_in_one_line(tmp_path):
   for tool, extra, says in (("sample.py", [], "does not exist"),
                             ("evaluate.py", [], "does not exist"),
@@ -56,6 +57,7 @@ def test_tools_report_a_missing_workdir_and_bad_flags_in_one_line(tmp_path):
     assert p.returncode == 2 and len(lines) == 1 and says in lines[0], (tool, p.stderr[-1000:])
 
 
+@pytest.mark.slow
 def test_the_run_logs_its_saves_and_ends_with_a_summary(tmp_path, make_config):
   lines = []
   wd = str(tmp_path / "wd")
@@ -93,6 +95,7 @@ def test_the_eta_is_the_mean_step_time_since_the_first_window(monkeypatch):
   assert p.update(13)["perf/eta_s"] == pytest.approx(87 * (4.0 / 3))
 
 
+@pytest.mark.slow
 def test_eval_hooks_run_at_each_evaluation_without_the_trainer_naming_them(
     tmp_path, make_config, monkeypatch):
   seen = []
@@ -114,7 +117,7 @@ def test_eval_hooks_run_at_each_evaluation_without_the_trainer_naming_them(
 
 
 def test_each_objective_lists_the_samplers_the_tools_offer():
-  assert objectives.get("mdlm").samplers == tuple(diffusion_sampling.SAMPLERS)
+  assert objectives.get("mdlm").samplers == tuple(mdlm_sampling.SAMPLERS)
   assert objectives.get("insertion").samplers == ("parallel", "sequential")
   for name in ("ar", "bst", "blm", "mlm"):
     assert objectives.get(name).samplers == ()

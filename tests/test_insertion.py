@@ -172,6 +172,7 @@ def test_slot_loss_and_bound_terms_match_numpy(make_config, distribution, fpe):
     np.testing.assert_allclose(float(term[r, i]), want, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["tree", "uniform"])
 def test_sequence_finalization_targets_the_next_action(make_config, order, monkeypatch):
   """finalization=sequence: per document the cross-entropy of the next action, each slot

@@ -258,6 +258,7 @@ def test_self_conditioning_feeds_the_first_pass_states_without_gradient(make_con
   assert np.abs(np.asarray(grads.sc_null[...])).sum() == 0  # the first pass replaced it
 
 
+@pytest.mark.slow
 def test_time_conditioning_feeds_each_row_its_t(make_config):
   obj = make(make_config, time_conditioning=True)
   model = obj.build(nnx.Rngs(0))

@@ -1,5 +1,6 @@
 """`insertion`: the Insertion Transformer (Stern et al. 2019) with Fractional Positional
-Encoding (Zhang, Zhang & Dolan 2023); OBJECTIVES.md section 6.
+Encoding (Zhang, Zhang & Dolan 2023); semantics in docs/objectives.md. Canvases, FPE vectors
+and insertions, which training and decoding share, are in `insertion_canvas.py`.
 
 A canvas is a subsequence of the document; between each two neighbouring tokens is a slot,
 whose state is a projection of [h_l; h_{l+1}] from a bidirectional encoder. The tied output
@@ -13,7 +14,7 @@ segment of a packed row (a document cut by the row's edge). Words: the other rea
 Training (Stern et al.'s soft binary-tree loss): per document, k uniform in 0..n kept words
 in order; each slot's missing span x_i..x_j is a target with weights softmax(-|i - centre| /
 tau) (`order=tree`) or uniform (`order=uniform`).
-- `finalization=slot` (OBJECTIVES.md, for parallel decoding): an empty slot targets
+- `finalization=slot` (the default, for parallel decoding): an empty slot targets
   end-of-slot; the loss is the mean over the document's slots of -sum_i w_i log p(x_i, slot),
   then over documents. Every slot has a target under one softmax, so the loss is lowest with
   p(slot) uniform over the slots: p(word | slot) learns, where the words go does not.
@@ -51,6 +52,15 @@ from mdlm_jax import sampling
 from mdlm_jax import tokenizers
 from mdlm_jax.objectives import base
 from mdlm_jax.objectives import blm
+from mdlm_jax.objectives.insertion_canvas import tree_positions
+from mdlm_jax.objectives.insertion_canvas import fpe_vectors
+from mdlm_jax.objectives.insertion_canvas import words
+from mdlm_jax.objectives.insertion_canvas import draw_keep
+from mdlm_jax.objectives.insertion_canvas import span_key
+from mdlm_jax.objectives.insertion_canvas import canvas_of
+from mdlm_jax.objectives.insertion_canvas import span_weights
+from mdlm_jax.objectives.insertion_canvas import slots
+from mdlm_jax.objectives.insertion_canvas import insert
 
 ORDERS = ("tree", "uniform")
 DISTRIBUTIONS = ("joint", "factorized")
@@ -103,118 +113,6 @@ class InsertionNet(nnx.Module):
     s = model_lib.dense(h, self.slot_l[...]) + model_lib.dense(nxt, self.slot_r[...])
     score = model_lib.dense(s.astype(jnp.float32), self.slot_u[...][:, None])[..., 0]
     return s, net.logits(s), score
-
-
-def tree_positions(segment_ids_BxT):
-  """(index of each token within its segment, the segment's length), both (B, T) int32."""
-  key = blm.segment_key(segment_ids_BxT)
-  t = segment_ids_BxT.shape[1]
-  start = key % t
-  length = blm.per_segment(jnp.ones_like(key), key)
-  return jnp.arange(t, dtype=jnp.int32) - start, length
-
-
-def fpe_vectors(net: InsertionNet, segment_ids_BxT):
-  """(B, T, D) float32 FPE vectors of a canvas whose tokens were placed ends first, then the
-  interior in balanced-tree order: the token at the middle (lo + hi) // 2 of an open interval
-  of placed tokens lo < i < hi goes between them, then each half recursively."""
-  b, t = segment_ids_BxT.shape
-  local, length = tree_positions(segment_ids_BxT)
-  start = jnp.arange(t, dtype=jnp.int32) - local
-  real = segment_ids_BxT > 0
-  u_begin, u_end = net.ends()
-  d = u_begin.shape[0]
-  last = real & (local == length - 1)
-  u = jnp.where((real & (local == 0))[..., None], u_begin,
-                jnp.where(last[..., None], u_end, jnp.zeros((b, t, d), jnp.float32)))
-  placed = real & ((local == 0) | last)
-  lo, hi = jnp.zeros_like(local), length - 1  # bounds in segment-local indices
-  rows = jnp.arange(b)[:, None]
-  for _ in range(max(1, math.ceil(math.log2(max(t, 2)))) + 1):
-    mid = (lo + hi) // 2
-    now = real & ~placed & (local == mid)
-    u_lo, u_hi = u[rows, start + lo], u[rows, start + hi]
-    u = jnp.where(now[..., None], net.between(u_lo, u_hi), u)
-    placed = placed | now
-    lo = jnp.where(~placed & (local > mid), mid, lo)
-    hi = jnp.where(~placed & (local < mid), mid, hi)
-  return u
-
-
-def anchors(batch):
-  """(B, T) bool: tokens every canvas keeps (BOS, EOS, each segment's first and last, and the
-  prompt of prompt/answer rows: given, never inserted or scored)."""
-  x, seg = batch["inputs"], batch["segment_ids"]
-  first = model_lib.run_starts(seg)
-  last = jnp.concatenate([first[:, 1:], jnp.ones_like(first[:, :1])], axis=1)
-  out = (x == tokenizers.BOS) | (x == tokenizers.EOS) | first | last
-  if "prompt_mask" in batch:
-    out |= batch["prompt_mask"] > 0
-  return (seg > 0) & out
-
-
-def words(batch):
-  """(B, T) bool: the tokens the model inserts (real tokens but the anchors)."""
-  return (batch["segment_ids"] > 0) & ~anchors(batch)
-
-
-def draw_keep(rng, batch):
-  """Per document k uniform in 0..n and the k earliest words of a random order: (keep, n, k)
-  per token."""
-  k_order, k_k = jax.random.split(rng)
-  place, n = blm.draw_order(k_order, batch, words(batch))
-  start = blm.segment_key(batch["segment_ids"]) % place.shape[1]
-  v = jnp.take_along_axis(jax.random.uniform(k_k, place.shape), start, axis=1)
-  k = jnp.minimum(jnp.floor(v * (n + 1)), n).astype(jnp.int32)
-  return (place >= 0) & (place < k), n, k
-
-
-def span_key(missing_BxT, slot_BxT):
-  """(B, T) int32: one value per slot's run of missing words (row * T + slot), B * T at the
-  other tokens."""
-  b, t = missing_BxT.shape
-  return jnp.where(missing_BxT, slot_BxT + t * jnp.arange(b, dtype=jnp.int32)[:, None], b * t)
-
-
-def canvas_of(batch, keep_BxT):
-  """The canvas of the anchors and kept words (left-aligned, then padding): (canvas {inputs,
-  segment_ids}, missing (B, T): words not kept, slot (B, T): for each missing word the canvas
-  index of its left neighbour, span_idx / span_len (B, T): its place in its slot's run of
-  missing words and that run's length)."""
-  x, seg = batch["inputs"], batch["segment_ids"]
-  b, t = x.shape
-  missing = words(batch) & ~keep_BxT
-  on = (seg > 0) & ~missing
-  c_idx = jnp.cumsum(on, axis=1, dtype=jnp.int32) - 1  # a missing word: its left neighbour
-  rows = jnp.arange(b)[:, None]
-  target = jnp.where(on, c_idx, t)
-  put = lambda fill, v: jnp.full((b, t), fill, jnp.int32).at[rows, target].set(v, mode="drop")
-  canvas = {"inputs": put(tokenizers.PAD, x), "segment_ids": put(0, seg)}
-  key = span_key(missing, c_idx)
-  span_len = blm.per_segment(missing.astype(jnp.int32), key)
-  before = jnp.cumsum(missing, axis=1, dtype=jnp.int32) - missing
-  run_first = blm.per_segment(jnp.where(missing, before, t), key, jax.ops.segment_min)
-  return canvas, missing, c_idx, before - run_first, span_len
-
-
-def span_weights(span_idx, span_len, span_key, order: str, tau: float):
-  """At each missing word, its weight in its slot's target: softmax(-|i - centre| / tau) over
-  the span, the binary-tree weights (order='tree'), or uniform (order='uniform', tau -> inf).
-  `span_key` tells spans apart (one value per span)."""
-  if order == "uniform":
-    return 1.0 / jnp.maximum(span_len, 1).astype(jnp.float32)
-  centre = (span_len.astype(jnp.float32) - 1.0) / 2.0
-  nearest = jnp.where(span_len % 2 == 1, 0.0, 0.5)  # the centre word's distance: e <= 1
-  e = jnp.exp(-(jnp.abs(span_idx.astype(jnp.float32) - centre) - nearest) / tau)
-  e = jnp.where(span_len > 0, e, 0.0)
-  return e / jnp.maximum(blm.per_segment(e, span_key), 1e-30)
-
-
-def slots(canvas):
-  """(B, T) bool: canvas index t is a slot (tokens t and t + 1 in the same segment)."""
-  seg = canvas["segment_ids"]
-  nxt = jnp.concatenate([seg[:, 1:], jnp.zeros_like(seg[:, :1])], axis=1)
-  return (seg > 0) & (nxt == seg)
 
 
 def action_logprobs(net: InsertionNet, canvas, distribution: str, u_BxTxD=None,
@@ -330,28 +228,6 @@ def order_logprob(net, batch, place_BxT, n_BxT, distribution: str):
   key = blm.segment_key(batch["segment_ids"])
   stop, _ = canvas_terms(net, batch, words(batch), n_BxT, n_BxT, distribution)
   return blm.per_segment(total - stop, key)
-
-
-def insert(net: InsertionNet, canvas_BxT, u_BxTxD, region_BxT, after_BxT, new_BxT):
-  """Inserts new_BxT[t] right after canvas index t wherever after_BxT[t]. Tokens keep their
-  order and FPE vectors; a new token's vector is `between` its neighbours' (u is passed
-  through untouched when the net has no FPE). Regions: new tokens are 1 (middle)."""
-  b, t = canvas_BxT.shape
-  rows = jnp.arange(b)[:, None]
-  idx = jnp.arange(t, dtype=jnp.int32)
-  shift = jnp.cumsum(after_BxT, axis=1, dtype=jnp.int32) - after_BxT
-  old_to = jnp.where(canvas_BxT != tokenizers.PAD, idx + shift, t)
-  new_to = jnp.where(after_BxT, idx + shift + 1, t)
-  tok = jnp.full((b, t), tokenizers.PAD, jnp.int32).at[rows, old_to].set(canvas_BxT, mode="drop")
-  tok = tok.at[rows, new_to].set(new_BxT, mode="drop")
-  reg = jnp.zeros((b, t), jnp.int32).at[rows, old_to].set(region_BxT, mode="drop")
-  reg = reg.at[rows, new_to].set(1, mode="drop")
-  if not net.fpe:
-    return tok, u_BxTxD, reg
-  nxt = jnp.concatenate([u_BxTxD[:, 1:], u_BxTxD[:, :1]], axis=1)
-  u = jnp.zeros_like(u_BxTxD).at[rows, old_to].set(u_BxTxD, mode="drop")
-  u = u.at[rows, new_to].set(net.between(u_BxTxD, nxt), mode="drop")
-  return tok, u, reg
 
 
 def parallel_action(key, logp_BxTxV, open_BxT, room_B, **draw):

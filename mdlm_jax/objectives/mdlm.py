@@ -1,4 +1,7 @@
-"""`mdlm`: masked diffusion (MDLM / MD4 / LLaDA, MaskGIT-style options); OBJECTIVES.md section 3.
+"""`mdlm`: masked diffusion (MDLM / MD4 / LLaDA, MaskGIT-style options).
+
+Semantics: docs/objectives.md. The schedules and weights are in `mdlm_schedule.py`, the
+samplers in `mdlm_sampling.py`; this module holds the network, the losses and the bounds.
 
 Forward process: every maskable token is replaced by MASK with probability 1 - alpha(t).
 The schedule is written through its mask fraction m(t) (linear t, cosine cos(pi/2 (1 - t)),
@@ -25,68 +28,12 @@ from mdlm_jax import objectives
 from mdlm_jax import sampling
 from mdlm_jax import tokenizers
 from mdlm_jax.objectives import base
-
-
-def parse_schedule(name: str) -> tuple[str, float]:
-  """'linear' | 'cosine' | 'poly{K}' (K > 0) -> (kind, K)."""
-  if name in ("linear", "cosine"):
-    return name, 1.0
-  if name.startswith("poly"):
-    try:
-      k = float(name[4:])
-    except ValueError:
-      k = -1.0
-    if k > 0:
-      return "poly", k
-  raise ValueError(f"objective.schedule={name!r} is unknown; choose 'linear', 'cosine' or "
-                   "'poly{K}' with K > 0 (e.g. 'poly2').")
-
-
-def mask_fraction(schedule: str, t):
-  """(m(t), m'(t)): the schedule's mask fraction, 0 at t = 0 and 1 at t = 1, and its slope."""
-  kind, k = parse_schedule(schedule)
-  if kind == "linear":
-    return t, jnp.ones_like(t)
-  if kind == "cosine":
-    a = 0.5 * math.pi * (1.0 - t)
-    return jnp.cos(a), 0.5 * math.pi * jnp.sin(a)
-  return t ** k, k * t ** (k - 1.0)
-
-
-def mask_prob(opts, t, eps=None):
-  """1 - alpha(t). LLaDA: eps + (1 - eps) t; otherwise (1 - eps) m(t). `eps` overrides
-  objective.eps (the validation bound uses 0)."""
-  eps = opts.eps if eps is None else eps
-  if opts.llada:
-    return eps + (1.0 - eps) * t
-  return (1.0 - eps) * mask_fraction(opts.schedule, t)[0]
-
-
-def elbo_weight(opts, t, eps=None):
-  """-alpha'(t) / (1 - alpha(t)) > 0, or with `discrete_steps` T the T-step weight
-  T (alpha_s - alpha_t) / (1 - alpha_t), s = t - 1/T."""
-  eps = opts.eps if eps is None else eps
-  if opts.discrete_steps:
-    steps = opts.discrete_steps
-    p_t = mask_prob(opts, t, eps)
-    p_s = mask_prob(opts, jnp.maximum(t - 1.0 / steps, 0.0), eps)
-    return steps * (p_t - p_s) / p_t
-  if opts.llada:
-    return (1.0 - eps) / mask_prob(opts, t, eps)
-  m, dm = mask_fraction(opts.schedule, t)
-  return dm / m
-
-
-def sample_times(rng, batch: int, antithetic: bool, t_min: float, discrete_steps: int):
-  """One t per row in (t_min, 1]. Antithetic: (u + i / B) mod 1 with one u for the batch,
-  so the rows cover [0, 1) evenly; with T discrete steps t lies on {1/T, ..., 1}."""
-  if antithetic:
-    r = jnp.mod(jax.random.uniform(rng, ()) + jnp.arange(batch) / batch, 1.0)
-  else:
-    r = jax.random.uniform(rng, (batch,))
-  if discrete_steps:
-    return (jnp.floor(r * discrete_steps) + 1.0) / discrete_steps
-  return t_min + (1.0 - t_min) * (1.0 - r)
+from mdlm_jax.objectives import mdlm_sampling
+from mdlm_jax.objectives.mdlm_schedule import elbo_weight  # noqa: F401  (part of the API)
+from mdlm_jax.objectives.mdlm_schedule import mask_fraction  # noqa: F401
+from mdlm_jax.objectives.mdlm_schedule import mask_prob
+from mdlm_jax.objectives.mdlm_schedule import parse_schedule
+from mdlm_jax.objectives.mdlm_schedule import sample_times
 
 
 def maskable(batch):
@@ -228,7 +175,7 @@ class DiffusionNet(nnx.Module):
 class MDLM(base.Objective):
   name = "mdlm"
   causal = False
-  samplers = ("ancestral", "confidence", "llada")  # diffusion_sampling.SAMPLERS
+  samplers = tuple(mdlm_sampling.SAMPLERS)
   defaults = dict(
       schedule="linear",       # linear | cosine | poly{K}
       eps=1e-3,                # 1 - alpha(t) = (1 - eps) m(t); LLaDA: eps + (1 - eps) t
@@ -473,5 +420,4 @@ class MDLM(base.Objective):
   def sample(self, model, canvas_BxT, rng, *, sampler="ancestral", steps=128, **options):
     """Replaces every MASK of `canvas_BxT` (one document per row); other tokens never change.
     Returns (tokens, info) with info["calls"], the number of network evaluations."""
-    from mdlm_jax import diffusion_sampling  # pylint: disable=g-import-not-at-top
-    return diffusion_sampling.run(sampler, self, model, canvas_BxT, rng, steps=steps, **options)
+    return mdlm_sampling.run(sampler, self, model, canvas_BxT, rng, steps=steps, **options)

@@ -1,4 +1,4 @@
-"""Samplers for masked-diffusion models (OBJECTIVES.md section 3): `ancestral` (MDLM / MD4, with
+"""Samplers for masked-diffusion models (docs/objectives.md): `ancestral` (MDLM / MD4, with
 the no-change cache), `confidence` (MaskGIT) and `llada` (low-confidence or random remasking,
 semi-autoregressive blocks, classifier-free guidance).
 
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from mdlm_jax import sampling
 from mdlm_jax import tokenizers
 from mdlm_jax.objectives import base
-from mdlm_jax.objectives import mdlm as mdlm_lib
+from mdlm_jax.objectives import mdlm_schedule
 
 
 def network(objective, model):
@@ -96,7 +96,7 @@ def ancestral(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0,
                                          lambda: (logits, cond, calls))
     else:
       (logits, cond), calls = net(x, cond, ts[k]), calls + 1
-    p_t, p_s = mdlm_lib.mask_prob(opts, ts[k]), mdlm_lib.mask_prob(opts, ts[k + 1])
+    p_t, p_s = mdlm_schedule.mask_prob(opts, ts[k]), mdlm_schedule.mask_prob(opts, ts[k + 1])
     reveal_prob = jnp.where(ts[k + 1] <= 0.0, 1.0, (p_t - p_s) / p_t)
     k_tok, k_rev, k_pick = jax.random.split(jax.random.fold_in(rng, k), 3)
     tok, _ = sampling.draw(k_tok, logits, temperature, top_k, top_p, min_p)
@@ -155,7 +155,7 @@ def confidence(objective, model, canvas, rng, *, steps, temperature=1.0, top_k=0
       conf = jnp.take_along_axis(logp, cand_tok[..., None], axis=-1)[..., 0]
     pool = generated if remask else masked
     conf = jnp.where(pool, conf, -jnp.inf)
-    gamma = mdlm_lib.mask_fraction(schedule, jnp.asarray(frac, jnp.float32))[0]
+    gamma = mdlm_schedule.mask_fraction(schedule, jnp.asarray(frac, jnp.float32))[0]
     stay = jnp.floor(n0 * gamma + 1e-4).astype(jnp.int32)   # (float rounding of exact counts)
     reveal = jnp.maximum(jnp.sum(pool, axis=1) - stay, 0)       # the pool keeps `stay` masks
     keep = pool & (base.rank_in_row(-conf) < reveal[:, None])
