@@ -86,9 +86,13 @@ class Evaluator:
     self._step = jax.jit(fn, in_shardings=(setup.param_shardings, setup.batch_sharding, None),
                          out_shardings=sharding.replicated(setup.mesh))
 
-  def run(self, params, max_batches: int) -> dict[str, float]:
+  def run(self, params, max_batches: int, progress=None,
+          every_s: float = 10.0) -> dict[str, float]:
     """max_batches < 0 reads the whole split. Processes stay in lockstep: a process whose
-    shard ran out feeds all-padding batches until every process is done or the limit is hit."""
+    shard ran out feeds all-padding batches until every process is done or the limit is hit.
+    `progress(line)` hears how far it got every `every_s` seconds (tools/evaluate.py)."""
+    import time  # pylint: disable=g-import-not-at-top
+    start = last_told = time.time()
     cfg = self.setup.config
     it = iter(pipeline.eval_dataset(cfg, self.setup.tokenizer, self.split))
     local_b = pipeline.local_batch_size(cfg.train.batch_size)
@@ -111,6 +115,11 @@ class Evaluator:
                         jax.random.fold_in(self.key, i))
       total = sums if total is None else jax.tree.map(jnp.add, total, sums)
       i += 1
+      if progress is not None and time.time() - last_told >= every_s:
+        last_told = time.time()
+        of = f"/{max_batches}" if max_batches >= 0 else ""
+        progress(f"evaluating {self.split}: batch {i}{of}, "
+                 f"{int(jax.device_get(total['tokens']))} tokens, {last_told - start:.0f} s")
     if total is None:
       raise ValueError(f"the {self.split} split yielded no batch to evaluate.")
     return summarize({k: float(v) for k, v in jax.device_get(total).items()})

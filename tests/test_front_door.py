@@ -132,3 +132,15 @@ def test_the_pipeline_applies_what_the_objective_declares():
   (fim,) = ar.train_transforms(opts)
   assert isinstance(fim, pipeline.Fim) and fim.rate == 0.5
   assert objectives.get("mdlm").train_transforms(objectives.default_options("mdlm")) == ()
+
+
+def test_evaluation_tells_how_far_it_got(make_config):
+  from mdlm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  setup = trainer.build(make_config())
+  tx, _ = trainer.make_optimizer(setup.config.train)
+  state = trainer.init_train_state(setup, tx, trainer.abstract_train_state(setup, tx))
+  lines = []
+  result = evaluate.Evaluator(setup).run(state["params"], 2, progress=lines.append, every_s=0)
+  assert [l.split(",")[0] for l in lines] == ["evaluating validation: batch 1/2",
+                                              "evaluating validation: batch 2/2"]
+  assert f"{int(result['eval/tokens'])} tokens" in lines[-1]

@@ -69,7 +69,10 @@ def main(argv):
     print(json.dumps({"step": step, "split": _SPLIT.value, "task": _TASK.value,
                       "objective": setup.config.objective.name, **result}))
     return
-  result = evaluate.Evaluator(setup, split=_SPLIT.value).run(params, _BATCHES.value)
+  print(f"# {setup.config.objective.name} model from {_WORKDIR.value}, step {step}; "
+        f"evaluating the {_SPLIT.value} split", file=sys.stderr, flush=True)
+  result = evaluate.Evaluator(setup, split=_SPLIT.value).run(
+      params, _BATCHES.value, progress=lambda line: print(line, file=sys.stderr, flush=True))
   print(evaluate.format_line(step, result))
   print(json.dumps({"step": step, "split": _SPLIT.value,
                     **{k.split("/", 1)[1]: v for k, v in result.items()}}))
