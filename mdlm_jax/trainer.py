@@ -425,24 +425,6 @@ def _train(setup, wd, data_it, log, dataset=None):
     mngr.close()
     writer.close()
     data_it.close()
-  log(summary(wd, last, time.time() - started, saved))
+  log(metrics_lib.summary(wd, last, time.time() - started, saved))
   return last
 
-
-def summary(workdir, last: dict, seconds: float, saved_step) -> str:
-  """What a finished (or stopped) run prints: its final figures, wall time, checkpoint, and
-  the commands that use it."""
-  lines = [f"run finished at step {last.get('step')} in {metrics_lib.format_duration(seconds)}"]
-  train = {k: v for k, v in last.items() if k in ("train/loss", "train/grad_norm")}
-  evals = {k: v for k, v in last.items() if k.startswith("eval/") and "stderr" not in k
-           and k not in ("eval/tokens", "eval/bytes", "eval/rows")}
-  for name, row in (("train", train), ("eval", evals)):
-    if row:
-      lines.append(f"  {name}: " + ", ".join(f"{k.split('/', 1)[1]} {v:.4g}"
-                                              for k, v in sorted(row.items())))
-  if saved_step is not None:
-    lines.append(f"  checkpoint: {storage.path(workdir) / 'checkpoints' / str(saved_step)}")
-  lines += ["  next:", f"    python tools/sample.py --workdir={workdir}",
-            f"    python tools/evaluate.py --workdir={workdir}",
-            f"    tensorboard --logdir={storage.path(workdir) / 'tensorboard'}"]
-  return "\n".join(lines)
