@@ -31,6 +31,7 @@ def run_elsewhere(tmp_path, *args, env=None):
     (["--config.data.seq_len=100000"], "data.seq_len=100000 exceeds the model's limit"),
     (["--no_such_flag=1"], "no_such_flag"),
 ])
+@pytest.mark.slow
 def test_a_user_error_is_one_line_with_exit_code_2(tmp_path, args, says):
   p = run_elsewhere(tmp_path, os.path.join(ROOT, "train.py"), f"--workdir={tmp_path / 'w'}",
                     *args)
@@ -40,6 +41,7 @@ def test_a_user_error_is_one_line_with_exit_code_2(tmp_path, args, says):
   assert not (tmp_path / "w").exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_the_traceback_is_there_when_asked_for(tmp_path):
   p = run_elsewhere(tmp_path, os.path.join(ROOT, "train.py"), f"--workdir={tmp_path / 'w'}",
                     "--config.data.seq_len=100000", env={"MDLM_JAX_VERBOSE": "1"})
@@ -134,6 +136,7 @@ def test_the_pipeline_applies_what_the_objective_declares():
   assert objectives.get("mdlm").train_transforms(objectives.default_options("mdlm")) == ()
 
 
+@pytest.mark.slow
 def test_evaluation_tells_how_far_it_got(make_config):
   from mdlm_jax import evaluate  # pylint: disable=g-import-not-at-top
   setup = trainer.build(make_config())

@@ -274,6 +274,7 @@ def test_fpe_places_the_ends_then_the_middles_recursively(make_config):
         np.testing.assert_allclose(u[r, i], v, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_insert_keeps_order_and_positions_and_places_new_tokens_between(make_config):
   _, net = make(make_config)
   canvas = jnp.asarray([[BOS, 40, 41, EOS, PAD, PAD, PAD]])
@@ -492,6 +493,7 @@ def test_sequential_action_follows_its_rule_exactly(slot_final):
     assert (freq[want == 0] == 0).all()
 
 
+@pytest.mark.slow
 def test_sequential_slot_finalized_decoding_stops_when_every_slot_is_finished():
   logp_j, open_j, logp, open_ = _action_logp()
   z = np.asarray(logp_j).copy()

@@ -308,6 +308,7 @@ def test_critic_generator_draws_at_a_uniform_random_temperature():
   np.testing.assert_allclose(freq, want, atol=4 * np.sqrt(0.25 / n))
 
 
+@pytest.mark.slow
 def test_crop_prob_1_trains_on_the_cropped_batch(make_config):
   obj = make(make_config, crop_prob=1.0)
   batch = packed_batch()
@@ -322,6 +323,7 @@ def test_crop_prob_1_trains_on_the_cropped_batch(make_config):
   np.testing.assert_allclose(got[1], want[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["self", "separate"])
 def test_critic_loss_is_bce_on_the_generated_sequence(make_config, kind):
   obj = make(make_config, critic=kind, critic_weight=0.5)

@@ -173,6 +173,7 @@ def test_cudnn_packed_attention_is_exact_with_and_without_room(causal, monkeypat
       chex.assert_trees_all_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN may be present")
 def test_cudnn_packed_without_cudnn_names_the_setting():
   pos, seg = row(8)

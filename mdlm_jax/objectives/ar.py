@@ -1,4 +1,4 @@
-"""`ar`: next-token prediction, with MEAP input masking and z-loss (OBJECTIVES.md section 1),
+"""`ar`: next-token prediction, with MEAP input masking and z-loss (docs/objectives.md),
 on the answer tokens only when rows are prompt/answer pairs, and fill-in-the-middle training
 (`fim_rate`: the data pipeline turns that share of documents into
 prefix-suffix-middle order with sentinel tokens, Bavarian et al. 2022)."""

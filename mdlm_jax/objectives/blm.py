@@ -1,4 +1,4 @@
-"""`blm`: the Blank Language Model (Shen et al. 2020); OBJECTIVES.md section 5.
+"""`blm`: the Blank Language Model (Shen et al. 2020); docs/objectives.md.
 
 A canvas holds tokens and BLANKs. One action picks a blank b (softmax over the document's
 blanks of u . h_b), a word w for it (the tied output layer on h_b) and whether a blank stays on

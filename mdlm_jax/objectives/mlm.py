@@ -1,4 +1,4 @@
-"""`mlm`: BERT / ModernBERT masked language model (OBJECTIVES.md section 2).
+"""`mlm`: BERT / ModernBERT masked language model (docs/objectives.md).
 
 Each maskable token (a real token that is not a document's BOS) is selected with probability
 `mask_rate` (ModernBERT 0.30, BERT 0.15); of the selected, 80% show MASK, 10% a uniform random
