@@ -51,6 +51,14 @@ def packed_batch(docs, t):
           "positions": jnp.asarray(np.where(seg > 0, positions_of(seg), 0))}
 
 
+def join_processes(nproc, pid, port) -> None:
+  """Joins the local processes of a multi-process test through jax.distributed (gloo
+  collectives on CPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"localhost:{port}", int(nproc), int(pid))
+
+
 def tiny_config(corpus_glob: str, data_dir: str, overrides: dict | None = None):
   """A model small enough to compile and step in about a second."""
   from mdlm_jax import config as config_lib  # pylint: disable=g-import-not-at-top

@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from helpers import tiny_config  # noqa: E402
+from helpers import join_processes, tiny_config  # noqa: E402
 
 DEVICES = 2
 
@@ -37,10 +37,10 @@ def synthetic_batches(n, b, t):
 def main():
   out, corpus, data_dir, workdir, nproc, pid, port = sys.argv[1:]
   nproc, pid = int(nproc), int(pid)
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if nproc > 1:
-    jax.distributed.initialize(f"localhost:{port}", nproc, pid)
+    join_processes(nproc, pid, port)
   else:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_num_cpu_devices", DEVICES)
   assert jax.device_count() == DEVICES, jax.devices()
   from mdlm_jax import sharding, trainer  # pylint: disable=g-import-not-at-top

@@ -13,13 +13,12 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from helpers import tiny_config  # noqa: E402
+from helpers import join_processes, tiny_config  # noqa: E402
 
 
 def main():
   corpus, data_dir, workdir, nproc, pid, port, progress = sys.argv[1:]
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(f"localhost:{port}", int(nproc), int(pid))
+  join_processes(nproc, pid, port)
   from mdlm_jax import trainer  # pylint: disable=g-import-not-at-top
   cfg = tiny_config(corpus, data_dir, {"mesh.data": -1, "train.steps": 2000,
                                        "train.log_every_steps": 1, "checkpoint.every_steps": 10**6,

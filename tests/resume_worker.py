@@ -9,18 +9,15 @@ import os
 import sys
 import warnings
 
-import jax
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from helpers import tiny_config  # noqa: E402
+from helpers import join_processes, tiny_config  # noqa: E402
 
 
 def main():
   corpus, data_dir, workdir, nproc, pid, port, steps = sys.argv[1:]
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(f"localhost:{port}", int(nproc), int(pid))
+  join_processes(nproc, pid, port)
   from mdlm_jax import trainer  # pylint: disable=g-import-not-at-top
   cfg = tiny_config(corpus, data_dir, {"mesh.data": -1, "train.steps": int(steps)})
   with warnings.catch_warnings(record=True) as caught:
