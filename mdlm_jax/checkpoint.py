@@ -8,7 +8,7 @@ A checkpoint step (`WORKDIR/checkpoints/STEP`, any epath URL) holds the items
   integrity   a checksum of every array above, computed on device at save time
 Saves are asynchronous.
 
-Restore precedence, in one place (`_restore_newest`): steps newest first. Before a step is
+Restore precedence, in one place (`_newest_good`, the one fallback loop): steps newest first. Before a step is
 read its metadata is compared with what this run builds: a different params structure or
 shape, or a different process count for the data state, is an incompatibility, reported as
 an error naming the setting and the fix, and nothing is touched. An item switched on since
@@ -324,6 +324,19 @@ def set_aside(mngr, step) -> str:
   return str(dst)
 
 
+def _newest_good(steps, attempt, on_damaged):
+  """The one fallback loop: `attempt(step)` on `steps` newest first; a step whose attempt
+  raises Damaged goes to `on_damaged(step, message)` and the previous one is tried.
+  IncompatibleCheckpoint (and any other error) ends the loop. Returns (step, value), or
+  (None, None) when every step was damaged."""
+  for step in sorted(steps, reverse=True):
+    try:
+      return step, attempt(step)
+    except Damaged as e:
+      on_damaged(step, str(e))
+  return None, None
+
+
 def check_resumable(workdir, abstract_state: dict, *, changes: dict | None = None,
                     restore_data: bool = True) -> None:
   """Read-only: raises IncompatibleCheckpoint when the newest readable step cannot be restored
@@ -331,15 +344,11 @@ def check_resumable(workdir, abstract_state: dict, *, changes: dict | None = Non
   if not (storage.path(workdir) / "checkpoints").exists():
     return
   mngr = manager(workdir, read_only=True, local=True)
-  try:
-    for step in sorted(mngr.all_steps(), reverse=True):
-      try:
-        meta = _metadata(mngr, step)
-      except Damaged:
-        continue  # resume() sets it aside
-      _check_compatible(mngr, step, meta, abstract_state, describe_changes(changes or {}),
-                        restore_data)
-      return
+  text = describe_changes(changes or {})
+  try:  # an unreadable step is skipped here; resume() sets it aside
+    _newest_good(mngr.all_steps(), lambda step: _check_compatible(
+        mngr, step, _metadata(mngr, step), abstract_state, text, restore_data),
+                 lambda step, message: None)
   finally:
     mngr.close()
 
@@ -350,18 +359,10 @@ def resume(workdir, abstract_state: dict, data_iterator, *, keep: int = 3,
   shardings (and `data_iterator` in place). Damaged steps are set aside. Returns (manager,
   state or None when there is no checkpoint)."""
   text = describe_changes(changes or {})
-  aside = []
-  while True:
-    mngr = manager(workdir, keep=keep)
-    steps = mngr.all_steps()
-    if not steps:
-      if aside:
-        raise RuntimeError(f"no checkpoint in {mngr.directory} could be restored; every one was "
-                           f"set aside (nothing was deleted): {', '.join(aside)}. Run again to "
-                           "start from step 0, or move a copy back.")
-      return mngr, None
-    step = max(steps)
-    failed, state = None, None
+  mngr = manager(workdir, keep=keep)
+
+  def attempt(step):
+    failed = None
     try:  # what each process reads alone: agreed on before Orbax's collective restore
       meta = _metadata(mngr, step)
       _check_compatible(mngr, step, meta, abstract_state, text, restore_data)
@@ -374,12 +375,25 @@ def resume(workdir, abstract_state: dict, data_iterator, *, keep: int = 3,
       except Damaged as e:
         failed = str(e)
       if not _agree(failed is not None):
-        return mngr, state
-    mngr.close()
+        return state
+    raise Damaged(failed or "it failed on another process")
+
+  aside = []
+
+  def on_damaged(step, message):
     aside.append(set_aside(mngr, step))
-    warnings.warn(f"checkpoint step {step} could not be restored "
-                  f"({failed or 'it failed on another process'}); set it aside as {aside[-1]} "
-                  "and falling back to the previous one.")
+    warnings.warn(f"checkpoint step {step} could not be restored ({message}); set it aside "
+                  f"as {aside[-1]} and falling back to the previous one.")
+
+  step, state = _newest_good(mngr.all_steps(), attempt, on_damaged)
+  if aside:
+    mngr.reload()  # the steps set aside are gone from the manager's view
+    if step is None:
+      mngr.close()
+      raise RuntimeError(f"no checkpoint in {mngr.directory} could be restored; every one was "
+                         f"set aside (nothing was deleted): {', '.join(aside)}. Run again to "
+                         "start from step 0, or move a copy back.")
+  return mngr, state
 
 
 def restore_params(workdir, abstract_params, use_ema: bool = True, step: int | None = None):
@@ -387,30 +401,38 @@ def restore_params(workdir, abstract_params, use_ema: bool = True, step: int | N
   describe any mesh; a damaged step is skipped (read-only: nothing is renamed). Returns
   (params, step)."""
   mngr = manager(workdir, read_only=True)
-  steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+  steps = mngr.all_steps() if step is None else [step]
   if not steps:
     raise ValueError(f"--workdir={workdir} holds no checkpoint.")
-  errors = []
-  for s in steps:
+
+  def attempt(s):
+    meta = _metadata(mngr, s)
+    mismatch = _mismatch(meta["params"], abstract_params)
+    if mismatch:
+      raise IncompatibleCheckpoint(f"checkpoint step {s} does not match the model built "
+                                   f"from {workdir}/{CONFIG_FILE}: {mismatch}")
+    item = "ema" if use_ema and "ema" in meta else "params"
     try:
-      meta = _metadata(mngr, s)
-      mismatch = _mismatch(meta["params"], abstract_params)
-      if mismatch:
-        raise IncompatibleCheckpoint(f"checkpoint step {s} does not match the model built "
-                                     f"from {workdir}/{CONFIG_FILE}: {mismatch}")
-      item = "ema" if use_ema and "ema" in meta else "params"
-      try:
-        r = mngr.restore(s, args=ocp.args.Composite(
-            **{item: ocp.args.StandardRestore(abstract_params),
-               "integrity": ocp.args.JsonRestore()}))
-      except Exception as e:  # pylint: disable=broad-except
-        raise Damaged(f"{type(e).__name__}: {str(e)[:300]}") from e
-      _verify({item: r[item]}, {k: v for k, v in (r["integrity"] or {}).items()
-                                if k.split("/", 1)[0] == item})
-      mngr.close()
-      return r[item], s
-    except Damaged as e:
-      warnings.warn(f"checkpoint step {s} could not be restored ({e}); trying the previous one.")
-      errors.append(f"step {s}: {e}")
-  mngr.close()
-  raise RuntimeError(f"no checkpoint in {workdir} could be restored:\n" + "\n".join(errors))
+      r = mngr.restore(s, args=ocp.args.Composite(
+          **{item: ocp.args.StandardRestore(abstract_params),
+             "integrity": ocp.args.JsonRestore()}))
+    except Exception as e:  # pylint: disable=broad-except
+      raise Damaged(f"{type(e).__name__}: {str(e)[:300]}") from e
+    _verify({item: r[item]}, {k: v for k, v in (r["integrity"] or {}).items()
+                              if k.split("/", 1)[0] == item})
+    return r[item]
+
+  errors = []
+
+  def on_damaged(s, message):
+    warnings.warn(f"checkpoint step {s} could not be restored ({message}); trying the "
+                  "previous one.")
+    errors.append(f"step {s}: {message}")
+
+  try:
+    found, params = _newest_good(steps, attempt, on_damaged)
+  finally:
+    mngr.close()
+  if found is None:
+    raise RuntimeError(f"no checkpoint in {workdir} could be restored:\n" + "\n".join(errors))
+  return params, found

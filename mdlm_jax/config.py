@@ -44,7 +44,12 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Adds the options of every registered objective under `objective.` and locks the config."""
+  """Adds the options of every registered objective under `objective.` and of every
+  evaluation hook under `eval.`, and locks the config."""
+  from mdlm_jax import tasks  # pylint: disable=g-import-not-at-top  (tasks imports the data)
+  for k, v in tasks.OPTIONS.items():
+    if k not in c.eval:
+      c.eval[k] = v
   for name in objectives.names():
     for k, v in objectives.default_options(name).items():
       if k not in c.objective:

@@ -21,17 +21,24 @@ from flax import nnx
 from mdlm_jax import evaluate
 from mdlm_jax import tokenizers
 from mdlm_jax.data import builders
+from mdlm_jax.data import star_graph
 
 # Evaluation hooks. A maker `(setup) -> hook or None` is registered with `@eval_hook`; a hook
 # `(params, step) -> (scalars, texts, line)` runs at every evaluation of a training run: its
 # scalars go to the metrics and TensorBoard, its texts ({tag: text}) to TensorBoard, its line
-# to the console. A maker returns None when its task does not apply to the run.
+# to the console. A maker returns None when its task does not apply to the run, and raises
+# ValueError for settings it cannot run with (before the run writes anything). Settings a
+# hook reads are declared with it (`options`, under `eval.`; config.finalize adds them).
 _HOOKS = []
+OPTIONS = {}
 
 
-def eval_hook(maker):
-  _HOOKS.append(maker)
-  return maker
+def eval_hook(maker=None, *, options: dict | None = None):
+  def register(m):
+    _HOOKS.append(m)
+    OPTIONS.update(options or {})
+    return m
+  return register if maker is None else register(maker)
 
 
 def eval_hooks(setup) -> list:
@@ -91,7 +98,7 @@ def star_graph_eval(setup, split: str = "validation", max_examples: int = -1,
   tok = setup.tokenizer
   prompts, answers = [], []
   for i in range(n):
-    question, path = builders.problem_parts(builders.text_of(source[i]))
+    question, path = star_graph.problem_parts(builders.text_of(source[i]))
     prompts.append(np.concatenate([[tokenizers.BOS], tok.encode(question)]))
     answers.append(tok.encode(path))
   prompts, answers = np.stack(prompts).astype(np.int32), np.stack(answers)
@@ -167,15 +174,58 @@ def infill_examples(setup, split: str, examples: int, context: int, span: int, s
   return tuple(np.stack(a).astype(np.int32) for a in (prefixes, middles, suffixes))
 
 
-def infill_scores(setup, params, split: str = "validation", examples: int = 200,
-                  context: int = 64, span: int = 16, batch: int = 32) -> dict[str, float]:
+def can_fill(setup) -> bool:
+  """Whether the objective can fill a middle between a prefix and a suffix."""
+  return setup.config.objective.name == "mdlm" or setup.objective.accepts_suffix
+
+
+def infill_eval(setup, split: str = "validation", examples: int = 200, context: int = 64,
+                span: int = 16, batch: int = 32):
+  """(params) -> exact match and per-token accuracy of greedy middles; the spans are cut and
+  the decoder compiled once, so training can call it at every evaluation."""
   limit = setup.config.data.seq_len
   if 2 * context + span + 4 > limit:
-    raise ValueError(f"2 * --infill_context + --infill_span + 4 sentinels = "
-                     f"{2 * context + span + 4} exceeds data.seq_len={limit}.")
+    raise ValueError(f"2 * infill_context + infill_span + 4 sentinels = "
+                     f"{2 * context + span + 4} exceeds data.seq_len={limit}; lower them.")
   prefixes, middles, suffixes = infill_examples(setup, split, examples, context, span,
                                                 setup.config.seed)
-  got = _batched(_filler(setup, span), params, prefixes, suffixes, batch, setup.config.seed)
-  return {"exact_match": float(np.all(got == middles, axis=1).mean()),
-          "token_accuracy": float((got == middles).mean()), "examples": len(middles),
-          "context": context, "span": span}
+  fn = _filler(setup, span)
+
+  def run(params) -> dict[str, float]:
+    got = _batched(fn, params, prefixes, suffixes, min(batch, len(middles)), setup.config.seed)
+    return {"exact_match": float(np.all(got == middles, axis=1).mean()),
+            "token_accuracy": float((got == middles).mean()), "examples": len(middles),
+            "context": context, "span": span}
+  return run
+
+
+def infill_scores(setup, params, split: str = "validation", examples: int = 200,
+                  context: int = 64, span: int = 16, batch: int = 32) -> dict[str, float]:
+  return infill_eval(setup, split, examples, context, span, batch)(params)
+
+
+@eval_hook(options={"infill_examples": 0, "infill_context": 64, "infill_span": 16})
+def _infill_hook(setup):
+  """Greedy infilling of `eval.infill_examples` validation spans (0: off) of
+  `eval.infill_span` tokens between `eval.infill_context` tokens each side, on document rows,
+  for objectives that fill a middle."""
+  e = setup.config.eval
+  if (not e.infill_examples or builders.rows_of(setup.config.data) != "documents"
+      or jax.process_count() != 1):
+    return None
+  if not can_fill(setup):
+    raise ValueError(f"eval.infill_examples={e.infill_examples}: objective "
+                     f"{setup.config.objective.name!r} cannot fill a middle (ar needs "
+                     "objective.fim_rate > 0); set eval.infill_examples=0.")
+  try:
+    run = infill_eval(setup, examples=e.infill_examples, context=e.infill_context,
+                      span=e.infill_span)
+  except ValueError as err:
+    raise ValueError(f"eval.infill_*: {err}") from err
+
+  def hook(params, step):
+    found = run(params)
+    return ({f"eval/infill_{k}": found[k] for k in ("exact_match", "token_accuracy")}, {},
+            f"infill @ step {step}: exact match {found['exact_match']:.4f} | token accuracy "
+            f"{found['token_accuracy']:.4f} | {found['examples']} spans of {e.infill_span}")
+  return hook

@@ -327,8 +327,10 @@ def train(config, workdir: str, *, log: Callable[[str], None] = _print) -> dict[
   # the data first: a missing, unpreparable or mis-sized dataset fails before anything is
   # written or compiled
   data_it = iter(pipeline.train_dataset(config, setup.tokenizer))
+  hooks = []
   if config.eval.every_steps:
     pipeline.check_split(config, "validation")
+    hooks = tasks.eval_hooks(setup)  # a task's bad settings fail here, before any write
   tx, _ = make_optimizer(config.train)
   saved = checkpoint.load_saved_config(wd)
   checkpoint.check_resumable(
@@ -339,13 +341,13 @@ def train(config, workdir: str, *, log: Callable[[str], None] = _print) -> dict[
     lock = storage.Lock(wd, timeout_s=config.checkpoint.lock_timeout_s).acquire()
   try:
     dataset = builders.describe(builders.load_builder(config.data))
-    return _train(setup, wd, data_it, log, dataset)
+    return _train(setup, wd, data_it, log, hooks, dataset)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train(setup, wd, data_it, log, dataset=None):
+def _train(setup, wd, data_it, log, hooks, dataset=None):
   config, t = setup.config, setup.config.train
   started = time.time()
   tx, schedule = make_optimizer(t)
@@ -364,7 +366,6 @@ def _train(setup, wd, data_it, log, dataset=None):
       t.steps, step, t.batch_size * config.data.seq_len,
       setup.objective.flops_per_token(config.data.seq_len), jax.device_count())
   evaluator = evaluate_lib.Evaluator(setup)
-  hooks = tasks.eval_hooks(setup)
   last: dict[str, float] = {}
   pending = None
 

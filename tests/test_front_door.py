@@ -147,3 +147,69 @@ def test_evaluation_tells_how_far_it_got(make_config):
   assert [l.split(",")[0] for l in lines] == ["evaluating validation: batch 1/2",
                                               "evaluating validation: batch 2/2"]
   assert f"{int(result['eval/tokens'])} tokens" in lines[-1]
+
+
+@pytest.mark.slow
+def test_infilling_runs_at_each_evaluation_and_scores_what_the_filler_writes(
+    tmp_path, make_config, monkeypatch):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mdlm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  cfg = make_config({"objective.name": "mdlm", "train.steps": 4, "eval.every_steps": 4,
+                     "eval.batches": 1, "eval.infill_examples": 6, "eval.infill_context": 8,
+                     "eval.infill_span": 4})
+  lines = []
+  last = trainer.train(cfg, str(tmp_path / "wd"), log=lines.append)
+  setup = trainer.build(cfg)
+  (hook,) = [h for h in tasks.eval_hooks(setup) if h.__qualname__.startswith("_infill")]
+  trained, _ = checkpoint.restore_params(str(tmp_path / "wd"), setup.abstract_params)
+  scalars, _, line = hook(trained, 4)
+  assert line in lines and {k: last[k] for k in scalars} == scalars
+  # the figures: a filler that writes the true middle of every row, with its first token
+  # wrong on the odd rows, scores exact match 1/2 and token accuracy 1 - 1/8
+  pre, mid, suf = tasks.infill_examples(setup, "validation", 6, 8, 4, cfg.seed)
+  assert len({tuple(r) for r in pre}) == 6
+
+  def oracle(setup_, model, prefix_BxP, suffix_BxS, length, rng, **_):
+    del setup_, model, suffix_BxS, length, rng
+    row = jnp.argmax(jnp.all(prefix_BxP[:, None] == pre[None], -1), 1)
+    return jnp.asarray(mid)[row].at[:, 0].add(row % 2)
+  monkeypatch.setattr(tasks, "fill_middle", oracle)
+  (hook,) = [h for h in tasks.eval_hooks(setup) if h.__qualname__.startswith("_infill")]
+  scalars, _, _ = hook(trained, 0)
+  assert scalars == {"eval/infill_exact_match": 0.5, "eval/infill_token_accuracy": 1 - 1 / 8}
+
+
+def test_an_infilling_setting_the_objective_cannot_run_fails_before_anything_is_written(
+    tmp_path, make_config):
+  wd = tmp_path / "wd"
+  for overrides, says in (({"objective.name": "ar"}, "cannot fill a middle"),
+                          ({"objective.name": "mdlm", "eval.infill_span": 20}, "seq_len")):
+    cfg = make_config({"eval.every_steps": 2, "eval.infill_examples": 2, **overrides})
+    with pytest.raises(ValueError, match=says):
+      trainer.train(cfg, str(wd))
+    assert not wd.exists()
+
+
+def test_preparing_a_local_source_prints_two_lines_and_no_tfds_noise(tmp_path, corpus, capfd):
+  import logging  # pylint: disable=g-import-not-at-top
+  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  from mdlm_jax.data import builders  # pylint: disable=g-import-not-at-top
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  logging.getLogger("absl").addHandler(handler)
+  try:
+    cfg = tiny_config(corpus, str(tmp_path / "tfds"))
+    builder = builders.load_builder(cfg.data)
+    builders.load_builder(cfg.data)  # found prepared: silent
+  finally:
+    logging.getLogger("absl").removeHandler(handler)
+  out, err = capfd.readouterr()
+  sizes = {s: len(builders.data_source(builder, s)) for s in ("train", "validation")}
+  assert out.splitlines()[0].startswith("Preparing dataset text_files into ")
+  assert out.splitlines()[1].startswith("Prepared text_files in ")
+  assert out.splitlines()[1].endswith(f"(train {sizes['train']}, validation "
+                                      f"{sizes['validation']} examples).")
+  assert len(out.splitlines()) == 2 and "\r" not in err and "examples/s" not in err
+  said = [r.getMessage() for r in records if r.levelno >= logging.INFO]
+  assert not [m for m in said if "Unknown size" in m or "custom data configuration" in m], said

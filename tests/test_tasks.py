@@ -12,15 +12,16 @@ from mdlm_jax import tasks
 from mdlm_jax import tokenizers
 from mdlm_jax import trainer
 from mdlm_jax.data import builders
+from mdlm_jax.data import star_graph as sg
 from mdlm_jax.data import pipeline
 
 TOK = tokenizers.get_tokenizer("bytes")
-SYM = {s: i for i, s in enumerate(builders.NODE_SYMBOLS)}
+SYM = {s: i for i, s in enumerate(sg.NODE_SYMBOLS)}
 
 
 def parse(text):
-  edges, query = text.split(builders.GRAPH_QUERY)
-  ends, path = query.split(builders.GRAPH_ANSWER)
+  edges, query = text.split(sg.GRAPH_QUERY)
+  ends, path = query.split(sg.GRAPH_ANSWER)
   pairs = [(SYM[e[0]], SYM[e[1]]) for e in edges.split("|") if e]
   return pairs, SYM[ends[0]], SYM[ends[1]], [SYM[c] for c in path]
 
@@ -43,7 +44,7 @@ def paths_between(pairs, start, goal):
 def test_star_graph_paths_are_valid_and_unique(degree, length, nodes):
   rng = np.random.default_rng(0)
   for _ in range(200):
-    text, path = builders.star_graph(rng, degree, length, nodes)
+    text, path = sg.star_graph(rng, degree, length, nodes)
     pairs, start, goal, written = parse(text)
     assert written == path and len(path) == length and path[0] == start and path[-1] == goal
     assert len(pairs) == degree * (length - 1) and len(set(pairs)) == len(pairs)
@@ -54,7 +55,7 @@ def test_star_graph_paths_are_valid_and_unique(degree, length, nodes):
 
 def test_star_graph_edge_order_is_shuffled():
   rng = np.random.default_rng(1)
-  graphs = [parse(builders.star_graph(rng, 2, 5, 50)[0]) for _ in range(400)]
+  graphs = [parse(sg.star_graph(rng, 2, 5, 50)[0]) for _ in range(400)]
   share = np.mean([pairs[0][0] == start for pairs, start, _, _ in graphs])
   assert 0.15 < share < 0.35  # the first listed edge leaves the centre for 2 of 8 edges
 
@@ -192,7 +193,7 @@ def star_graph_config(make_config, objective="ar", **overrides):
 def test_star_graph_rows_are_prompt_then_path(make_config, degree, length):
   cfg = star_graph_config(make_config, "bst", **{"data.graph.degree": degree,
                                                  "data.graph.path_length": length})
-  prompt_len, row_len = builders.star_graph_tokens(degree, length)
+  prompt_len, row_len = sg.star_graph_tokens(degree, length)
   assert cfg.data.seq_len == row_len and cfg.objective.answer_window == length + 2
   config_lib.validate(cfg)
   it = iter(pipeline.train_dataset(cfg, TOK))
@@ -201,7 +202,7 @@ def test_star_graph_rows_are_prompt_then_path(make_config, degree, length):
   for x, seg, pm in zip(batch["inputs"], batch["segment_ids"], batch["prompt_mask"]):
     assert seg.all() and pm.sum() == prompt_len and not pm[prompt_len:].any()
     text = TOK.decode(x[1:-1])
-    assert text[prompt_len - 2] == builders.GRAPH_ANSWER and x[-1] == tokenizers.EOS
+    assert text[prompt_len - 2] == sg.GRAPH_ANSWER and x[-1] == tokenizers.EOS
     pairs, start, goal, path = parse(text)
     assert paths_between(pairs, start, goal) == [path] and len(path) == length
   it.close()
@@ -224,7 +225,7 @@ def test_star_graph_path_accuracy_scores_whole_paths(make_config, monkeypatch):
   truth = {}
   for i in range(len(source)):
     text = builders.text_of(source[i]).decode()
-    cut = text.index(builders.GRAPH_ANSWER) + 1
+    cut = text.index(sg.GRAPH_ANSWER) + 1
     truth[text[:cut]] = TOK.encode(text[cut:])
 
   def fake_filler(setup_, length):

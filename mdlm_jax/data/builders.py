@@ -4,8 +4,7 @@ random access (`as_data_source`) and TensorFlow is never needed.
 - `python_stdlib`: the running interpreter's standard-library `.py` files (the default corpus).
 - `text_files`: any glob of `.txt` / `.py` / `.md` files, or `.jsonl` with a `text` field.
 - `sft_pairs`: `.jsonl` files whose lines hold `prompt` and `answer` (supervised fine-tuning).
-- `star_graph`: generated path-finding problems on star graphs (Bachmann & Nagarajan 2024),
-  sized by `data.graph` (degree, path_length, nodes, train/validation examples).
+- `star_graph` (in `star_graph.py`, registered in SOURCES): generated path-finding problems.
 
 Documents go to `validation` when a hash of their path (and line, for jsonl) falls in the
 lowest VALIDATION_PERCENT, so the split is deterministic and independent of file order; a
@@ -116,7 +115,7 @@ def _documents(paths: list[str], root: str):
         yield rel, text
 
 
-class _TextBuilder(tfds.core.GeneratorBasedBuilder):
+class TextBuilder(tfds.core.GeneratorBasedBuilder):
   """Shared by the builders below: features {'text', 'key'}, splits train / validation."""
   # TFDS would otherwise locate this package through importlib.resources, which fails for
   # editable installs (`pip install -e .`): give it the paths directly.
@@ -176,7 +175,7 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder):
     del dl_manager
     paths, root = self._paths()
     keys = [key for key, _ in self._items(paths, root)]
-    if len(keys) == 1 and type(self)._items is _TextBuilder._items:
+    if len(keys) == 1 and type(self)._items is TextBuilder._items:
       self._chunked = True  # one document: split by chunks of its lines instead
       keys = [key for key, _ in self._items(paths, root)]
     val = assign_splits(keys)
@@ -189,7 +188,7 @@ class _TextBuilder(tfds.core.GeneratorBasedBuilder):
         yield key, dict(features, key=key)
 
 
-class PythonStdlib(_TextBuilder):
+class PythonStdlib(TextBuilder):
   """The standard-library sources of the running Python (site-packages excluded)."""
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(
@@ -227,7 +226,7 @@ def resolve_files(pattern: str) -> list[str]:
   return paths
 
 
-class TextFiles(_TextBuilder):
+class TextFiles(TextBuilder):
   """Local text files. The config name is a hash of the files' paths, sizes and mtimes, so
   changing the files prepares a new version instead of serving stale data."""
   VERSION = tfds.core.Version("1.0.0")
@@ -266,105 +265,6 @@ def text_files_config(pattern: str) -> TextFilesConfig:
                          description=f"text files matching {pattern}")
 
 
-NODE_SYMBOLS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-GRAPH_QUERY, GRAPH_ANSWER = "/", "="
-
-
-def check_graph(degree: int, path_length: int, nodes: int) -> None:
-  needed = 1 + degree * (path_length - 1)
-  if degree < 1 or path_length < 2:
-    raise ValueError(f"data.graph: degree={degree} must be >= 1 and path_length={path_length} "
-                     ">= 2.")
-  if nodes < needed:
-    raise ValueError(f"data.graph: a star graph of degree {degree} with arms of path_length "
-                     f"{path_length} has {needed} nodes and {needed - 1} edges, more than "
-                     f"nodes={nodes} allow; raise data.graph.nodes or lower degree/path_length.")
-  if nodes > len(NODE_SYMBOLS):
-    raise ValueError(f"data.graph.nodes={nodes}: at most {len(NODE_SYMBOLS)} (one byte-level "
-                     "symbol per node).")
-
-
-def star_graph_tokens(degree: int, path_length: int) -> tuple[int, int]:
-  """(prompt, row) lengths of a problem in byte tokens: BOS, 'uv|' per edge, '/', start, goal,
-  '=' | the path's nodes and EOS."""
-  prompt = 1 + 3 * degree * (path_length - 1) + 4
-  return prompt, prompt + path_length + 1
-
-
-def problem_parts(text):
-  """A problem's text (str or bytes) -> (prompt up to and with '=', the path)."""
-  cut = text.index(GRAPH_ANSWER if isinstance(text, str) else GRAPH_ANSWER.encode()) + 1
-  return text[:cut], text[cut:]
-
-
-def star_graph(rng: np.random.Generator, degree: int, path_length: int, nodes: int):
-  """One problem: `degree` arms of `path_length - 1` edges from a centre on distinct random
-  nodes. Returns (text, path): text = shuffled edges 'uv|...|', then '/', start and goal, '=',
-  then the path from start to goal, each node one symbol."""
-  ids = rng.choice(nodes, 1 + degree * (path_length - 1), replace=False)
-  start, arms = ids[0], ids[1:].reshape(degree, path_length - 1)
-  edges = [(a, b) for arm in arms for a, b in zip(np.concatenate([[start], arm[:-1]]), arm)]
-  edges = [edges[i] for i in rng.permutation(len(edges))]
-  path = np.concatenate([[start], arms[rng.integers(degree)]])
-  sym = lambda v: NODE_SYMBOLS[int(v)]
-  text = ("".join(f"{sym(a)}{sym(b)}|" for a, b in edges) + GRAPH_QUERY + sym(start)
-          + sym(path[-1]) + GRAPH_ANSWER + "".join(sym(v) for v in path))
-  return text, [int(v) for v in path]
-
-
-class StarGraphConfig(tfds.core.BuilderConfig):
-  def __init__(self, *, degree: int, path_length: int, nodes: int, train_examples: int,
-               validation_examples: int, **kwargs):
-    super().__init__(**kwargs)
-    self.graph = (degree, path_length, nodes)
-    self.examples = {"train": train_examples, "validation": validation_examples}
-
-
-class StarGraph(_TextBuilder):
-  """Star-graph path finding; validation problems never appear in train."""
-  VERSION = tfds.core.Version("1.0.0")
-  BUILDER_CONFIGS = []
-  ROWS = "problems"
-
-  @classmethod
-  def check(cls, data_cfg) -> None:
-    g = data_cfg.graph
-    check_graph(g.degree, g.path_length, g.nodes)
-    row = star_graph_tokens(g.degree, g.path_length)[1]
-    if data_cfg.tokenizer == "bytes" and data_cfg.seq_len < row:
-      raise ValueError(f"data.seq_len={data_cfg.seq_len} is shorter than a star-graph problem "
-                       f"of degree {g.degree} and path_length {g.path_length} ({row} tokens); "
-                       "raise data.seq_len.")
-
-  @classmethod
-  def make_config(cls, data_cfg):
-    return star_graph_config(data_cfg.graph)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    val = {text for _, text in self._problems("validation")}
-    return {split: self._generate(split, val) for split in ("train", "validation")}
-
-  def _problems(self, split):
-    rng = np.random.default_rng(0 if split == "validation" else 1)
-    for i in range(self.builder_config.examples[split]):
-      yield i, star_graph(rng, *self.builder_config.graph)[0]
-
-  def _generate(self, split, val):  # pylint: disable=arguments-differ
-    for i, text in self._problems(split):
-      if split == "validation" or text not in val:
-        yield f"{split}:{i}", {"text": text, "key": f"{split}:{i}"}
-
-
-def star_graph_config(g) -> StarGraphConfig:
-  check_graph(g.degree, g.path_length, g.nodes)
-  return StarGraphConfig(
-      name=f"d{g.degree}_l{g.path_length}_n{g.nodes}_{g.train_examples}_{g.validation_examples}",
-      degree=g.degree, path_length=g.path_length, nodes=g.nodes,
-      train_examples=g.train_examples, validation_examples=g.validation_examples,
-      description="star-graph path finding")
-
-
 def _prepare_locked(make) -> None:
   """Prepares the builder's dataset once per data_dir: independent runs that need it at the
   same time take turns on a lock beside it, and the later ones find it prepared."""
@@ -386,7 +286,15 @@ def _prepare_locked(make) -> None:
     builder = make()
     if not builder.is_prepared():
       print(f"Preparing dataset {builder.name} into {builder.data_dir} (once) ...", flush=True)
-      builder.download_and_prepare()
+      started = time.time()
+      tfds.display_progress_bar(False)  # per-split bars with temporary file names: noise here
+      try:
+        builder.download_and_prepare()
+      finally:
+        tfds.display_progress_bar(True)
+      splits = ", ".join(f"{k} {v.num_examples}" for k, v in sorted(builder.info.splits.items()))
+      print(f"Prepared {builder.name} in {time.time() - started:.1f} s ({splits} "
+            "examples).", flush=True)
   finally:
     lock.release()
 
@@ -409,8 +317,8 @@ def prepared(make) -> tfds.core.DatasetBuilder:
   return make()
 
 
-SOURCES = {"python_stdlib": PythonStdlib, "text_files": TextFiles, "sft_pairs": SftPairs,
-           "star_graph": StarGraph}
+# data.name -> builder; a source module registers itself here (star_graph.py does).
+SOURCES = {"python_stdlib": PythonStdlib, "text_files": TextFiles, "sft_pairs": SftPairs}
 
 
 def check(data_cfg) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 from mdlm_jax import objectives
 from mdlm_jax import tokenizers
 from mdlm_jax.data import builders
+from mdlm_jax.data import star_graph
 
 KEYS = ("inputs", "segment_ids", "positions")
 PROMPT_KEYS = KEYS + ("prompt_mask",)
@@ -105,7 +106,7 @@ class TokenizeProblem:
   seq_len: int
 
   def __call__(self, record) -> dict[str, np.ndarray]:
-    question, path = builders.problem_parts(builders.text_of(record))
+    question, path = star_graph.problem_parts(builders.text_of(record))
     prompt = np.concatenate([[tokenizers.BOS], self.tokenizer.encode(question)])
     answer = np.concatenate([self.tokenizer.encode(path), [tokenizers.EOS]])
     if len(prompt) + len(answer) > self.seq_len:
