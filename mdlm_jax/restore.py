@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from mdlm_jax import checkpoint
 from mdlm_jax import config as config_lib
+from mdlm_jax import run_record
 
 
 def load(workdir: str, *, mesh_overrides: dict | None = None, use_ema: bool = True,
@@ -10,7 +11,7 @@ def load(workdir: str, *, mesh_overrides: dict | None = None, use_ema: bool = Tr
   """Returns (setup, params, step) with params restored onto the mesh given by the saved
   config with `mesh_overrides` applied (default: every device on the tensor axis)."""
   from mdlm_jax import trainer  # pylint: disable=g-import-not-at-top
-  config = config_lib.from_dict(checkpoint.load_config_dict(workdir))
+  config = config_lib.from_dict(run_record.load_config_dict(workdir))
   mesh = {"data": 1, "fsdp": 1, "tensor": -1}
   mesh.update(mesh_overrides or {})
   with config.unlocked():

@@ -9,7 +9,6 @@ The trainer knows nothing objective-specific: an objective builds its modules an
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 from typing import Any, Callable
 
@@ -24,6 +23,8 @@ from mdlm_jax import config as config_lib
 from mdlm_jax import evaluate as evaluate_lib
 from mdlm_jax import metrics as metrics_lib
 from mdlm_jax import objectives
+from mdlm_jax import preemption
+from mdlm_jax import run_record
 from mdlm_jax import sharding
 from mdlm_jax import storage
 from mdlm_jax import tasks
@@ -245,40 +246,6 @@ def compile_step(step_fn, abstract_state, abstract_batch, verbose: bool = True):
   return compiled, seconds
 
 
-class _StopSignal:
-  """Preemption: SIGTERM becomes a stop at an agreed step. One process: a flag the loop polls.
-  Several: jax's preemption sync point (its service catches SIGTERM on any process and every
-  process returns True at the same step, next after the largest step any has reached)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    self._multi = jax.process_count() > 1
-
-  def __enter__(self):
-    if not self._multi:
-      try:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-      except ValueError:  # not the main thread
-        self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-  def at(self, step: int) -> bool:
-    """True (on every process alike) when the run should save `step` and stop."""
-    if not self._multi:
-      return self.requested
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return multihost_utils.reached_preemption_sync_point(step)
-
-
 class TrainingDiverged(RuntimeError):
   """train.max_skipped_steps consecutive steps had a non-finite loss or gradient norm."""
 
@@ -292,8 +259,8 @@ def _prepare_state(setup, tx, workdir, data_it, log, dataset=None):
   Returns (manager, state, data iterator)."""
   config = setup.config
   config_dict = config.to_dict()
-  saved = checkpoint.load_saved_config(workdir)
-  changes = checkpoint.config_changes(saved, config_dict) if saved is not None else {}
+  saved = run_record.load_saved_config(workdir)
+  changes = run_record.config_changes(saved, config_dict) if saved is not None else {}
   abstract_state = abstract_train_state(setup, tx)
   restore_data = config.checkpoint.restore_data
   mngr, state = checkpoint.resume(workdir, abstract_state, data_it, keep=config.checkpoint.keep,
@@ -308,10 +275,10 @@ def _prepare_state(setup, tx, workdir, data_it, log, dataset=None):
       data_it = iter(pipeline.train_dataset(config, setup.tokenizer, seed_offset=step))
       log(f"checkpoint.restore_data=False: the data order restarts, reshuffled with seed "
           f"{config.seed} + {step}.")
-  changes = checkpoint.record_config(workdir, config_dict, step, dataset)
+  changes = run_record.record_config(workdir, config_dict, step, dataset)
   if changes and saved is not None:
     log("Settings changed since the workdir's last run (recorded in its config.json):\n  "
-        + checkpoint.describe_changes(changes))
+        + run_record.describe_changes(changes))
   return mngr, state, data_it, abstract_state
 
 
@@ -332,10 +299,10 @@ def train(config, workdir: str, *, log: Callable[[str], None] = _print) -> dict[
     pipeline.check_split(config, "validation")
     hooks = tasks.eval_hooks(setup)  # a task's bad settings fail here, before any write
   tx, _ = make_optimizer(config.train)
-  saved = checkpoint.load_saved_config(wd)
+  saved = run_record.load_saved_config(wd)
   checkpoint.check_resumable(
       wd, abstract_train_state(setup, tx), restore_data=config.checkpoint.restore_data,
-      changes=checkpoint.config_changes(saved, config.to_dict()) if saved is not None else {})
+      changes=run_record.config_changes(saved, config.to_dict()) if saved is not None else {})
   lock = None
   if jax.process_index() == 0:
     lock = storage.Lock(wd, timeout_s=config.checkpoint.lock_timeout_s).acquire()
@@ -388,7 +355,7 @@ def _train(setup, wd, data_it, log, hooks, dataset=None):
             "Lower train.learning_rate or raise train.warmup_steps, then resume.")
 
   try:
-    with _StopSignal() as stop:
+    with preemption.StopSignal() as stop:
       while step < t.steps:
         batch = pipeline.to_global(next(data_it), setup.batch_sharding)
         state, m = step_fn(state, batch)

@@ -17,6 +17,8 @@ from mdlm_jax import objectives
 from mdlm_jax import tokenizers
 from mdlm_jax.objectives import blm
 from mdlm_jax.objectives import insertion as ins
+from mdlm_jax.objectives import insertion_canvas as canvas_lib
+from mdlm_jax.objectives import insertion_decoding as dec
 
 BOS, EOS, PAD = tokenizers.BOS, tokenizers.EOS, tokenizers.PAD
 
@@ -282,7 +284,7 @@ def test_insert_keeps_order_and_positions_and_places_new_tokens_between(make_con
   region = jnp.asarray([[0, 0, 2, 2, 0, 0, 0]])
   after = jnp.asarray([[True, True, False, False, False, False, False]])
   new = jnp.asarray([[90, 91, 0, 0, 0, 0, 0]])
-  tok, u2, reg = ins.insert(net, canvas, u, region, after, new)
+  tok, u2, reg = canvas_lib.insert(net, canvas, u, region, after, new)
   np.testing.assert_array_equal(tok[0], [BOS, 90, 40, 91, 41, EOS, PAD])
   np.testing.assert_array_equal(reg[0, :6], [0, 1, 0, 1, 2, 2])
   for old, at in ((0, 0), (1, 2), (2, 4), (3, 5)):
@@ -476,7 +478,7 @@ def test_sequential_action_follows_its_rule_exactly(slot_final):
     return want
 
   # greedy: the single best allowed action
-  got, w = ins.sequential_action(jax.random.key(0), logp_j, open_j, room, slot_final,
+  got, w = dec.sequential_action(jax.random.key(0), logp_j, open_j, room, slot_final,
                                        temperature=0.0)
   best = np.unravel_index(np.argmax(np.where(allowed, logp[0], -np.inf)), (t, v))
   if slot_final:   # slot 1 is finished, so the best word of slots 0 and 2 goes in
@@ -487,7 +489,7 @@ def test_sequential_action_follows_its_rule_exactly(slot_final):
   # sampled, at two temperatures: the exact distribution (total variation over 20000 draws)
   for temperature in (1.0, 0.5):
     want = exact(temperature)
-    freq = _frequencies(lambda k: ins.sequential_action(
+    freq = _frequencies(lambda k: dec.sequential_action(
         k, logp_j, open_j, room, slot_final, temperature=temperature), 20000, t, v)
     assert 0.5 * np.abs(freq - want).sum() < 0.03, (temperature, freq.round(3), want.round(3))
     assert (freq[want == 0] == 0).all()
@@ -498,14 +500,14 @@ def test_sequential_slot_finalized_decoding_stops_when_every_slot_is_finished():
   logp_j, open_j, logp, open_ = _action_logp()
   z = np.asarray(logp_j).copy()
   z[0, :, tokenizers.EOS] = z[0].max() + 1.0   # every slot's best is end-of-slot
-  got, _ = ins.sequential_action(jax.random.key(0), jnp.asarray(z), open_j,
+  got, _ = dec.sequential_action(jax.random.key(0), jnp.asarray(z), open_j,
                                        jnp.asarray([5]), True, temperature=1.0)
   assert not np.asarray(got).any()
   # a slot that is not open never receives a word, even if its words are likeliest
   z = np.asarray(logp_j).copy()
   z[0, 3, 9] = 50.0
   for s in range(20):
-    got, _ = ins.sequential_action(jax.random.key(s), jnp.asarray(z), open_j,
+    got, _ = dec.sequential_action(jax.random.key(s), jnp.asarray(z), open_j,
                                          jnp.asarray([5]), True, temperature=1.0)
     assert not np.asarray(got)[0, 3]
 
@@ -516,7 +518,7 @@ def test_parallel_action_draws_each_open_slot_from_its_own_distribution():
   t, v = logp.shape[1:]
   n = 20000
   keys = jax.random.split(jax.random.key(1), n)
-  got, w = jax.jit(jax.vmap(lambda k: ins.parallel_action(
+  got, w = jax.jit(jax.vmap(lambda k: dec.parallel_action(
       k, logp_j, open_j, jnp.asarray([5]), temperature=1.0)))(keys)
   got, w = np.asarray(got)[:, 0], np.asarray(w)[:, 0]
   for s in range(t):
@@ -528,7 +530,7 @@ def test_parallel_action_draws_each_open_slot_from_its_own_distribution():
     assert 0.5 * np.abs(freq - cond).sum() < 0.03, (s, freq.round(3), cond.round(3))
     np.testing.assert_array_equal(got[:, s], w[:, s] != tokenizers.EOS)
   # room for one insertion: only the leftmost drawn word goes in
-  ins1, w1 = ins.parallel_action(jax.random.key(2), logp_j, open_j, jnp.asarray([1]),
+  ins1, w1 = dec.parallel_action(jax.random.key(2), logp_j, open_j, jnp.asarray([1]),
                                        temperature=0.0)
   words = open_[0] & (logp[0].argmax(-1) != tokenizers.EOS)
   assert np.flatnonzero(np.asarray(ins1)[0]).tolist() == [np.flatnonzero(words)[0]]

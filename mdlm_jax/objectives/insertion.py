@@ -52,6 +52,7 @@ from mdlm_jax import sampling
 from mdlm_jax import tokenizers
 from mdlm_jax.objectives import base
 from mdlm_jax.objectives import blm
+from mdlm_jax.objectives import insertion_decoding as decoding_lib
 from mdlm_jax.objectives.insertion_canvas import tree_positions
 from mdlm_jax.objectives.insertion_canvas import fpe_vectors
 from mdlm_jax.objectives.insertion_canvas import words
@@ -60,11 +61,9 @@ from mdlm_jax.objectives.insertion_canvas import span_key
 from mdlm_jax.objectives.insertion_canvas import canvas_of
 from mdlm_jax.objectives.insertion_canvas import span_weights
 from mdlm_jax.objectives.insertion_canvas import slots
-from mdlm_jax.objectives.insertion_canvas import insert
 
 ORDERS = ("tree", "uniform")
 DISTRIBUTIONS = ("joint", "factorized")
-DECODINGS = ("parallel", "sequential")
 FINALIZATIONS = ("slot", "sequence")
 
 
@@ -230,60 +229,12 @@ def order_logprob(net, batch, place_BxT, n_BxT, distribution: str):
   return blm.per_segment(total - stop, key)
 
 
-def parallel_action(key, logp_BxTxV, open_BxT, room_B, **draw):
-  """Every open slot draws from its own p(word | slot) (`sampling.draw` options); end-of-slot
-  (EOS) closes it. Returns (insert after t (B, T) bool, the word (B, T)): the leftmost
-  insertions that fit the row's room."""
-  b, t, v = logp_BxTxV.shape
-  cond = logp_BxTxV - jax.nn.logsumexp(logp_BxTxV, axis=-1, keepdims=True)
-  w = sampling.sample_logits(key, cond.reshape(b * t, v), **draw).reshape(b, t)
-  ins = open_BxT & (w != tokenizers.EOS)
-  return ins & (jnp.cumsum(ins, axis=1) <= room_B[:, None]), w
-
-
-def sequential_action(key, logp_BxTxV, open_BxT, room_B, slot_final: bool, **draw):
-  """One (slot, word) action per row from the joint log-probabilities over open slots.
-  Sequence finalization: end-of-slot (EOS) anywhere means stop. Slot finalization (Stern et
-  al.'s greedy rule): a slot whose best action is end-of-slot is finished; the action is
-  drawn among the other open slots' words (their joint renormalised; greedy at temperature
-  0) and the row stops when every open slot is finished. Returns (insert after t, word)."""
-  b, t, v = logp_BxTxV.shape
-  logp = jnp.where(open_BxT[..., None], logp_BxTxV, sampling.NEG_INF)
-  if slot_final:
-    finished = jnp.argmax(logp_BxTxV, axis=-1) == tokenizers.EOS
-    live = open_BxT & ~finished
-    word = jnp.arange(v) != tokenizers.EOS
-    logp = jnp.where(live[..., None] & word, logp, sampling.NEG_INF)
-    go = jnp.any(live, axis=1)
-  else:
-    go = jnp.ones((b,), bool)
-  a = sampling.sample_logits(key, logp.reshape(b, t * v), **draw)
-  at, w = a // v, a % v
-  ins = (jnp.arange(t) == at[:, None]) & ((w != tokenizers.EOS) & go & (room_B > 0))[:, None]
-  return ins, jnp.broadcast_to(w[:, None], (b, t))
-
-
-def resolve_decoding(decoding: str, finalization: str) -> str:
-  """'auto' -> parallel after slot finalization, sequential after sequence finalization;
-  refuses parallel decoding of a model that never learnt a per-slot end-of-slot."""
-  if decoding == "auto":
-    decoding = "parallel" if finalization == "slot" else "sequential"
-  if decoding not in DECODINGS:
-    raise ValueError(f"objective.decoding={decoding!r}; choose 'auto' or one of {DECODINGS}.")
-  if decoding == "parallel" and finalization == "sequence":
-    raise ValueError("parallel decoding reads end-of-slot per slot, which only "
-                     "objective.finalization='slot' trains; with "
-                     "objective.finalization='sequence' decode sequentially "
-                     "(objective.decoding=sequential, --sampler=sequential).")
-  return decoding
-
-
 @objectives.register
 class Insertion(base.Objective):
   name = "insertion"
   causal = False
   accepts_suffix = True
-  samplers = DECODINGS
+  samplers = decoding_lib.DECODINGS
   # decoding 'auto': parallel after slot finalization, sequential after sequence finalization
   # eval_orders > 0: validation by importance sampling over that many orders (as blm's)
   defaults = dict(order="tree", tau=1.0, distribution="joint", fpe=True, decoding="auto",
@@ -301,7 +252,7 @@ class Insertion(base.Objective):
     if opts.finalization not in FINALIZATIONS:
       raise ValueError(f"objective.finalization={opts.finalization!r}; choose one of "
                        f"{FINALIZATIONS}.")
-    resolve_decoding(opts.decoding, opts.finalization)
+    decoding_lib.resolve_decoding(opts.decoding, opts.finalization)
     blm.check_eval_orders(opts)
 
   def build(self, rngs):
@@ -365,11 +316,11 @@ class Insertion(base.Objective):
   def resolve_sampler(self, name: str | None) -> str:
     """--sampler: `parallel` or `sequential`; by default what objective.decoding resolves to
     (parallel after slot finalization); parallel refused after sequence finalization."""
-    if name is not None and name not in DECODINGS:
+    if name is not None and name not in decoding_lib.DECODINGS:
       raise ValueError(f"--sampler={name!r}: an insertion model decodes with "
                        "--sampler=parallel or --sampler=sequential.")
     try:
-      return resolve_decoding(name or self.opts.decoding, self.opts.finalization)
+      return decoding_lib.resolve_decoding(name or self.opts.decoding, self.opts.finalization)
     except ValueError as e:
       raise ValueError(f"--sampler={name}: {e}" if name else str(e)) from None
 
@@ -385,34 +336,9 @@ class Insertion(base.Objective):
     own distribution p(word | slot), all at once (about log2 n steps); `sequential`: one
     (slot, word) action from the joint distribution per step, end-of-slot meaning stop.
     Returns (canvas, region, info) with info["calls"], the network evaluations."""
-    decoding = resolve_decoding(decoding or self.opts.decoding, self.opts.finalization)
-    b, t = canvas_BxT.shape
-    seg0 = (canvas_BxT != tokenizers.PAD).astype(jnp.int32)
-    u0 = (fpe_vectors(model, seg0) if model.fpe
-          else jnp.zeros((b, t, 1), jnp.float32))
-
-    def body(state):
-      canvas, u, region, done, key, i = state
-      key, k_draw = jax.random.split(key)
-      real = canvas != tokenizers.PAD
-      c = {"inputs": canvas, "segment_ids": real.astype(jnp.int32)}
-      nxt_region = jnp.concatenate([region[:, 1:], jnp.zeros_like(region[:, :1])], axis=1)
-      open_ = slots(c) & (region <= 1) & (nxt_region >= 1)
-      logp = action_logprobs(model, c, self.opts.distribution, u if model.fpe else None, open_)
-      room = t - jnp.sum(real, axis=1)
-      draw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-      if decoding == "parallel":
-        ins, w = parallel_action(k_draw, logp, open_, room, **draw)
-      else:
-        ins, w = sequential_action(k_draw, logp, open_, room,
-                                   slot_final=self.opts.finalization == "slot", **draw)
-      ins = ins & ~done[:, None] & jnp.any(open_, axis=1, keepdims=True)
-      canvas, u, region = insert(model, canvas, u, region, ins, w)
-      return canvas, u, region, done | ~jnp.any(ins, axis=1), key, i + 1
-
-    def cond(state):
-      return ~jnp.all(state[3]) & (state[5] < t)
-
-    init = (canvas_BxT, u0, region_BxT, jnp.zeros((b,), bool), rng, 0)
-    canvas, _, region, _, _, calls = jax.lax.while_loop(cond, body, init)
-    return canvas, region, {"calls": calls}
+    decoding = decoding_lib.resolve_decoding(decoding or self.opts.decoding,
+                                             self.opts.finalization)
+    logprobs = lambda c, u, open_: action_logprobs(model, c, self.opts.distribution, u, open_)
+    return decoding_lib.fill(model, canvas_BxT, region_BxT, rng, logprobs, decoding,
+                             self.opts.finalization == "slot", temperature=temperature,
+                             top_k=top_k, top_p=top_p, min_p=min_p)

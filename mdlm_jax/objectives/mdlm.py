@@ -28,36 +28,21 @@ from mdlm_jax import objectives
 from mdlm_jax import sampling
 from mdlm_jax import tokenizers
 from mdlm_jax.objectives import base
+from mdlm_jax.objectives import mdlm_likelihood as likelihood
 from mdlm_jax.objectives import mdlm_sampling
-from mdlm_jax.objectives.mdlm_schedule import elbo_weight  # noqa: F401  (part of the API)
+from mdlm_jax.objectives.mdlm_schedule import choose_masked
+from mdlm_jax.objectives.mdlm_schedule import elbo_weight
 from mdlm_jax.objectives.mdlm_schedule import mask_fraction  # noqa: F401
 from mdlm_jax.objectives.mdlm_schedule import mask_prob
+from mdlm_jax.objectives.mdlm_schedule import maskable
 from mdlm_jax.objectives.mdlm_schedule import parse_schedule
 from mdlm_jax.objectives.mdlm_schedule import sample_times
-
-
-def maskable(batch):
-  """What masking may hide and the loss counts: real tokens that are not the first of their
-  segment (a document's BOS, or the first token of a row continuing a document), exactly the
-  tokens the autoregressive baseline predicts."""
-  seg = batch["segment_ids"]
-  prev = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
-  return (seg > 0) & (seg == prev) & (batch["inputs"] != tokenizers.BOS)
 
 
 def loss_keys(rng) -> dict[str, jax.Array]:
   """The keys one training loss draws from, by use."""
   return dict(zip(("crop", "time", "mask", "augment", "self_condition", "critic"),
                   jax.random.split(rng, 6)))
-
-
-def choose_masked(rng, eligible_BxT, p_B, exact: bool):
-  """Bernoulli(p) per eligible token, or exactly ceil(max(p n, 1)) eligible tokens per row
-  chosen uniformly (n the row's eligible count)."""
-  if not exact:
-    return eligible_BxT & (jax.random.uniform(rng, eligible_BxT.shape) < p_B[:, None])
-  n = jnp.sum(eligible_BxT, axis=1)
-  return base.choose_count(rng, eligible_BxT, jnp.ceil(jnp.maximum(p_B * n, 1.0)))
 
 
 def augment(rng, inputs_BxT, masked_BxT, no_replace: float, random_token: float, vocab: int):
@@ -255,7 +240,7 @@ class MDLM(base.Objective):
       return subs_logits(logits), h
     return subs_logits(model(x_BxT, positions, segment_ids)), None
 
-  def _masked_ce(self, model, batch, x_t, masked, cond=None, t_B=None):
+  def masked_ce(self, model, batch, x_t, masked, cond=None, t_B=None):
     logits, _ = self.apply(model, x_t, batch["positions"], batch["segment_ids"], cond, t_B)
     ce = base.cross_entropy(logits, batch["inputs"])
     return jnp.where(masked, ce, 0.0), logits
@@ -320,7 +305,7 @@ class MDLM(base.Objective):
           lambda: jax.lax.stop_gradient(model.run(x_t, pos, seg, None, t)[1]).astype(
               jnp.float32),
           lambda: model.null_condition(x_t.shape).astype(jnp.float32))
-    ce, logits = self._masked_ce(model, batch, x_t, masked, cond, t)
+    ce, logits = self.masked_ce(model, batch, x_t, masked, cond, t)
     n_eligible = jnp.sum(eligible).astype(jnp.float32)
     n_masked = jnp.sum(masked).astype(jnp.float32)
     if o.weighting == "none":
@@ -349,49 +334,13 @@ class MDLM(base.Objective):
     return jnp.mean(draws, axis=0), tokens, eligible
 
   def bound_draws(self, model, batch, rng):
-    """(K, B) draws of each row's NLL bound in nats, K = `eval_time_samples`, the token counts
-    (B,) and the scored tokens. Each draw is the ELBO with Bernoulli masking, the schedule's
-    own weight and one antithetic set of times across the batch over all of (0, 1], with
-    eps = 0: alpha(0) = 1 and alpha(1) = 0, so no prior or reconstruction term is left out
-    and an exact model never scores below its NLL. Draws are independent of each other.
-    With `sft`: the conditional bound of the answer given the prompt (`conditional_bound`)."""
-    o = self.opts
-    if o.sft:
-      return self.conditional_bound(model, batch, rng, o.eval_time_samples)
-    eligible = maskable(batch)
-    b = eligible.shape[0]
-
-    def one(key):
-      k_t, k_mask = jax.random.split(key)
-      t = sample_times(k_t, b, True, 0.0, o.discrete_steps)
-      masked = choose_masked(k_mask, eligible, mask_prob(o, t, eps=0.0), exact=False)
-      ce, _ = self._masked_ce(model, batch,
-                              jnp.where(masked, tokenizers.MASK, batch["inputs"]), masked, t_B=t)
-      return elbo_weight(o, t, eps=0.0) * jnp.sum(ce, axis=1)
-
-    keys = jax.random.split(rng, o.eval_time_samples)
-    return jax.lax.map(one, keys), jnp.sum(eligible, axis=1).astype(jnp.float32), eligible
+    """(K, B) draws of each row's NLL bound, the token counts and the scored tokens (see
+    `mdlm_likelihood.bound_draws`)."""
+    return likelihood.bound_draws(self, model, batch, rng)
 
   def conditional_bound(self, model, batch, rng, samples: int):
-    """LLaDA's estimate of -log p(answer | prompt) <= E_l [(L / l) sum over l masked answer
-    tokens of their CE], with exactly l of the L answer tokens masked uniformly at random and
-    l stratified over 1..L across the `samples` draws (one shared offset, so treating the
-    draws as independent overstates their Monte-Carlo error). Returns ((K, B) draws, L,
-    answer)."""
-    answer = self.maskable(batch)
-    n = jnp.sum(answer, axis=1)
-    nf = n.astype(jnp.float32)
-    u = jax.random.uniform(jax.random.fold_in(rng, 1), ())
-
-    def one(k):
-      l = jnp.clip(jnp.floor((k + u) / samples * nf) + 1, 1, jnp.maximum(nf, 1))
-      masked = base.choose_count(jax.random.fold_in(rng, k + 2), answer, l)
-      ce, _ = self._masked_ce(model, batch, jnp.where(masked, tokenizers.MASK, batch["inputs"]),
-                              masked, t_B=l / jnp.maximum(nf, 1))
-      return nf / l * jnp.sum(ce, axis=1)
-
-    draws = jax.lax.map(one, jnp.arange(samples))
-    return jnp.where(n > 0, draws, 0.0), nf, answer
+    """LLaDA's bound on -log p(answer | prompt) (see `mdlm_likelihood.conditional_bound`)."""
+    return likelihood.conditional_bound(self, model, batch, rng, samples)
 
   def eval_sums(self, model, batch, rng):
     draws, tokens, eligible = self.bound_draws(model, batch, rng)

@@ -1,4 +1,5 @@
-"""Masked-diffusion noise schedules and ELBO weights (`mdlm`; read by its samplers too).
+"""Masked diffusion's forward process: which tokens may be masked, how many at time t (the
+noise schedules) and the ELBO weights (`mdlm`; read by its samplers and likelihood too).
 
 The schedule is written through its mask fraction m(t) (linear t, cosine cos(pi/2 (1 - t)),
 poly{K} t^K) as 1 - alpha(t) = (1 - eps) m(t), so the continuous-time ELBO weight
@@ -10,6 +11,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from mdlm_jax import tokenizers
+from mdlm_jax.objectives import base
 
 
 def parse_schedule(name: str) -> tuple[str, float]:
@@ -72,3 +76,21 @@ def sample_times(rng, batch: int, antithetic: bool, t_min: float, discrete_steps
   if discrete_steps:
     return (jnp.floor(r * discrete_steps) + 1.0) / discrete_steps
   return t_min + (1.0 - t_min) * (1.0 - r)
+
+
+def maskable(batch):
+  """What masking may hide and the loss counts: real tokens that are not the first of their
+  segment (a document's BOS, or the first token of a row continuing a document), exactly the
+  tokens the autoregressive baseline predicts."""
+  seg = batch["segment_ids"]
+  prev = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
+  return (seg > 0) & (seg == prev) & (batch["inputs"] != tokenizers.BOS)
+
+
+def choose_masked(rng, eligible_BxT, p_B, exact: bool):
+  """Bernoulli(p) per eligible token, or exactly ceil(max(p n, 1)) eligible tokens per row
+  chosen uniformly (n the row's eligible count)."""
+  if not exact:
+    return eligible_BxT & (jax.random.uniform(rng, eligible_BxT.shape) < p_B[:, None])
+  n = jnp.sum(eligible_BxT, axis=1)
+  return base.choose_count(rng, eligible_BxT, jnp.ceil(jnp.maximum(p_B * n, 1.0)))
