@@ -28,7 +28,7 @@ def large_config(objective: str):
   c = config_lib.base_config()
   c.objective = config_lib.objectives.default_options(objective)
   c.model.update(num_layers=10, d_model=1024, num_heads=8, mlp_dim=2816, dtype="bfloat16",
-                 remat="none", max_seq_len=1024, tied_embeddings=True)
+                 remat="none", scan_layers=True, max_seq_len=1024, tied_embeddings=True)
   c.data.update(seq_len=1024, prefetch=4)
   c.train.update(steps=100_000, batch_size=64, learning_rate=6e-4, warmup_steps=2000,
                  weight_decay=0.1, grad_clip=1.0, ema_decay=0.0, log_every_steps=100)

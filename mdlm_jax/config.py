@@ -24,7 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective = objectives.default_options("ar")
   c.model = ml_collections.ConfigDict(dict(
       num_layers=4, d_model=256, num_heads=4, mlp_dim=768, dtype="float32", remat="none",
-      max_seq_len=2048, tied_embeddings=True, attention="auto", max_segments=4,
+      scan_layers=False, max_seq_len=2048, tied_embeddings=True, attention="auto", max_segments=4,
       rope_base=10000.0, init_std=0.02))
   c.data = ml_collections.ConfigDict(dict(
       name="python_stdlib", data_dir=os.path.join("~", "tensorflow_datasets"), files="",

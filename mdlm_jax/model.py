@@ -26,6 +26,7 @@ class ModelConfig:
   mlp_dim: int = 768
   dtype: str = "float32"
   remat: str = "none"
+  scan_layers: bool = False
   max_seq_len: int = 2048
   tied_embeddings: bool = True
   attention: str = "auto"
@@ -273,13 +274,27 @@ _REMAT_POLICIES = {
 }
 
 
+def stacked_blocks(blocks: list[Block]) -> Block:
+  """One Block whose every parameter holds the L blocks' values stacked on a leading `layers`
+  axis (what `scan_layers` scans over): the same values as the unrolled list."""
+  graphdef = nnx.split(blocks[0])[0]
+  states = [nnx.to_pure_dict(nnx.state(b)) for b in blocks]
+  stacked = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+  for _, var in nnx.iter_graph(stacked):
+    if isinstance(var, nnx.Param):
+      var.set_metadata(axes=("layers",) + tuple(var.get_metadata()["axes"]))
+  return stacked
+
+
 class Transformer(nnx.Module):
-  """Token embedding -> L blocks -> final norm -> (tied) unembedding."""
+  """Token embedding -> L blocks -> final norm -> (tied) unembedding. With `scan_layers` the
+  blocks are one Block of stacked parameters run by `jax.lax.scan` (compile time flat in L)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    blocks = [Block(cfg, rngs) for _ in range(cfg.num_layers)]
+    self.blocks = stacked_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.final_norm = RMSNorm(cfg.d_model, rngs)
     if not cfg.tied_embeddings:
       self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
@@ -301,11 +316,22 @@ class Transformer(nnx.Module):
     rope = rope_tables(positions_BxT, self.cfg.head_dim, self.cfg.rope_base,
                        self.cfg.max_seq_len) if rope else None
 
+    if self.cfg.scan_layers:
+      graphdef, params = nnx.split(self.blocks)
+
+      def layer(x, params_of_layer):
+        return nnx.merge(graphdef, params_of_layer)(x, rope, mask, causal)[0], None
+
+      if self.cfg.remat != "none":  # prevent_cse=False is safe (and faster) under scan
+        layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+      x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, params)
+      return self.final_norm(x_BxTxD)
+
     def run(block, x):
       return block(x, rope, mask, causal)[0]
 
     if self.cfg.remat != "none":
-      run = nnx.remat(run, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+      run = nnx.remat(run, policy=_REMAT_POLICIES[self.cfg.remat])
     for block in self.blocks:
       x_BxTxD = run(block, x_BxTxD)
     return self.final_norm(x_BxTxD)
@@ -325,9 +351,11 @@ class Transformer(nnx.Module):
   def init_cache(self, batch: int, length: int) -> list[dict[str, Any]]:
     cfg = self.cfg
     shape = (batch, length, cfg.num_heads, cfg.head_dim)
+    if cfg.scan_layers:  # one entry, the layers stacked (what the scan reads and writes)
+      shape = (cfg.num_layers,) + shape
     zeros = lambda: jnp.zeros(shape, cfg.compute_dtype)
     return [dict(k=zeros(), v=zeros(), index=jnp.zeros((), jnp.int32))
-            for _ in range(cfg.num_layers)]
+            for _ in range(1 if cfg.scan_layers else cfg.num_layers)]
 
   def decode(self, tokens_BxT, cache):
     """Appends T tokens at position cache index; returns (float32 logits (B, T, V), cache)."""
@@ -338,13 +366,23 @@ class Transformer(nnx.Module):
     """`decode` up to the final norm: (final states (B, T, D), cache)."""
     b, t = tokens_BxT.shape
     index = cache[0]["index"]
-    s = cache[0]["k"].shape[1]
+    s = cache[0]["k"].shape[-3]
     q_idx = jnp.broadcast_to(index + jnp.arange(t), (b, t))
     k_idx = jnp.broadcast_to(jnp.arange(s), (b, s))
     mask = attention_mask(jnp.ones((b, t), jnp.int32), (k_idx < index + t).astype(jnp.int32),
                           q_idx, k_idx, causal=True)
     x = self.embed_tokens(tokens_BxT)
     rope = rope_tables(q_idx, self.cfg.head_dim, self.cfg.rope_base, self.cfg.max_seq_len)
+    if self.cfg.scan_layers:
+      graphdef, params = nnx.split(self.blocks)
+
+      def layer(x, params_and_cache):
+        p, k, v = params_and_cache
+        x, c = nnx.merge(graphdef, p)(x, rope, mask, False, dict(k=k, v=v, index=index))
+        return x, (c["k"], c["v"])
+
+      x, (k, v) = jax.lax.scan(layer, x, (params, cache[0]["k"], cache[0]["v"]))
+      return self.final_norm(x), [dict(k=k, v=v, index=index + t)]
     new_cache = []
     for block, c in zip(self.blocks, cache):
       x, c = block(x, rope, mask, False, c)

@@ -18,6 +18,7 @@ RULES = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
+    ("layers", None),  # the stacked blocks of model.scan_layers
 )
 
 

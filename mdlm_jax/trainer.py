@@ -81,6 +81,15 @@ def build(config, mesh=None) -> Setup:
                sharding.batch_sharding(mesh))
 
 
+def _is_matrix(path, x) -> bool:
+  """Weight decay on matrices, not on norm scales or vectors; the leading layers axis of
+  model.scan_layers' stacked blocks (`blocks` then a name, not a layer number) not counted."""
+  keys = [getattr(k, "key", None) for k in path]
+  stacked = any(a == "blocks" and isinstance(b, str) and not b.isdigit()
+                for a, b in zip(keys, keys[1:]))
+  return x.ndim - stacked >= 2
+
+
 def make_optimizer(t) -> tuple[optax.GradientTransformation, Callable]:
   if t.schedule == "cosine":
     schedule = optax.warmup_cosine_decay_schedule(
@@ -90,7 +99,7 @@ def make_optimizer(t) -> tuple[optax.GradientTransformation, Callable]:
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1)),
          optax.constant_schedule(t.learning_rate)], [t.warmup_steps])
-  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # no decay on norms
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(_is_matrix, params)
   tx = optax.chain(
       optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
       optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))

@@ -61,6 +61,35 @@ def test_sharded_step_on_8_devices_matches_one_device(make_config, objective):
 
 
 @pytest.mark.slow
+def test_scanned_layers_on_8_devices_train_as_unrolled_on_one(make_config, tmp_path):
+  """Stacked parameters keep their fsdp / tensor sharding behind a replicated layers axis; the
+  losses and parameters follow the unrolled model's; a workdir of the other layout is refused
+  with the setting named."""
+  cfg = make_config({"model.num_heads": 4, "objective.name": "mdlm"})
+  scanned = make_config({"model.num_heads": 4, "objective.name": "mdlm",
+                         "model.scan_layers": True})
+  it = iter(pipeline.train_dataset(cfg, trainer.build(cfg).tokenizer))
+  batches = [next(it) for _ in range(3)]
+  one, params_one, _ = run_steps(cfg, sharding.make_mesh(cfg.mesh), batches)
+  eight, params_eight, setup = run_steps(
+      scanned, sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), batches)
+  shardings = setup.param_shardings
+  wq = shardings.get("backbone", shardings)["blocks"]["attn"]["wq"]
+  assert wq.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  np.testing.assert_allclose(eight, one, rtol=2e-5)
+  net = params_eight.get("backbone", params_eight)
+  blocks = net["blocks"]
+  net["blocks"] = {
+      i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(cfg.model.num_layers)}
+  # keys' gradients are near zero at init: Adam moves them by rounding noise (see above)
+  chex.assert_trees_all_close(params_eight, params_one, rtol=2e-4, atol=2e-5)
+  wd = str(tmp_path / "wd")
+  trainer.train(make_config({"train.steps": 2}), wd, log=quiet)
+  with pytest.raises(ValueError, match="model.scan_layers: False in the workdir, True now"):
+    trainer.train(make_config({"train.steps": 4, "model.scan_layers": True}), wd, log=quiet)
+
+
+@pytest.mark.slow
 def test_ema_follows_the_warmed_up_recurrence(make_config):
   """EMA_n = d_n EMA_(n-1) + (1 - d_n) params_n from the initial params, d_n = min(d, (1 + n) /
   (10 + n)), recomputed in numpy from the params of every step."""
