@@ -34,7 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=16, learning_rate=1e-3, warmup_steps=100, schedule="cosine",
       min_lr_ratio=0.1, grad_clip=1.0, weight_decay=0.1, b1=0.9, b2=0.95, ema_decay=0.0,
-      grad_accum_steps=1, log_every_steps=25, max_skipped_steps=3))
+      grad_accum_steps=1, log_every_steps=25, max_skipped_steps=3, profile_start=10,
+      profile_steps=0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, restore_data=True,
                                                 lock_timeout_s=600.0))
@@ -124,6 +125,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1).")
   _check(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables).")
   _check(t.log_every_steps >= 1, f"train.log_every_steps={t.log_every_steps} must be >= 1.")
+  _check(t.profile_steps >= 0 and t.profile_start >= 1,
+         f"train.profile_steps={t.profile_steps} (>= 0; 0 = no trace) and train.profile_start="
+         f"{t.profile_start} (>= 1, the first traced step) out of range.")
   _check(t.max_skipped_steps >= 1, f"train.max_skipped_steps={t.max_skipped_steps} must be >= 1 "
          "(consecutive non-finite steps skipped before the run stops).")
   _check(d.shuffle_window >= 0, f"data.shuffle_window={d.shuffle_window} must be >= 0 (packed "

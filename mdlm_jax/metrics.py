@@ -7,6 +7,7 @@ import os
 import time
 
 import jax
+import numpy as np
 
 from mdlm_jax import storage
 
@@ -108,15 +109,24 @@ class Progress:
     self.last_step, self.last_time = start_step, time.perf_counter()
     self.origin = None  # (step, time) at the end of the first window, which holds the warm-up
 
-  def update(self, step: int) -> dict[str, float]:
+  def update(self, step: int, input_s: float = 0.0) -> dict[str, float]:
     """Throughput of the window since the last call; the ETA from the mean step time since
     the first window (evaluations and saves included), so it does not swing window to
-    window."""
+    window. `input_s`: this host's time in the window spent waiting for its batches; every
+    host's is gathered (a collective: every process calls this at the same steps) and the
+    slowest host, the straggler the others wait for, is named."""
     now = time.perf_counter()
     steps, dt = step - self.last_step, max(now - self.last_time, 1e-9)
     self.last_step, self.last_time = step, now
     tps = steps * self.tokens_per_step / dt
     out = {"perf/tokens_per_s": tps, "perf/step_time_s": dt / max(steps, 1)}
+    waits = np.asarray([input_s / max(steps, 1)])
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      waits = np.asarray(multihost_utils.process_allgather(waits.astype(np.float32))).ravel()
+    out.update({"perf/input_time_s": float(waits[jax.process_index()]),
+                "perf/slowest_host": int(np.argmax(waits)),
+                "perf/slowest_host_input_time_s": float(np.max(waits))})
     if self.peak:
       out["perf/mfu"] = tps * self.flops_per_token / self.peak
     if self.origin is None or step <= self.origin[0]:
@@ -135,6 +145,9 @@ class Progress:
       parts.append(f"MFU {100 * m['perf/mfu']:.1f}%")
     parts.append(f"lr {m['train/learning_rate']:.2e}")
     parts.append(f"ETA {format_duration(m['perf/eta_s'])}")
+    if jax.process_count() > 1:
+      parts.append(f"slowest host {m['perf/slowest_host']} "
+                   f"(input {m['perf/slowest_host_input_time_s']:.3f} s/step)")
     return " | ".join(parts)
 
 

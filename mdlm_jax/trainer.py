@@ -343,15 +343,15 @@ def _train(setup, wd, data_it, log, hooks, dataset=None):
       setup.objective.flops_per_token(config.data.seq_len), jax.device_count())
   evaluator = evaluate_lib.Evaluator(setup)
   last: dict[str, float] = {}
-  pending = None
+  pending, input_s, tracing = None, 0.0, False
 
   def flush():
     nonlocal pending
     if pending is not None:
-      s, m = pending
+      s, m, waited = pending
       pending = None
       row = {k: float(v) for k, v in jax.device_get(m).items()}
-      row.update(progress.update(s))
+      row.update(progress.update(s, waited))
       writer.scalars(s, row)
       log(metrics_lib.Progress.line(s, t.steps, row))
       last.update(row)
@@ -366,12 +366,23 @@ def _train(setup, wd, data_it, log, hooks, dataset=None):
   try:
     with preemption.StopSignal() as stop:
       while step < t.steps:
+        if t.profile_steps and step + 1 == t.profile_start:
+          jax.profiler.start_trace(str(wd / "profile"), create_perfetto_trace=True)
+          tracing = True
+          log(f"profiling steps {t.profile_start}..{t.profile_start + t.profile_steps - 1} "
+              f"into {wd / 'profile'}")
+        t_input = time.perf_counter()
         batch = pipeline.to_global(next(data_it), setup.batch_sharding)
+        input_s += time.perf_counter() - t_input
         state, m = step_fn(state, batch)
         step += 1
         flush()  # the previous step's metrics, read after this step was dispatched
+        if tracing and step == t.profile_start + t.profile_steps - 1:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+          tracing = False
         if step % t.log_every_steps == 0 or step == t.steps:
-          pending = (step, m)
+          pending, input_s = (step, m, input_s), 0.0  # the window's input time, steps to `step`
         stopping = stop.at(step)
         if step % config.checkpoint.every_steps == 0 or step == t.steps or stopping:
           checkpoint.save(mngr, state, data_it)
@@ -397,6 +408,8 @@ def _train(setup, wd, data_it, log, hooks, dataset=None):
       flush()
       last["step"] = step
   finally:
+    if tracing:
+      jax.profiler.stop_trace()
     mngr.wait_until_finished()
     saved = mngr.latest_step()
     mngr.close()

@@ -5,11 +5,13 @@
 With NUM_PROCESSES > 1 the processes join through jax.distributed (one CPU device each);
 with 1 the single process simulates the same number of devices locally. Both run the same
 train steps on the same global batches (each process feeding its own rows), then a short
-trainer.train run with checkpoints and evaluation. Process 0 writes OUT as JSON.
+trainer.train run with checkpoints and evaluation, process 1 a straggler (slow input).
+Process 0 writes OUT as JSON.
 """
 import json
 import os
 import sys
+import time
 
 import jax
 import numpy as np
@@ -60,6 +62,9 @@ def main():
     local = {k: v[rows] for k, v in batch.items()}
     state, m = step(state, pipeline.to_global(local, setup.batch_sharding))
     losses.append(float(m["train/loss"]))
+  if pid == 1:  # a straggler: this host's input takes 0.2 s longer per batch
+    to_global = pipeline.to_global
+    pipeline.to_global = lambda *a: (time.sleep(0.2), to_global(*a))[1]
   last = trainer.train(cfg, workdir, log=lambda _: None)
   if pid == 0:
     with open(out, "w") as f:

@@ -90,6 +90,30 @@ def test_scanned_layers_on_8_devices_train_as_unrolled_on_one(make_config, tmp_p
 
 
 @pytest.mark.slow
+def test_profile_window_is_traced_inside_the_run_and_hosts_are_timed(tmp_path, make_config):
+  wd = str(tmp_path / "wd")
+  lines = []
+  trainer.train(make_config({"train.steps": 4, "train.log_every_steps": 1,
+                             "train.profile_start": 2, "train.profile_steps": 2}),
+                wd, log=lines.append)
+  traces = glob.glob(f"{wd}/profile/**/perfetto_trace.json.gz", recursive=True)
+  assert len(traces) == 1
+  with gzip.open(traces[0]) as f:
+    events = json.load(f)["traceEvents"]
+  # the trace holds exactly the train step's calls of steps 2 and 3 (each call is two nested
+  # events, the Python call and jax's own)
+  calls = [(e["ts"], e["ts"] + e["dur"]) for e in events
+           if e.get("ph") == "X" and e.get("name") == "PjitFunction(jit(step_fn))"]
+  outer = [c for c in calls if not any(o != c and o[0] <= c[0] and c[1] <= o[1] for o in calls)]
+  assert len(outer) == 2
+  assert any("profiling steps 2..3" in line for line in lines)
+  rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+  logged = [r for r in rows if "train/loss" in r]
+  assert [r["perf/slowest_host"] for r in logged] == [0] * 4
+  assert all(r["perf/slowest_host_input_time_s"] == r["perf/input_time_s"] >= 0 for r in logged)
+
+
+@pytest.mark.slow
 def test_ema_follows_the_warmed_up_recurrence(make_config):
   """EMA_n = d_n EMA_(n-1) + (1 - d_n) params_n from the initial params, d_n = min(d, (1 + n) /
   (10 + n)), recomputed in numpy from the params of every step."""
@@ -163,6 +187,7 @@ def test_workdir_of_another_model_is_refused_untouched(tmp_path, make_config):
     ({"model.attention": "cudnn_packed"}, "model.attention='cudnn_packed' needs model.dtype"),
     ({"model.max_segments": 1}, "model.max_segments=1 must be >= 2"),
     ({"data.workers": -1}, "data.workers=-1"),
+    ({"train.profile_steps": -1}, "train.profile_steps=-1"),
 ])
 def test_bad_config_values_are_refused_before_compiling(make_config, override, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
