@@ -250,6 +250,7 @@ def unstacked(scanned_params, num_layers: int):
       i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(num_layers)})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "dots"])
 def test_scanned_layers_compute_what_unrolled_layers_do(remat):
   """Same init, same logits, same gradients (layer by layer), same KV-cache decoding."""
