@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mdlm_jax import sharding
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -301,13 +303,16 @@ class Transformer(nnx.Module):
                            cfg.init_std)
 
   def embed_tokens(self, tokens_BxT):
-    return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
+    table = sharding.constrain(self.embed[...], "vocab", None)  # gathered whole over fsdp
+    x = jnp.take(table, tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
+    return sharding.constrain(x, "batch", "length", "embed")
 
   def hidden(self, x_BxTxD, positions_BxT, segment_ids_BxT, causal: bool | None = None,
              rope: bool = True):
     """Runs the blocks on input embeddings; returns final-normed states (B, T, D). With
     rope=False the positions are not used (the embeddings carry their own)."""
     causal = self.cfg.causal if causal is None else causal
+    x_BxTxD = sharding.constrain(x_BxTxD, "batch", "length", "embed")
     if attention_impl(self.cfg.attention, self.cfg.dtype) == "cudnn_packed":
       mask = packed_segments(segment_ids_BxT, self.cfg.max_segments)
     else:
@@ -320,7 +325,8 @@ class Transformer(nnx.Module):
       graphdef, params = nnx.split(self.blocks)
 
       def layer(x, params_of_layer):
-        return nnx.merge(graphdef, params_of_layer)(x, rope, mask, causal)[0], None
+        x = nnx.merge(graphdef, params_of_layer)(x, rope, mask, causal)[0]
+        return sharding.constrain(x, "batch", "length", "embed"), None
 
       if self.cfg.remat != "none":  # prevent_cse=False is safe (and faster) under scan
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
@@ -328,7 +334,7 @@ class Transformer(nnx.Module):
       return self.final_norm(x_BxTxD)
 
     def run(block, x):
-      return block(x, rope, mask, causal)[0]
+      return sharding.constrain(block(x, rope, mask, causal)[0], "batch", "length", "embed")
 
     if self.cfg.remat != "none":
       run = nnx.remat(run, policy=_REMAT_POLICIES[self.cfg.remat])

@@ -81,3 +81,14 @@ def data_parallel_size(mesh) -> int:
 
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def constrain(x, *axes):
+  """Activations: `x` sharded by the logical names of its dims through the same RULES
+  (batch -> data and fsdp, embed then left whole, heads and mlp -> tensor), under the mesh
+  the caller traces with (`jax.sharding.use_abstract_mesh`, as the train step does); without
+  one, `x` unchanged."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))

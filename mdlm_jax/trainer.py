@@ -205,7 +205,8 @@ def make_train_step(setup: Setup, tx, schedule, abstract_state, guard: bool = Tr
 
   def step_fn(state, batch):
     rng = jax.random.fold_in(base_key, state["step"])
-    loss, aux, grads = loss_and_grads(state["params"], batch, rng)
+    with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh):  # activation constraints
+      loss, aux, grads = loss_and_grads(state["params"], batch, rng)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)

@@ -114,6 +114,24 @@ def test_profile_window_is_traced_inside_the_run_and_hosts_are_timed(tmp_path, m
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("objective,scan", [("ar", False), ("mdlm", False), ("mdlm", True)])
+def test_a_2x2x2_mesh_compiles_without_involuntary_rematerialization(make_config, objective,
+                                                                     scan, capfd):
+  """Activations are constrained to their batch sharding at block boundaries and the embedding
+  table is gathered whole over fsdp before the lookup, so XLA never falls back to replicating
+  an activation to reshard it (with gradient accumulation, scanned layers too)."""
+  cfg = make_config({"objective.name": objective, "model.num_heads": 4, "model.d_model": 64,
+                     "train.grad_accum_steps": 2, "model.scan_layers": scan})
+  setup = trainer.build(cfg, sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+  tx, schedule = trainer.make_optimizer(cfg.train)
+  abstract = trainer.abstract_train_state(setup, tx)
+  capfd.readouterr()
+  trainer.compile_step(trainer.make_train_step(setup, tx, schedule, abstract), abstract,
+                       setup.abstract_batch(), verbose=False)
+  assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
+@pytest.mark.slow
 def test_ema_follows_the_warmed_up_recurrence(make_config):
   """EMA_n = d_n EMA_(n-1) + (1 - d_n) params_n from the initial params, d_n = min(d, (1 + n) /
   (10 + n)), recomputed in numpy from the params of every step."""
