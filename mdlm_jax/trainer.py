@@ -23,6 +23,8 @@ from mdlm_jax import config as config_lib
 from mdlm_jax import evaluate as evaluate_lib
 from mdlm_jax import metrics as metrics_lib
 from mdlm_jax import objectives
+from mdlm_jax import optim
+from mdlm_jax.optim import make_optimizer  # noqa: F401  (part of the trainer's API)
 from mdlm_jax import preemption
 from mdlm_jax import run_record
 from mdlm_jax import sharding
@@ -81,31 +83,6 @@ def build(config, mesh=None) -> Setup:
                sharding.batch_sharding(mesh))
 
 
-def _is_matrix(path, x) -> bool:
-  """Weight decay on matrices, not on norm scales or vectors; the leading layers axis of
-  model.scan_layers' stacked blocks (`blocks` then a name, not a layer number) not counted."""
-  keys = [getattr(k, "key", None) for k in path]
-  stacked = any(a == "blocks" and isinstance(b, str) and not b.isdigit()
-                for a, b in zip(keys, keys[1:]))
-  return x.ndim - stacked >= 2
-
-
-def make_optimizer(t) -> tuple[optax.GradientTransformation, Callable]:
-  if t.schedule == "cosine":
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, t.learning_rate, t.warmup_steps, max(t.steps, t.warmup_steps + 1),
-        end_value=t.learning_rate * t.min_lr_ratio)
-  else:
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1)),
-         optax.constant_schedule(t.learning_rate)], [t.warmup_steps])
-  decay_mask = lambda params: jax.tree_util.tree_map_with_path(_is_matrix, params)
-  tx = optax.chain(
-      optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
-      optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
-  return tx, schedule
-
-
 SKIP_COUNTERS = ("total", "consecutive", "worst")  # non-finite steps skipped (see the step)
 
 
@@ -137,13 +114,6 @@ def init_train_state(setup: Setup, tx, abstract_state) -> dict:
             "ema": params if abstract_state["ema"] is not None else None,
             "skips": {k: zero for k in SKIP_COUNTERS}}
   return jax.jit(fn, out_shardings=shardings_of(abstract_state))(params)
-
-
-def ema_decay(decay: float, updates):
-  """The EMA's decay at its `updates`-th update: min(decay, (1 + n) / (10 + n)), the warm-up of
-  MDLM's (score-SDE's) EMA, so a short run's EMA is not still mostly the initialisation (with
-  0.9999 and no warm-up, 96% of it after 400 steps)."""
-  return jnp.minimum(decay, (1.0 + updates) / (10.0 + updates))
 
 
 def make_loss_and_grads(setup: Setup):
@@ -212,7 +182,7 @@ def make_train_step(setup: Setup, tx, schedule, abstract_state, guard: bool = Tr
     params = optax.apply_updates(state["params"], updates)
     ema = state["ema"]
     if ema is not None:
-      d = ema_decay(cfg.ema_decay, state["step"] + 1)
+      d = optim.ema_decay(cfg.ema_decay, state["step"] + 1)
       ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if guard:
