@@ -44,9 +44,10 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
                        devices=devices[:math.prod(shape)])
 
 
-def logical_to_spec(axes, shape, mesh) -> P:
+def logical_to_spec(axes, shape, mesh, undivided: list | None = None) -> P:
   """PartitionSpec for a tensor whose dims carry `axes`; a dim that the mesh axis size does
-  not divide (or whose mesh axis is already used) stays replicated."""
+  not divide (or whose mesh axis is already used) stays replicated, the former listed in
+  `undivided` as (name, dim, mesh axes, their size)."""
   rules = dict(RULES)
   used, spec = set(), []
   for name, dim in zip(axes, shape):
@@ -58,16 +59,27 @@ def logical_to_spec(axes, shape, mesh) -> P:
       used.update(names)
       spec.append(names if len(names) > 1 else names[0])
     else:
+      if names and undivided is not None:
+        undivided.append((name, dim, names, size))
       spec.append(None)
   return P(*spec)
 
 
-def param_shardings(abstract_state: nnx.State, mesh):
-  """NamedShardings for a pure-dict params tree, from the `axes` metadata of an nnx.State."""
-  def one(v):
+def param_shardings(abstract_state: nnx.State, mesh, undivided: list | None = None):
+  """NamedShardings for a pure-dict params tree, from the `axes` metadata of an nnx.State.
+  Parameters with a dimension their mesh axes do not divide (kept replicated there) are
+  described in `undivided`, one line each."""
+  def one(path, v):
     axes = v.get_metadata().get("axes") or (None,) * len(v.shape)
-    return NamedSharding(mesh, logical_to_spec(axes, v.shape, mesh))
-  shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    mine = []
+    spec = logical_to_spec(axes, v.shape, mesh, mine)
+    if undivided is not None:
+      name = ".".join(str(getattr(k, "key", k)) for k in path)
+      undivided.extend(f"{name} {axis}={dim} over {'x'.join(names)}={size}"
+                       for axis, dim, names, size in mine)
+    return NamedSharding(mesh, spec)
+  shardings = jax.tree_util.tree_map_with_path(
+      one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.to_pure_dict(shardings)
 
 

@@ -46,6 +46,7 @@ class Setup:
   abstract_params: Any      # ShapeDtypeStructs carrying their NamedShardings
   param_shardings: Any
   batch_sharding: jax.sharding.NamedSharding
+  undivided: tuple[str, ...] = ()  # parameter dims kept replicated: the mesh does not divide
 
   def model(self, params) -> nnx.Module:
     return nnx.merge(self.graphdef, params)
@@ -76,11 +77,12 @@ def build(config, mesh=None) -> Setup:
         f"data-parallel size mesh.data x mesh.fsdp = {dp}; change train.batch_size or the mesh.")
   abs_model = nnx.eval_shape(lambda: objective.build(nnx.Rngs(config.seed)))
   graphdef, abs_state = nnx.split(abs_model)
-  shardings = sharding.param_shardings(abs_state, mesh)
+  undivided = []
+  shardings = sharding.param_shardings(abs_state, mesh, undivided)
   abstract = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                           nnx.to_pure_dict(abs_state), shardings)
   return Setup(config, tokenizer, objective, mesh, graphdef, abstract, shardings,
-               sharding.batch_sharding(mesh))
+               sharding.batch_sharding(mesh), tuple(undivided))
 
 
 SKIP_COUNTERS = ("total", "consecutive", "worst")  # non-finite steps skipped (see the step)
@@ -302,6 +304,8 @@ def _train(setup, wd, data_it, log, hooks, dataset=None):
   log(f"objective {config.objective.name} | {n_params / 1e6:.2f}M params | mesh "
       f"{dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices | "
       f"{jax.process_count()} process(es)")
+  if setup.undivided:
+    log(f"kept replicated, as the mesh does not divide them: {'; '.join(setup.undivided)}")
   mngr, state, data_it, abstract_state = _prepare_state(setup, tx, wd, data_it, log,
                                                         dataset)
   step = int(jax.device_get(state["step"]))

@@ -131,6 +131,19 @@ def test_a_2x2x2_mesh_compiles_without_involuntary_rematerialization(make_config
   assert "Involuntary full rematerialization" not in capfd.readouterr().err
 
 
+def test_dimensions_the_mesh_does_not_divide_are_named(make_config):
+  cfg = make_config({"model.num_heads": 4, "model.mlp_dim": 66})
+  setup = trainer.build(cfg, sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4}))
+  vocab = setup.tokenizer.vocab_size
+  expected = {f"blocks.{i}.mlp.{w} mlp=66 over tensor=4"
+              for i in range(cfg.model.num_layers) for w in ("w_gate", "w_up", "w_down")}
+  if vocab % 4:
+    expected.add(f"embed vocab={vocab} over tensor=4")
+  assert set(setup.undivided) == expected
+  assert trainer.build(cfg, sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 2})).undivided \
+      == ((f"embed vocab={vocab} over tensor=2",) if vocab % 2 else ())
+
+
 @pytest.mark.slow
 def test_ema_follows_the_warmed_up_recurrence(make_config):
   """EMA_n = d_n EMA_(n-1) + (1 - d_n) params_n from the initial params, d_n = min(d, (1 + n) /
