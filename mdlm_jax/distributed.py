@@ -10,8 +10,9 @@ from absl import logging
 
 _MODE = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
-    "auto: initialize jax.distributed when coordinator flags/env are given or a cluster "
-    "(TPU pod, SLURM with several tasks) is detected; on: always; off: never.")
+    "auto: initialize jax.distributed when coordinator flags/env are given or jax's own "
+    "cluster detection (TPU pod, SLURM, Open MPI, Kubernetes) finds several processes; "
+    "on: always; off: never.")
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
@@ -20,12 +21,21 @@ _CPU_DEVICES = flags.DEFINE_integer(
 
 
 def _cluster_detected() -> bool:
+  """Whether more than one process is expected: a coordinator in the environment, or a
+  cluster found by jax's own detection (what `jax.distributed.initialize()` runs: Cloud TPU
+  pods on GCE and GKE, SLURM, Open MPI, Kubernetes) that reports several processes."""
   env = os.environ
   if env.get("JAX_COORDINATOR_ADDRESS"):
     return True
-  if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-    return True
-  return bool(env.get("TPU_WORKER_HOSTNAMES", "").count(","))
+  try:
+    from jax._src import clusters  # pylint: disable=g-import-not-at-top
+    found = [c for c in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
+             if not c.opt_in_only_method and c.is_env_present()]
+  except (ImportError, AttributeError):  # moved in a later jax: read the environment instead
+    if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+      return True
+    return bool(env.get("TPU_WORKER_HOSTNAMES", "").count(","))
+  return bool(found) and found[0].get_process_count() > 1
 
 
 def fast_gpu_prng() -> None:

@@ -129,3 +129,26 @@ def test_damage_seen_by_one_of_two_processes_is_set_aside_by_both(tmp_path, corp
   logged = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
   assert [s for s, _ in logged] == [1, 2, 3, 4, 3, 4, 5, 6], logged
   assert logged[2:4] == logged[4:6]  # steps 3 and 4 again, from step 2's state and data
+
+
+def test_a_slurm_job_starts_through_jax_own_cluster_detection():
+  """Two processes with a 2-task SLURM job's environment and no coordinator flags or
+  variables: `distributed.initialize()` (auto) finds the cluster the way jax does and joins
+  them; a 1-task job stays a single process without starting jax.distributed."""
+  cluster = os.path.join(os.path.dirname(WORKER), "cluster_worker.py")
+
+  def run(ntasks):
+    env = {k: v for k, v in ENV.items()
+           if not k.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR"))}
+    env.update(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS=str(ntasks),
+               SLURM_LOCALID="0", JAX_COORDINATOR_PORT=str(free_port()))
+    procs = [subprocess.Popen([sys.executable, cluster], env=dict(env, SLURM_PROCID=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(ntasks)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+      assert p.returncode == 0, err[-3000:]
+    return sorted(out.split() for out, _ in outs)
+
+  assert run(2) == [["2", "0"], ["2", "1"]]
+  assert run(1) == [["1", "0"]]
