@@ -38,8 +38,16 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  """The data x fsdp x tensor mesh. A mesh smaller than the devices is refused when
+  `mesh_cfg` sets `allow_unused_devices` False (as configs do), since idle accelerators are
+  almost always a mistyped size."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
+  if math.prod(shape) < len(devices) and not mesh_cfg.get("allow_unused_devices", True):
+    sizes = dict(zip(MESH_AXES, shape))
+    raise ValueError(f"mesh {sizes} uses {math.prod(shape)} of the {len(devices)} devices; "
+                     "set one of mesh.data, mesh.fsdp, mesh.tensor to -1 (the rest of the "
+                     "devices), or mesh.allow_unused_devices=True to leave them idle.")
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                        devices=devices[:math.prod(shape)])
 

@@ -173,6 +173,17 @@ def test_mesh_inference_and_errors():
     sharding.mesh_shape({"data": 4, "fsdp": 2, "tensor": 2}, 8)
 
 
+def test_a_mesh_smaller_than_the_devices_is_refused_unless_asked():
+  c = config_lib.base_config()
+  c.mesh.update(data=2, fsdp=2)
+  with pytest.raises(ValueError, match=r"uses 4 of the 8 devices.*allow_unused_devices=True"):
+    sharding.make_mesh(c.mesh)
+  c.mesh.allow_unused_devices = True
+  assert dict(sharding.make_mesh(c.mesh).shape) == {"data": 2, "fsdp": 2, "tensor": 1}
+  c.mesh.update(data=-1, allow_unused_devices=False)
+  assert sharding.make_mesh(c.mesh).devices.size == 8
+
+
 @pytest.mark.slow
 def test_resumed_run_repeats_the_uninterrupted_losses_exactly(tmp_path, make_config):
   over = {"train.steps": 6, "train.ema_decay": 0.5, "train.grad_accum_steps": 2,
