@@ -14,7 +14,7 @@ from mdlm_jax import objectives
 
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
-ATTENTION = ("auto", "xla", "cudnn", "cudnn_packed", "chunked")
+ATTENTION = ("auto", "xla", "cudnn", "cudnn_packed", "chunked", "splash")
 SCHEDULES = ("cosine", "constant")
 
 

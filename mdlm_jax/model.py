@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mdlm_jax import sharding
+from mdlm_jax.attention import (attention_impl, attention_mask, dot_product_attention,
+                                packed_segments)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,125 +93,6 @@ def apply_rope(x_BxTxNxH, tables):
   return out.astype(x_BxTxNxH.dtype)
 
 
-def attention_mask(q_seg_BxT, k_seg_BxS, q_idx_BxT, k_idx_BxS, causal: bool):
-  """(B, 1, T, S) boolean: same segment and, if causal, key index <= query index."""
-  mask = q_seg_BxT[:, :, None] == k_seg_BxS[:, None, :]
-  if causal:
-    mask &= k_idx_BxS[:, None, :] <= q_idx_BxT[:, :, None]
-  return mask[:, None]
-
-
-def _chunked_attention(q, k, v, mask, causal: bool, chunk: int = 64):
-  """Softmax attention computed per block of `chunk` queries; with causal masking a block
-  only reads the keys up to its own end, skipping the upper triangle (about 2x less work on
-  CPU than the full masked product). Runs head-major so each block is a plain batched
-  matmul (one transpose per input instead of one per block)."""
-  t, scale = q.shape[1], q.shape[-1] ** -0.5
-  nb = t // chunk if causal and t % chunk == 0 and t > chunk else 1
-  size, outs = t // nb, []
-  bias = jnp.where(mask, 0.0, -1e30).astype(jnp.float32)  # additive: no select in the backward
-  b, _, n, h = q.shape
-  # queries chunk-major (nb, B, N, size, H): a block is a free leading-axis index; the scale is
-  # applied to q (T*H elements) rather than to the scores (T*S)
-  q = (q * jnp.asarray(scale, q.dtype)).reshape(b, nb, size, n, h).transpose(1, 0, 3, 2, 4)
-  k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))   # (B, N, S, H)
-  for i in range(nb):
-    lo, hi = i * size, (i + 1) * size
-    kv_end = hi if causal and nb > 1 else k.shape[2]
-    s = jnp.einsum("bnth,bnsh->bnts", q[i], k[:, :, :kv_end],
-                   preferred_element_type=jnp.float32) + bias[:, :, lo:hi, :kv_end]
-    # softmax normalised after the value product: one (T, H) division instead of a (T, S) one
-    e = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True)))
-    o = jnp.einsum("bnts,bnsh->bnth", e.astype(v.dtype), v[:, :, :kv_end],
-                   preferred_element_type=jnp.float32)
-    outs.append((o / e.sum(axis=-1, keepdims=True)).astype(v.dtype))
-  o = jnp.stack(outs)                                # (nb, B, N, size, H)
-  return o.transpose(1, 0, 3, 2, 4).reshape(b, t, n, h)
-
-
-def attention_impl(name: str, dtype) -> str:
-  """'auto' picks cuDNN on GPU (bf16/fp16), the chunked XLA kernel on CPU, else XLA's."""
-  if name != "auto":
-    return name
-  platform = jax.devices()[0].platform
-  if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-    return "cudnn"
-  return "chunked" if platform == "cpu" else "xla"
-
-
-class PackedSegments(NamedTuple):
-  """Segment ids (B, T) and their cuDNN packed layout: `offsets` (B, M+1), the first index of
-  each run of equal ids, then -1; `lengths` (B, M), each run's length, then -1; `fits`, whether
-  every row has at most M runs (the layout then describes the rows exactly)."""
-  ids: jax.Array
-  offsets: jax.Array
-  lengths: jax.Array
-  fits: jax.Array
-
-
-def run_starts(segment_ids_BxT):
-  """(B, T) bool: the first token of each run of equal segment ids (a document, or the
-  padding after the last one)."""
-  b, _ = segment_ids_BxT.shape
-  return jnp.concatenate([jnp.ones((b, 1), bool),
-                          segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
-
-
-def packed_segments(segment_ids_BxT, max_segments: int) -> PackedSegments:
-  """The layout of rows made of contiguous segments, as the pipeline packs them (padding is
-  one more run at the row's end, attending to itself as in `attention_mask`)."""
-  b, _ = segment_ids_BxT.shape
-  run_BxT = jnp.cumsum(run_starts(segment_ids_BxT), axis=1, dtype=jnp.int32) - 1
-  m_M = jnp.arange(max_segments, dtype=jnp.int32)
-  lengths = (run_BxT[:, None, :] == m_M[:, None]).sum(-1, dtype=jnp.int32)
-  starts = jnp.cumsum(lengths, axis=1, dtype=jnp.int32) - lengths
-  runs_B = run_BxT[:, -1] + 1
-  used = m_M < runs_B[:, None]
-  offsets = jnp.concatenate([jnp.where(used, starts, -1), jnp.full((b, 1), -1, jnp.int32)], 1)
-  return PackedSegments(segment_ids_BxT, offsets, jnp.where(used, lengths, -1),
-                        jnp.all(runs_B <= max_segments))
-
-
-def _cudnn_packed(q, k, v, offsets, lengths, causal: bool):
-  """cuDNN flash attention over the runs given by offsets/lengths (no mask, no bias). The
-  public `jax.nn.dot_product_attention` takes no segments: a mask there becomes a (B, 1, T, S)
-  bias that every head of every layer reads, forward and backward (and JAX before 0.11 also
-  computes its gradient)."""
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
-  mask_type = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
-  try:
-    return cudnn.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths,
-                                       q_offsets=offsets, kv_offsets=offsets,
-                                       scale=q.shape[-1] ** -0.5, mask_type=mask_type)
-  except (NotImplementedError, RuntimeError) as e:  # no cuDNN, or a GPU before Hopper
-    raise RuntimeError(f"model.attention='cudnn_packed' is not available here ({e}); use "
-                       "model.attention='cudnn' (or 'auto').") from e
-
-
-def _packed_attention(q, k, v, segs: PackedSegments, causal: bool):
-  """Exact either way: cuDNN's packed layout when every row fits in `max_segments` runs, else
-  the masked kernel `auto` picks (rematerialised, so the branch keeps no (T, S) residual)."""
-  def masked(q, k, v, ids):
-    idx = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-    mask = attention_mask(ids, ids, idx, idx, causal)
-    return dot_product_attention(q, k, v, mask, causal, attention_impl("auto", q.dtype))
-  return jax.lax.cond(segs.fits,
-                      lambda: _cudnn_packed(q, k, v, segs.offsets, segs.lengths, causal),
-                      lambda: jax.checkpoint(masked)(q, k, v, segs.ids))
-
-
-def dot_product_attention(q, k, v, mask, causal: bool, impl: str):
-  """q (B, T, N, H), k/v (B, S, N, H), mask (B, 1, T, S) -> (B, T, N, H); for 'cudnn_packed'
-  the mask is a `PackedSegments` (self-attention, T == S)."""
-  if impl == "chunked":
-    return _chunked_attention(q, k, v, mask, causal)
-  if impl == "cudnn_packed":
-    return _packed_attention(q, k, v, mask, causal)
-  full_causal = causal and q.shape[1] == k.shape[1]
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=full_causal,
-                                      implementation=impl)
-
-
 def dense(x, w, in_dims: int = 1):
   """Contracts the last `in_dims` axes of x with the first of w as one 2-D matmul (XLA's CPU
   backend is markedly faster on 2-D dots than on the equivalent batched einsum)."""
@@ -233,13 +116,13 @@ class Attention(nnx.Module):
     q = apply_rope(dense(x_BxTxD, self.wq[...]), rope)
     k = apply_rope(dense(x_BxTxD, self.wk[...]), rope)
     v = dense(x_BxTxD, self.wv[...])
-    impl = attention_impl(cfg.attention, cfg.dtype)
+    impl = attention_impl(cfg.attention, cfg.dtype, x_BxTxD.shape[1])
     if cache is not None:  # decoding: write the new keys/values at `index`, attend to all
       index = cache["index"]
       k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
       cache = dict(k=k, v=v, index=index)
-      impl = {"chunked": "xla", "cudnn_packed": "cudnn"}.get(impl, impl)
+      impl = {"chunked": "xla", "cudnn_packed": "cudnn", "splash": "xla"}.get(impl, impl)
     o = dot_product_attention(q, k, v, mask_Bx1xTxS, causal and cache is None, impl)
     return dense(o, self.wo[...], in_dims=2), cache
 
@@ -313,8 +196,11 @@ class Transformer(nnx.Module):
     rope=False the positions are not used (the embeddings carry their own)."""
     causal = self.cfg.causal if causal is None else causal
     x_BxTxD = sharding.constrain(x_BxTxD, "batch", "length", "embed")
-    if attention_impl(self.cfg.attention, self.cfg.dtype) == "cudnn_packed":
+    impl = attention_impl(self.cfg.attention, self.cfg.dtype, x_BxTxD.shape[1])
+    if impl == "cudnn_packed":
       mask = packed_segments(segment_ids_BxT, self.cfg.max_segments)
+    elif impl == "splash":  # the kernel masks from the ids alone
+      mask = segment_ids_BxT
     else:
       idx_BxT = jnp.broadcast_to(jnp.arange(x_BxTxD.shape[1]), positions_BxT.shape)
       mask = attention_mask(segment_ids_BxT, segment_ids_BxT, idx_BxT, idx_BxT, causal)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mdlm_jax import attention as attention_lib
 from mdlm_jax import model as model_lib
 
 CFG = model_lib.ModelConfig(vocab_size=40, num_layers=2, d_model=32, num_heads=2, mlp_dim=64)
@@ -83,13 +84,13 @@ def test_chunked_attention_matches_reference_softmax():
   seg = jnp.asarray(np.repeat([[1, 2, 3]], b, 0).repeat(64, 1))
   idx = jnp.broadcast_to(jnp.arange(t), (b, t))
   for causal in (True, False):
-    mask = model_lib.attention_mask(seg, seg, idx, idx, causal)
+    mask = attention_lib.attention_mask(seg, seg, idx, idx, causal)
     s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(h)
     s = np.where(np.asarray(mask), s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     ref = np.einsum("bnts,bsnh->btnh", p, v)
-    got = model_lib.dot_product_attention(q, k, v, mask, causal, "chunked")
+    got = attention_lib.dot_product_attention(q, k, v, mask, causal, "chunked")
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
@@ -110,7 +111,7 @@ def test_packed_segments_layout_matches_the_runs_of_each_row():
           [1] * 190 + [2] * 190 + [0] * 132,             # the padding is a run of its own
           [4] * 512]
   for m in (3, 5):
-    got = model_lib.packed_segments(jnp.asarray(rows, jnp.int32), m)
+    got = attention_lib.packed_segments(jnp.asarray(rows, jnp.int32), m)
     for b, seg_row in enumerate(rows):
       runs = runs_of(seg_row)
       want_off = [s for s, _ in runs] + [-1] * (m + 1 - len(runs))
@@ -118,11 +119,11 @@ def test_packed_segments_layout_matches_the_runs_of_each_row():
       np.testing.assert_array_equal(got.offsets[b], want_off)
       np.testing.assert_array_equal(got.lengths[b], want_len)
     assert bool(got.fits)
-  np.testing.assert_array_equal(model_lib.packed_segments(jnp.asarray(rows), 3).offsets[0],
+  np.testing.assert_array_equal(attention_lib.packed_segments(jnp.asarray(rows), 3).offsets[0],
                                 [0, 170, 340, -1])
   too_many = jnp.asarray([[1, 1, 2, 3, 3, 4, 0, 0], [1] * 8], jnp.int32)
-  assert not bool(model_lib.packed_segments(too_many, 4).fits)
-  assert bool(model_lib.packed_segments(too_many, 5).fits)
+  assert not bool(attention_lib.packed_segments(too_many, 4).fits)
+  assert bool(attention_lib.packed_segments(too_many, 5).fits)
 
 
 def packed_reference(q, k, v, offsets, lengths, causal, scale_out=1.0):
@@ -155,7 +156,7 @@ def test_cudnn_packed_attention_is_exact_with_and_without_room(causal, monkeypat
   packed = make(attention="cudnn_packed", max_segments=4)
   masked = make(attention="xla")
   for seg, scale in ((seg_fit, 1.0), (seg_over, 1.0), (seg_fit, 2.0)):
-    monkeypatch.setattr(model_lib, "_cudnn_packed",
+    monkeypatch.setattr(attention_lib, "_cudnn_packed",
                         lambda *a, s=scale: packed_reference(*a, scale_out=s))
     seg = jnp.asarray(seg, jnp.int32)
     pos = jnp.stack([row(16, r)[0][0] for r in np.asarray(seg)])

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mdlm_jax import attention
 from mdlm_jax import model as model_lib
 from mdlm_jax import objectives
 from mdlm_jax import sampling
@@ -73,7 +74,7 @@ def segment_key(segment_ids_BxT):
   """(B, T) int32: a flat id of each token's run of equal segment ids (row * T + its start)."""
   b, t = segment_ids_BxT.shape
   idx = jnp.arange(t, dtype=jnp.int32)
-  start = jax.lax.cummax(jnp.where(model_lib.run_starts(segment_ids_BxT), idx, 0), axis=1)
+  start = jax.lax.cummax(jnp.where(attention.run_starts(segment_ids_BxT), idx, 0), axis=1)
   return start + t * jnp.arange(b, dtype=jnp.int32)[:, None]
 
 

@@ -9,7 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mdlm_jax import model as model_lib
+from mdlm_jax import attention
 from mdlm_jax import tokenizers
 from mdlm_jax.objectives import blm
 
@@ -54,7 +54,7 @@ def anchors(batch):
   """(B, T) bool: tokens every canvas keeps (BOS, EOS, each segment's first and last, and the
   prompt of prompt/answer rows: given, never inserted or scored)."""
   x, seg = batch["inputs"], batch["segment_ids"]
-  first = model_lib.run_starts(seg)
+  first = attention.run_starts(seg)
   last = jnp.concatenate([first[:, 1:], jnp.ones_like(first[:, :1])], axis=1)
   out = (x == tokenizers.BOS) | (x == tokenizers.EOS) | first | last
   if "prompt_mask" in batch:
