@@ -36,7 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
       min_lr_ratio=0.1, grad_clip=1.0, weight_decay=0.1, b1=0.9, b2=0.95, ema_decay=0.0,
       grad_accum_steps=1, log_every_steps=25, max_skipped_steps=3, profile_start=10,
       profile_steps=0))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, allow_unused_devices=False))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1,
+                                         allow_unused_devices=False))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, restore_data=True,
                                                 lock_timeout_s=600.0))
   c.eval = ml_collections.ConfigDict(dict(every_steps=500, batches=16, sample_tokens=128,
@@ -140,6 +141,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(v == -1 or v >= 1, f"mesh.{key}={v} must be -1 (infer) or >= 1.")
   _check(sum(c.mesh[k] == -1 for k in ("data", "fsdp", "tensor")) <= 1,
          "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1.")
+  _check(c.mesh.dcn_data >= 1, f"mesh.dcn_data={c.mesh.dcn_data} must be >= 1 (the slices or "
+         "hosts the data axis spans over the data-center network; 1: one).")
   _check(c.checkpoint.every_steps >= 1 and c.checkpoint.keep >= 1,
          "checkpoint.every_steps and checkpoint.keep must be >= 1.")
   _check(c.eval.every_steps >= 0 and c.eval.batches >= 1,

@@ -6,6 +6,7 @@ import math
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -40,16 +41,49 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   """The data x fsdp x tensor mesh. A mesh smaller than the devices is refused when
   `mesh_cfg` sets `allow_unused_devices` False (as configs do), since idle accelerators are
-  almost always a mistyped size."""
+  almost always a mistyped size.
+
+  With `dcn_data` > 1 the data axis spans that many slices (TPU) or hosts (elsewhere, one
+  process per host) over the data-center network, and every other axis stays inside one:
+  `mesh_utils.create_hybrid_device_mesh`. Otherwise, off TPU (where jax orders devices by the
+  chips' topology), devices are taken host by host, so the innermost axis, tensor, spans one
+  host's devices whenever it fits in one."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
+  sizes = dict(zip(MESH_AXES, shape))
   if math.prod(shape) < len(devices) and not mesh_cfg.get("allow_unused_devices", True):
-    sizes = dict(zip(MESH_AXES, shape))
     raise ValueError(f"mesh {sizes} uses {math.prod(shape)} of the {len(devices)} devices; "
                      "set one of mesh.data, mesh.fsdp, mesh.tensor to -1 (the rest of the "
                      "devices), or mesh.allow_unused_devices=True to leave them idle.")
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=devices[:math.prod(shape)])
+  types = (jax.sharding.AxisType.Auto,) * 3
+  dcn = mesh_cfg.get("dcn_data", 1)
+  if dcn > 1:
+    return jax.sharding.Mesh(hybrid_devices(shape, dcn, devices), MESH_AXES, axis_types=types)
+  if devices[0].platform != "tpu":
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices[:math.prod(shape)])
+
+
+def hybrid_devices(shape, dcn: int, devices) -> np.ndarray:
+  """Devices (data, fsdp, tensor) whose data axis is `dcn` granules (TPU slices, elsewhere
+  processes) of data/dcn x fsdp x tensor devices each."""
+  granule = "slice_index" if devices[0].platform == "tpu" else "process_index"
+  granules = {getattr(d, granule) for d in devices}
+  per = math.prod(shape) // dcn
+  if shape[0] % dcn or len(granules) != dcn or len(devices) != dcn * per:
+    where = "slices" if granule == "slice_index" else "processes (one per host)"
+    raise ValueError(f"mesh.dcn_data={dcn} needs mesh.data ({shape[0]}) divisible by it and "
+                     f"{dcn} {where} of {per} devices each; here {len(granules)} {where} hold "
+                     f"{len(devices)} devices. Set mesh.dcn_data to the number of {where}.")
+  return mesh_utils.create_hybrid_device_mesh(
+      (shape[0] // dcn, shape[1], shape[2]), (dcn, 1, 1), devices,
+      process_is_granule=granule == "process_index")
+
+
+def hosts_per_tensor_group(mesh) -> int:
+  """The most processes any one tensor-parallel group spans (1: each stays inside a host)."""
+  groups = mesh.devices.reshape(-1, mesh.shape["tensor"])
+  return max(len({d.process_index for d in g}) for g in groups)
 
 
 def logical_to_spec(axes, shape, mesh, undivided: list | None = None) -> P:

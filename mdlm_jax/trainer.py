@@ -306,6 +306,9 @@ def _train(setup, wd, data_it, log, hooks, dataset=None):
       f"{jax.process_count()} process(es)")
   if setup.undivided:
     log(f"kept replicated, as the mesh does not divide them: {'; '.join(setup.undivided)}")
+  if (hosts := sharding.hosts_per_tensor_group(setup.mesh)) > 1:
+    log(f"mesh.tensor={setup.mesh.shape['tensor']} spans {hosts} hosts: its all-reduces cross "
+        "the host network; a tensor size of at most one host's devices keeps them inside one.")
   mngr, state, data_it, abstract_state = _prepare_state(setup, tx, wd, data_it, log,
                                                         dataset)
   step = int(jax.device_get(state["step"]))

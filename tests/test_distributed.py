@@ -152,3 +152,26 @@ def test_a_slurm_job_starts_through_jax_own_cluster_detection():
 
   assert run(2) == [["2", "0"], ["2", "1"]]
   assert run(1) == [["1", "0"]]
+
+
+MESH_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mesh_worker.py")
+
+
+@pytest.mark.slow
+def test_many_host_meshes_keep_tensor_inside_a_host_and_data_over_the_network(tmp_path):
+  """2 processes x 4 devices: the plain mesh takes devices host by host (each tensor pair,
+  and each fsdp x tensor block, on one host, whatever order jax lists them in); the hybrid
+  mesh (mesh.dcn_data=2) puts one host on each half of the data axis, and a reduction over it
+  is exact; sizes the hosts cannot hold are refused naming mesh.dcn_data."""
+  out = str(tmp_path / "mesh.json")
+  run_workers(MESH_WORKER, (out,), 2)
+  with open(out) as f:
+    r = json.load(f)
+  assert r["listed_order_hosts_per_tensor"] == 2  # the device order given splits the pairs
+  assert r["plain_hosts_per_tensor"] == 1
+  assert r["plain"] == [[[0, 0], [0, 0]], [[1, 1], [1, 1]]]
+  assert r["hybrid_shape"] == {"data": 4, "fsdp": 1, "tensor": 2}
+  assert r["hybrid"] == [[[0, 0]], [[0, 0]], [[1, 1]], [[1, 1]]]
+  assert r["sum"] == r["want"]
+  assert len(r["errors"]) == 2 and all("mesh.dcn_data=" in e for e in r["errors"])
+  assert "here 2 processes (one per host) hold 8 devices" in r["errors"][0]
