@@ -3,6 +3,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 
 import chex
@@ -129,6 +130,29 @@ def test_a_2x2x2_mesh_compiles_without_involuntary_rematerialization(make_config
   trainer.compile_step(trainer.make_train_step(setup, tx, schedule, abstract), abstract,
                        setup.abstract_batch(), verbose=False)
   assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_fsdp_keeps_parameters_sharded_inside_the_accumulation_loop(make_config):
+  """With FSDP and gradient accumulation the microbatch loop carries each parameter and its
+  gradient sum as their 1/fsdp shards: no full copy of a parameter is hoisted out of the loop
+  (which XLA does to an all-gather it can move, keeping every parameter whole in memory)."""
+  cfg = make_config({"objective.name": "ar", "model.num_heads": 4, "model.d_model": 64,
+                     "model.mlp_dim": 256, "train.grad_accum_steps": 2, "train.batch_size": 16})
+  setup = trainer.build(cfg, sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1}))
+  tx, schedule = trainer.make_optimizer(cfg.train)
+  abstract = trainer.abstract_train_state(setup, tx)
+  compiled, _ = trainer.compile_step(trainer.make_train_step(setup, tx, schedule, abstract),
+                                     abstract, setup.abstract_batch(), verbose=False)
+  loops = [line for line in compiled.as_text().splitlines() if " while(" in line]
+  assert len(loops) == 1
+  carried = loops[0].split(" while(")[0]
+  floats = sum(int(np.prod([int(d) for d in dims.split(",") if d]))
+               for dims in re.findall(r"f32\[([\d,]*)\]", carried))
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
+  # the params' shards and the gradient sums' shards, plus scalars and the rotary tables
+  # (2 x 64 x 8); one whole parameter matrix would add at least 64 x 64
+  assert 2 * params / 8 <= floats <= 2 * params / 8 + 2 * 64 * 8 + 16, (floats, params)
 
 
 def test_dimensions_the_mesh_does_not_divide_are_named(make_config):
