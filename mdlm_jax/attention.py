@@ -65,6 +65,13 @@ def attention_impl(name: str, dtype, length: int | None = None) -> str:
   return name
 
 
+def dense_mask_impl(impl: str) -> str:
+  """The kernel to use instead of `impl` with a dense (B, 1, T, S) mask (cached decoding, a
+  generation-order mask): the kernels that read segment ids or skip the causal triangle by
+  index give way to the masked product."""
+  return {"chunked": "xla", "cudnn_packed": "cudnn", "splash": "xla"}.get(impl, impl)
+
+
 class PackedSegments(NamedTuple):
   """Segment ids (B, T) and their cuDNN packed layout: `offsets` (B, M+1), the first index of
   each run of equal ids, then -1; `lengths` (B, M), each run's length, then -1; `fits`, whether

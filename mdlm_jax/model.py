@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mdlm_jax import sharding
-from mdlm_jax.attention import (attention_impl, attention_mask, dot_product_attention,
-                                packed_segments)
+from mdlm_jax.attention import (attention_impl, attention_mask, dense_mask_impl,
+                                dot_product_attention, packed_segments)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,12 +117,18 @@ class Attention(nnx.Module):
     k = apply_rope(dense(x_BxTxD, self.wk[...]), rope)
     v = dense(x_BxTxD, self.wv[...])
     impl = attention_impl(cfg.attention, cfg.dtype, x_BxTxD.shape[1])
-    if cache is not None:  # decoding: write the new keys/values at `index`, attend to all
-      index = cache["index"]
-      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
+    if cache is not None:
+      # decoding: write the new keys/values at `index` (a scalar: T positions from there; a
+      # (B, T) array: each row's own positions, out-of-range ones dropped), attend per mask
+      index, rows = cache["index"], jnp.arange(k.shape[0])[:, None]
+      put = ((lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), index, 1))
+             if jnp.ndim(index) == 0 else
+             (lambda c, x: c.at[rows, index].set(x.astype(c.dtype), mode="drop")))
+      k, v = put(cache["k"], k), put(cache["v"], v)
       cache = dict(k=k, v=v, index=index)
-      impl = {"chunked": "xla", "cudnn_packed": "cudnn", "splash": "xla"}.get(impl, impl)
+    if cache is not None or (impl in ("splash", "cudnn_packed")
+                             and getattr(mask_Bx1xTxS, "ndim", 0) == 4):
+      impl = dense_mask_impl(impl)  # a mask these kernels cannot read
     o = dot_product_attention(q, k, v, mask_Bx1xTxS, causal and cache is None, impl)
     return dense(o, self.wo[...], in_dims=2), cache
 
@@ -191,13 +197,18 @@ class Transformer(nnx.Module):
     return sharding.constrain(x, "batch", "length", "embed")
 
   def hidden(self, x_BxTxD, positions_BxT, segment_ids_BxT, causal: bool | None = None,
-             rope: bool = True):
+             rope: bool = True, order_BxT=None):
     """Runs the blocks on input embeddings; returns final-normed states (B, T, D). With
-    rope=False the positions are not used (the embeddings carry their own)."""
+    rope=False the positions are not used (the embeddings carry their own). `order_BxT`: a
+    token attends to the tokens of its segment whose order is <= its own (a generation
+    order, e.g. the step each token was placed at), whatever their index."""
     causal = self.cfg.causal if causal is None else causal
     x_BxTxD = sharding.constrain(x_BxTxD, "batch", "length", "embed")
     impl = attention_impl(self.cfg.attention, self.cfg.dtype, x_BxTxD.shape[1])
-    if impl == "cudnn_packed":
+    if order_BxT is not None:
+      mask = attention_mask(segment_ids_BxT, segment_ids_BxT, order_BxT, order_BxT, True)
+      causal = False  # the mask holds the order; the kernels' causal masks go by index
+    elif impl == "cudnn_packed":
       mask = packed_segments(segment_ids_BxT, self.cfg.max_segments)
     elif impl == "splash":  # the kernel masks from the ids alone
       mask = segment_ids_BxT
@@ -265,6 +276,17 @@ class Transformer(nnx.Module):
                           q_idx, k_idx, causal=True)
     x = self.embed_tokens(tokens_BxT)
     rope = rope_tables(q_idx, self.cfg.head_dim, self.cfg.rope_base, self.cfg.max_seq_len)
+    h, cache = self._cached_blocks(x, rope, mask, cache, index)
+    return h, [dict(c, index=index + t) for c in cache]
+
+  def extend_hidden(self, x_BxTxD, index_BxT, mask_Bx1xTxS, cache):
+    """Cached encoding of T new tokens given as input embeddings (which carry their own
+    positions: no rotary tables) into each row's cache positions `index_BxT` (out-of-range
+    ones are not written), attending to the cache's keys by `mask_Bx1xTxS` (B, 1, T, S).
+    Returns (final states (B, T, D), cache). `init_cache` makes the cache."""
+    return self._cached_blocks(x_BxTxD, None, mask_Bx1xTxS, cache, index_BxT)
+
+  def _cached_blocks(self, x, rope, mask, cache, index):
     if self.cfg.scan_layers:
       graphdef, params = nnx.split(self.blocks)
 
@@ -274,11 +296,11 @@ class Transformer(nnx.Module):
         return x, (c["k"], c["v"])
 
       x, (k, v) = jax.lax.scan(layer, x, (params, cache[0]["k"], cache[0]["v"]))
-      return self.final_norm(x), [dict(k=k, v=v, index=index + t)]
+      return self.final_norm(x), [dict(cache[0], k=k, v=v)]
     new_cache = []
     for block, c in zip(self.blocks, cache):
-      x, c = block(x, rope, mask, False, c)
-      new_cache.append(dict(c, index=index + t))
+      x, c2 = block(x, rope, mask, False, dict(c, index=index))
+      new_cache.append(dict(c, k=c2["k"], v=c2["v"]))
     return self.final_norm(x), new_cache
 
 

@@ -125,7 +125,10 @@ def numpy_logp(s_logits, score, canvas, distribution):
 @pytest.mark.parametrize("distribution", ["joint", "factorized"])
 @pytest.mark.parametrize("fpe", [True, False])
 def test_slot_loss_and_bound_terms_match_numpy(make_config, distribution, fpe):
-  obj, net = make(make_config, distribution=distribution, fpe=fpe, tau=0.7)
+  # the formulas read the network's outputs, whatever the encoder: here bidirectional, whose
+  # outputs need no history (the placement encoder's histories: tests/test_insertion_cache.py)
+  obj, net = make(make_config, distribution=distribution, fpe=fpe, tau=0.7,
+                  encoder="bidirectional")
   t = 16
   batch = with_cut_row(packed_batch(DOCS, t), t)
   keep = np.random.default_rng(1).random(batch["inputs"].shape) < 0.5
@@ -180,7 +183,8 @@ def test_sequence_finalization_targets_the_next_action(make_config, order, monke
   """finalization=sequence: per document the cross-entropy of the next action, each slot
   weighted by its share of the missing words and split by the span weights; stop only on a
   full canvas; documents weighted by n + 1 less log n!, per word (the one-pass bound)."""
-  obj, net = make(make_config, order=order, tau=0.7, finalization="sequence")
+  obj, net = make(make_config, order=order, tau=0.7, finalization="sequence",
+                  encoder="bidirectional")
   t = 16
   batch = with_cut_row(packed_batch(DOCS, t), t)
   x, seg = np.asarray(batch["inputs"]), np.asarray(batch["segment_ids"])
@@ -302,7 +306,7 @@ def test_bound_expectation_is_the_order_averaged_bound_above_the_exact_nll(make_
   subset equals -log n! - mean over the n! orders of log p(x, order), each order scored step
   by step (its slots read off canvases built here), and the exact -log p(x), -logsumexp over
   orders (orders and action sequences correspond one to one), lies below it."""
-  obj, net = make(make_config, distribution=distribution)
+  obj, net = make(make_config, distribution=distribution, encoder="bidirectional")
   words = [40, 41, 41]  # equal neighbours: their slots tell the orders apart
   batch = packed_batch([[words]], 8)
   n = len(words)
@@ -348,7 +352,8 @@ def test_bound_expectation_is_the_order_averaged_bound_above_the_exact_nll(make_
     place[0, [pos[i] for i in order]] = np.arange(n)
     got = ins.order_logprob(net, batch, jnp.asarray(place), n_tok, distribution)
     np.testing.assert_allclose(float(got[0, 2]), want, rtol=1e-5)
-  obj_is, _ = make(make_config, distribution=distribution, eval_orders=2)
+  obj_is, _ = make(make_config, distribution=distribution, eval_orders=2,
+                   encoder="bidirectional")
   rng = jax.random.key(5)
   drawn = []
   for r in jax.random.split(rng, 2):
@@ -407,9 +412,12 @@ def test_loss_gradient_is_finite_and_padding_changes_nothing(make_config, finali
   narrow, wide = packed_batch(DOCS, 16), packed_batch(DOCS, 24)
   rng = jax.random.key(3)
   keep, n, k = ins.draw_keep(rng, narrow)
+  place = ins.keep_order(rng, narrow)
   pad = lambda x: jnp.concatenate([x, jnp.zeros((2, 8), x.dtype)], axis=1)
   draws = {16: (keep, n, k), 24: (pad(keep), pad(n), pad(k))}  # the same canvases
+  orders = {16: place, 24: pad(place)}  # and histories
   monkeypatch.setattr(ins, "draw_keep", lambda r, b: draws[b["inputs"].shape[1]])
+  monkeypatch.setattr(ins, "keep_order", lambda r, b: orders[b["inputs"].shape[1]])
   loss = nnx.jit(lambda m, b: obj.loss(m, b, rng)[0])
   np.testing.assert_allclose(loss(net, narrow), loss(net, wide), rtol=1e-5)
   grads = nnx.jit(nnx.grad(lambda m: obj.loss(m, narrow, rng)[0]))(net)

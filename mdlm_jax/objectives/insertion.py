@@ -55,6 +55,14 @@ from mdlm_jax.objectives import blm
 from mdlm_jax.objectives import insertion_decoding as decoding_lib
 from mdlm_jax.objectives.insertion_canvas import tree_positions
 from mdlm_jax.objectives.insertion_canvas import fpe_vectors
+from mdlm_jax.objectives.insertion_history import history_steps
+from mdlm_jax.objectives.insertion_history import history_vectors
+from mdlm_jax.objectives.insertion_history import normalize_actions
+from mdlm_jax.objectives.insertion_history import trajectory_logprob
+from mdlm_jax.objectives.insertion_history import tree_rounds
+from mdlm_jax.objectives.insertion_canvas import anchors
+from mdlm_jax.objectives.insertion_canvas import canvas_values
+from mdlm_jax.objectives.insertion_canvas import keep_order
 from mdlm_jax.objectives.insertion_canvas import words
 from mdlm_jax.objectives.insertion_canvas import draw_keep
 from mdlm_jax.objectives.insertion_canvas import span_key
@@ -63,6 +71,7 @@ from mdlm_jax.objectives.insertion_canvas import span_weights
 from mdlm_jax.objectives.insertion_canvas import slots
 
 ORDERS = ("tree", "uniform")
+ENCODERS = ("auto", "placement", "bidirectional")
 DISTRIBUTIONS = ("joint", "factorized")
 FINALIZATIONS = ("slot", "sequence")
 
@@ -72,11 +81,14 @@ def _rms_normalize(x):
 
 
 class InsertionNet(nnx.Module):
-  """The bidirectional backbone, the slot projection, the slot scorer (factorized) and FPE."""
+  """The backbone (bidirectional, or by placement step), the slot projection, the slot scorer
+  (factorized) and FPE."""
 
-  def __init__(self, cfg: model_lib.ModelConfig, rngs: nnx.Rngs, fpe: bool):
+  def __init__(self, cfg: model_lib.ModelConfig, rngs: nnx.Rngs, fpe: bool,
+               placement: bool = False):
     d = cfg.d_model
     self.fpe = fpe
+    self.placement = placement
     self.backbone = model_lib.Transformer(cfg, rngs)
     self.slot_l = model_lib.param(rngs, (d, d), ("embed", "mlp"), cfg.init_std)
     self.slot_r = model_lib.param(rngs, (d, d), ("embed", "mlp"), cfg.init_std)
@@ -99,19 +111,44 @@ class InsertionNet(nnx.Module):
     """Unit-RMS position vectors of a segment's first and last token."""
     return _rms_normalize(self.fpe_ends[...])
 
-  def __call__(self, canvas_BxT, segment_ids_BxT, u_BxTxD=None):
-    """(slot states (B, T, D) float32: slot t lies between tokens t and t + 1; word logits
-    (B, T, V) float32 per slot; slot scores (B, T) float32)."""
-    net = self.backbone
-    x = net.embed_tokens(canvas_BxT)
-    positions = tree_positions(segment_ids_BxT)[0]
+  def inputs(self, tokens_BxT, u_BxTxD=None):
+    """Token embeddings plus, with FPE, the scaled position vectors."""
+    x = self.backbone.embed_tokens(tokens_BxT)
     if self.fpe:
       x = x + (u_BxTxD * self.fpe_scale[...]).astype(x.dtype)
-    h = net.hidden(x, positions, segment_ids_BxT, rope=not self.fpe)
-    nxt = jnp.concatenate([h[:, 1:], jnp.zeros_like(h[:, :1])], axis=1)
-    s = model_lib.dense(h, self.slot_l[...]) + model_lib.dense(nxt, self.slot_r[...])
+    return x
+
+  def states(self, canvas_BxT, segment_ids_BxT, u_BxTxD=None, steps_BxT=None):
+    """Final token states (B, T, D): bidirectional, or with placement attention (each token
+    attends to the tokens of its segment placed at its step `steps_BxT` or before)."""
+    if self.placement and steps_BxT is None:
+      raise ValueError("placement attention needs each token's placement step")
+    positions = tree_positions(segment_ids_BxT)[0]
+    return self.backbone.hidden(self.inputs(canvas_BxT, u_BxTxD), positions, segment_ids_BxT,
+                                rope=not self.fpe,
+                                order_BxT=steps_BxT if self.placement else None)
+
+  def slot_halves(self, h):
+    """Each token's share of the slots on its right and on its left: a slot between tokens
+    l and r has the state left[l] + right[r]."""
+    return model_lib.dense(h, self.slot_l[...]), model_lib.dense(h, self.slot_r[...])
+
+  def slot_head(self, s):
+    """(word logits (.., V) float32, slot scores float32) of slot states s."""
     score = model_lib.dense(s.astype(jnp.float32), self.slot_u[...][:, None])[..., 0]
-    return s, net.logits(s), score
+    return self.backbone.logits(s), score
+
+  def slot_outputs(self, h_left, h_right):
+    """(slot states, word logits, slot scores) of the slots between tokens whose states are
+    h_left and h_right."""
+    s = model_lib.dense(h_left, self.slot_l[...]) + model_lib.dense(h_right, self.slot_r[...])
+    return (s, *self.slot_head(s))
+
+  def __call__(self, canvas_BxT, segment_ids_BxT, u_BxTxD=None, steps_BxT=None):
+    """(slot states (B, T, D) float32: slot t lies between tokens t and t + 1; word logits
+    (B, T, V) float32 per slot; slot scores (B, T) float32)."""
+    h = self.states(canvas_BxT, segment_ids_BxT, u_BxTxD, steps_BxT)
+    return self.slot_outputs(h, jnp.concatenate([h[:, 1:], jnp.zeros_like(h[:, :1])], axis=1))
 
 
 def action_logprobs(net: InsertionNet, canvas, distribution: str, u_BxTxD=None,
@@ -119,19 +156,12 @@ def action_logprobs(net: InsertionNet, canvas, distribution: str, u_BxTxD=None,
   """log p(word, slot) (B, T, V) float32 over the allowed slots of each document (default: all
   its slots); specials other than EOS (end-of-slot) are never inserted. Non-slots: NEG_INF."""
   seg = canvas["segment_ids"]
+  steps = canvas.get("steps") if net.placement else None
   if u_BxTxD is None and net.fpe:
-    u_BxTxD = fpe_vectors(net, seg)
-  _, logits, score = net(canvas["inputs"], seg, u_BxTxD)
-  v = logits.shape[-1]
-  ok_word = (jnp.arange(v) >= tokenizers.NUM_SPECIAL) | (jnp.arange(v) == tokenizers.EOS)
-  logits = jnp.where(ok_word, logits, sampling.NEG_INF)
-  lse_w = jax.nn.logsumexp(logits, axis=-1)
-  slot_score = lse_w if distribution == "joint" else score
+    u_BxTxD = fpe_vectors(net, seg) if steps is None else history_vectors(net, seg, steps)
+  _, logits, score = net(canvas["inputs"], seg, u_BxTxD, steps)
   ok = slots(canvas) if allowed_BxT is None else slots(canvas) & allowed_BxT
-  key = blm.segment_key(seg)
-  log_p_slot = slot_score - blm.segment_logsumexp(slot_score, ok, key)
-  out = log_p_slot[..., None] + logits - lse_w[..., None]
-  return jnp.where(ok[..., None], out, sampling.NEG_INF)
+  return normalize_actions(logits, score, ok, seg, distribution)
 
 
 def _log_prob_of_missing(logp_BxTxV, batch, slot_BxT, missing_BxT):
@@ -141,11 +171,26 @@ def _log_prob_of_missing(logp_BxTxV, batch, slot_BxT, missing_BxT):
   return jnp.where(missing_BxT, lp, 0.0)
 
 
-def slot_loss(net, batch, keep_BxT, distribution: str, order: str, tau: float):
-  """Stern et al.'s soft binary-tree loss of one canvas: (sum over documents of the mean
-  slot loss, number of documents with a slot)."""
+def with_history(net, batch, keep_BxT, canvas, place_BxT=None):
+  """The canvas of the kept words with its placement steps, for placement attention (else
+  unchanged): the anchors, then the kept words by a balanced tree (`place_BxT` None: the
+  history of parallel decoding) or one per step in the order `place_BxT` gives (that of
+  sequential decoding)."""
+  if not net.placement:
+    return canvas
+  anchor = canvas_values(batch, keep_BxT, anchors(batch))
+  order = None if place_BxT is None else canvas_values(batch, keep_BxT, place_BxT)
+  return dict(canvas, steps=history_steps(canvas["segment_ids"], anchor, order))
+
+
+def slot_loss(net, batch, keep_BxT, distribution: str, order: str, tau: float,
+              place_BxT=None):
+  """Stern et al.'s soft binary-tree loss of one canvas (its history from `place_BxT`, see
+  `with_history`): (sum over documents of the mean slot loss, number of documents with a
+  slot)."""
   canvas, missing, slot, span_idx, span_len = canvas_of(batch, keep_BxT)
-  logp = action_logprobs(net, canvas, distribution)
+  logp = action_logprobs(net, with_history(net, batch, keep_BxT, canvas, place_BxT),
+                         distribution)
   w = span_weights(span_idx, span_len, span_key(missing, slot), order, tau)
   lp = _log_prob_of_missing(logp, batch, slot, missing)
   b, t = slot.shape
@@ -172,14 +217,16 @@ def log_stop(logp_BxTxV, canvas):
 
 
 def canvas_terms(net, batch, keep_BxT, k_BxT, n_BxT, distribution: str, order="uniform",
-                 tau=1.0):
+                 tau=1.0, place_BxT=None):
   """Per document (read at its first token, 0 elsewhere): the cross-entropy of its next action
   on this canvas, -sum over missing words of q_i log p(word_i, slot_i), or -log p(stop) when
   k = n. q is a distribution over the missing words: each slot's share is its span's share of
   the n - k missing words, split within the span by `span_weights` (`order`, `tau`). With
-  order='uniform', q_i = 1 / (n - k) and this is term_k of the bound."""
+  order='uniform', q_i = 1 / (n - k) and this is term_k of the bound. The canvas's history:
+  `with_history` (`place_BxT`)."""
   canvas, missing, slot, span_idx, span_len = canvas_of(batch, keep_BxT)
-  logp = action_logprobs(net, canvas, distribution)
+  logp = action_logprobs(net, with_history(net, batch, keep_BxT, canvas, place_BxT),
+                         distribution)
   lp = _log_prob_of_missing(logp, batch, slot, missing)
   q = span_weights(span_idx, span_len, span_key(missing, slot), order, tau) * span_len
   q = q / jnp.maximum(n_BxT - k_BxT, 1)
@@ -200,9 +247,11 @@ def sequence_loss(net, batch, rng, distribution: str, order="uniform", tau=1.0):
   """Sequence finalization: one canvas per document (k uniform in 0..n), the cross-entropy of
   its next action (`canvas_terms`), end-of-slot (stop) the target of the full canvas only:
   (sum over documents of (n + 1) term_k - log n!, words, documents). With order='uniform'
-  this is the one-pass estimate of the bound (`bound_terms`)."""
+  this is the one-pass estimate of the bound (`bound_terms`). Placement attention: the kept
+  words were placed one per step in the order they were kept in."""
   keep, n, k = draw_keep(rng, batch)
-  term, first = canvas_terms(net, batch, keep, k, n, distribution, order, tau)
+  place = keep_order(rng, batch) if net.placement else None
+  term, first = canvas_terms(net, batch, keep, k, n, distribution, order, tau, place)
   log_fact = jax.lax.lgamma(n.astype(jnp.float32) + 1.0)
   total = jnp.sum(jnp.where(first, (n + 1) * term - log_fact, 0.0))
   return total, jnp.sum(words(batch)).astype(jnp.float32), jnp.sum(first).astype(jnp.float32)
@@ -216,7 +265,13 @@ def bound_terms(net, batch, rng, distribution: str):
 def order_logprob(net, batch, place_BxT, n_BxT, distribution: str):
   """log p(x, order) per document, read at each of its tokens: the sum over t of log p(the
   word placed t-th, its slot) on the canvas of the t earlier ones, plus log p(stop) on the
-  full canvas (canvases scored with their tree-order FPE vectors, as the bound does)."""
+  full canvas. Placement attention: the canvases' history is the order itself, and one
+  network pass scores every step (`trajectory_logprob`); bidirectional: each canvas is
+  encoded anew with its tree-order FPE vectors, as the bound does."""
+  if net.placement:
+    steps = history_steps(batch["segment_ids"], anchors(batch), place_BxT)
+    return trajectory_logprob(net, batch, steps, parallel=False, distribution=distribution)
+
   def step(total, t):
     keep = (place_BxT >= 0) & (place_BxT < t)
     canvas, missing, slot, _, _ = canvas_of(batch, keep)
@@ -237,8 +292,10 @@ class Insertion(base.Objective):
   samplers = decoding_lib.DECODINGS
   # decoding 'auto': parallel after slot finalization, sequential after sequence finalization
   # eval_orders > 0: validation by importance sampling over that many orders (as blm's)
+  # encoder 'auto': placement attention with FPE (cached decoding, `kv_cache`), else
+  # bidirectional (the whole canvas encoded anew at every step)
   defaults = dict(order="tree", tau=1.0, distribution="joint", fpe=True, decoding="auto",
-                  finalization="slot", eval_orders=0)
+                  finalization="slot", eval_orders=0, encoder="auto", kv_cache=True)
 
   @classmethod
   def validate(cls, opts):
@@ -252,11 +309,31 @@ class Insertion(base.Objective):
     if opts.finalization not in FINALIZATIONS:
       raise ValueError(f"objective.finalization={opts.finalization!r}; choose one of "
                        f"{FINALIZATIONS}.")
-    decoding_lib.resolve_decoding(opts.decoding, opts.finalization)
+    decoding = decoding_lib.resolve_decoding(opts.decoding, opts.finalization)
     blm.check_eval_orders(opts)
+    if opts.encoder not in ENCODERS:
+      raise ValueError(f"objective.encoder={opts.encoder!r}; choose one of {ENCODERS}.")
+    if opts.encoder == "placement" and not opts.fpe:
+      raise ValueError("objective.encoder='placement' needs objective.fpe=True (a token's "
+                       "position must be fixed when it is placed); use encoder='bidirectional'.")
+    if opts.eval_orders > 0 and decoding == "parallel" and cls.placement(opts):
+      raise ValueError("objective.eval_orders > 0 scores insertion orders, the histories of "
+                       "sequential decoding; a model trained for parallel decoding under "
+                       "placement attention is scored exactly along its balanced tree: set "
+                       "objective.eval_orders=0 (or objective.decoding=sequential).")
+
+  @staticmethod
+  def placement(opts) -> bool:
+    return opts.encoder == "placement" or (opts.encoder == "auto" and opts.fpe)
+
+  @property
+  def parallel(self) -> bool:
+    """Trained for parallel decoding: balanced-tree histories (else one word per step)."""
+    return decoding_lib.resolve_decoding(self.opts.decoding, self.opts.finalization) == \
+        "parallel"
 
   def build(self, rngs):
-    return InsertionNet(self.model_config, rngs, self.opts.fpe)
+    return InsertionNet(self.model_config, rngs, self.opts.fpe, self.placement(self.opts))
 
   def loss_sums(self, model, batch, rng):
     o = self.opts
@@ -264,12 +341,21 @@ class Insertion(base.Objective):
       total, weight, docs = sequence_loss(model, batch, rng, o.distribution, o.order, o.tau)
       return total, weight, {"documents": docs}
     keep, _, _ = draw_keep(rng, batch)
-    total, docs = slot_loss(model, batch, keep, o.distribution, o.order, o.tau)
+    place = keep_order(rng, batch) if model.placement and not self.parallel else None
+    total, docs = slot_loss(model, batch, keep, o.distribution, o.order, o.tau, place)
     return total, docs, {"documents": docs}
 
   def eval_sums(self, model, batch, rng):
     dist = self.opts.distribution
-    if self.opts.eval_orders > 0:
+    if model.placement and self.parallel:
+      # exact: -log p(x, its balanced tree) under parallel decoding, one network pass
+      seg = batch["segment_ids"]
+      steps = history_steps(seg, anchors(batch))
+      lp = trajectory_logprob(model, batch, steps, parallel=True,
+                              levels=tree_rounds(seg.shape[1]) + 1)
+      first = (seg > 0) & blm.is_first(blm.segment_key(seg))
+      nll, n = -jnp.sum(jnp.where(first, lp, 0.0)), jnp.sum(words(batch)).astype(jnp.float32)
+    elif self.opts.eval_orders > 0:
       nll, n = blm.importance_nll(
           model, batch, rng, self.opts.eval_orders, word_BxT=words(batch),
           logprob_fn=lambda net, b, place, n: order_logprob(net, b, place, n, dist))
@@ -338,6 +424,12 @@ class Insertion(base.Objective):
     Returns (canvas, region, info) with info["calls"], the network evaluations."""
     decoding = decoding_lib.resolve_decoding(decoding or self.opts.decoding,
                                              self.opts.finalization)
+    if model.placement:
+      return decoding_lib.fill_placed(model, canvas_BxT, region_BxT, rng,
+                                      self.opts.distribution, decoding,
+                                      self.opts.finalization == "slot", self.opts.kv_cache,
+                                      temperature=temperature, top_k=top_k, top_p=top_p,
+                                      min_p=min_p)
     logprobs = lambda c, u, open_: action_logprobs(model, c, self.opts.distribution, u, open_)
     return decoding_lib.fill(model, canvas_BxT, region_BxT, rng, logprobs, decoding,
                              self.opts.finalization == "slot", temperature=temperature,

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from mdlm_jax import attention
 from mdlm_jax import tokenizers
 from mdlm_jax.objectives import blm
+from mdlm_jax.objectives import insertion_history as history
 
 
 def tree_positions(segment_ids_BxT):
@@ -26,28 +27,12 @@ def tree_positions(segment_ids_BxT):
 def fpe_vectors(net, segment_ids_BxT):
   """(B, T, D) float32 FPE vectors of a canvas whose tokens were placed ends first, then the
   interior in balanced-tree order: the token at the middle (lo + hi) // 2 of an open interval
-  of placed tokens lo < i < hi goes between them, then each half recursively."""
-  b, t = segment_ids_BxT.shape
-  local, length = tree_positions(segment_ids_BxT)
-  start = jnp.arange(t, dtype=jnp.int32) - local
-  real = segment_ids_BxT > 0
-  u_begin, u_end = net.ends()
-  d = u_begin.shape[0]
-  last = real & (local == length - 1)
-  u = jnp.where((real & (local == 0))[..., None], u_begin,
-                jnp.where(last[..., None], u_end, jnp.zeros((b, t, d), jnp.float32)))
-  placed = real & ((local == 0) | last)
-  lo, hi = jnp.zeros_like(local), length - 1  # bounds in segment-local indices
-  rows = jnp.arange(b)[:, None]
-  for _ in range(max(1, math.ceil(math.log2(max(t, 2)))) + 1):
-    mid = (lo + hi) // 2
-    now = real & ~placed & (local == mid)
-    u_lo, u_hi = u[rows, start + lo], u[rows, start + hi]
-    u = jnp.where(now[..., None], net.between(u_lo, u_hi), u)
-    placed = placed | now
-    lo = jnp.where(~placed & (local > mid), mid, lo)
-    hi = jnp.where(~placed & (local < mid), mid, hi)
-  return u
+  of placed tokens lo < i < hi goes between them, then each half recursively (the vectors of
+  the bidirectional encoder; placement attention reads `insertion_history`)."""
+  ends = attention.run_starts(segment_ids_BxT)
+  ends |= jnp.concatenate([ends[:, 1:], jnp.ones_like(ends[:, :1])], axis=1)
+  steps = history.history_steps(segment_ids_BxT, ends)
+  return history.history_vectors(net, segment_ids_BxT, steps)
 
 
 def anchors(batch):
@@ -78,6 +63,22 @@ def draw_keep(rng, batch):
   return (place >= 0) & (place < k), n, k
 
 
+def keep_order(rng, batch):
+  """The random order of each document's words that `draw_keep(rng, batch)` keeps the
+  earliest k of (0 first, -1 for other tokens)."""
+  return blm.draw_order(jax.random.split(rng)[0], batch, words(batch))[0]
+
+
+def canvas_values(batch, keep_BxT, values_BxT, fill=0):
+  """Per-token values moved to the canvas layout of `canvas_of` (fill past its end)."""
+  x, seg = batch["inputs"], batch["segment_ids"]
+  b, t = x.shape
+  on = (seg > 0) & ~(words(batch) & ~keep_BxT)
+  target = jnp.where(on, jnp.cumsum(on, axis=1, dtype=jnp.int32) - 1, t)
+  return jnp.full((b, t), fill, values_BxT.dtype).at[jnp.arange(b)[:, None], target].set(
+      values_BxT, mode="drop")
+
+
 def span_key(missing_BxT, slot_BxT):
   """(B, T) int32: one value per slot's run of missing words (row * T + slot), B * T at the
   other tokens."""
@@ -95,10 +96,8 @@ def canvas_of(batch, keep_BxT):
   missing = words(batch) & ~keep_BxT
   on = (seg > 0) & ~missing
   c_idx = jnp.cumsum(on, axis=1, dtype=jnp.int32) - 1  # a missing word: its left neighbour
-  rows = jnp.arange(b)[:, None]
-  target = jnp.where(on, c_idx, t)
-  put = lambda fill, v: jnp.full((b, t), fill, jnp.int32).at[rows, target].set(v, mode="drop")
-  canvas = {"inputs": put(tokenizers.PAD, x), "segment_ids": put(0, seg)}
+  canvas = {"inputs": canvas_values(batch, keep_BxT, x, tokenizers.PAD),
+            "segment_ids": canvas_values(batch, keep_BxT, seg)}
   key = span_key(missing, c_idx)
   span_len = blm.per_segment(missing.astype(jnp.int32), key)
   before = jnp.cumsum(missing, axis=1, dtype=jnp.int32) - missing

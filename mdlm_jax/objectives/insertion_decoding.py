@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from mdlm_jax import sampling
 from mdlm_jax import tokenizers
+from mdlm_jax.objectives import insertion_history as history
 from mdlm_jax.objectives.insertion_canvas import fpe_vectors
 from mdlm_jax.objectives.insertion_canvas import insert
 from mdlm_jax.objectives.insertion_canvas import slots
@@ -95,3 +96,124 @@ def fill(model, canvas_BxT, region_BxT, rng, logprobs_fn, decoding: str, slot_fi
   init = (canvas_BxT, u0, region_BxT, jnp.zeros((b,), bool), rng, 0)
   canvas, _, region, _, _, calls = jax.lax.while_loop(cond, body, init)
   return canvas, region, {"calls": calls}
+
+
+
+def _capacities(t: int) -> list[int]:
+  """Query widths a cached step compiles for: 1, 2, 4, ... up to the row width."""
+  out = [1]
+  while out[-1] < t:
+    out.append(min(2 * out[-1], t))
+  return out
+
+
+def fill_placed(model, canvas_BxT, region_BxT, rng, distribution: str, decoding: str,
+                slot_final: bool, kv_cache: bool = True, **draw):
+  """`Insertion.fill` under placement attention. The given tokens are placed first (a
+  balanced tree over them); each step places its new tokens at the next step, each with its
+  FPE vector `between` its neighbours then. A token's state never changes once placed, so
+  `kv_cache` keeps every placed token's keys and values (a buffer in placement order; the
+  canvas order is a permutation of it) and a step encodes only its new tokens, at the
+  narrowest compiled width (1, 2, 4, ...) that holds them; `kv_cache=False` re-encodes every
+  placed token at every step under the same mask (the same outputs, at the old cost).
+  Returns (canvas, region, info): info["calls"], the steps; info["steps"], each canvas
+  token's placement step; info["logp"], per row the log-probability of the decoding's
+  trajectory under the model (that of the sampled distribution at temperature 1 without
+  filters, for parallel decoding and for sequential decoding with sequence finalization)."""
+  b, t = canvas_BxT.shape
+  net = model.backbone
+  rows = jnp.arange(b)[:, None]
+  idx = jnp.arange(t, dtype=jnp.int32)
+  real0 = canvas_BxT != tokenizers.PAD
+  steps0 = history.history_steps(real0.astype(jnp.int32), real0)
+  u0 = history.history_vectors(model, real0.astype(jnp.int32), steps0)
+  base = history.word_base(t)
+
+  def encode_all(tok, u, steps):
+    """Every placed token's state under the placement mask, and the cache of their keys
+    and values."""
+    placed = tok != tokenizers.PAD
+    mask = (placed[:, None, :] & (steps[:, None, :] <= steps[:, :, None]))[:, None]
+    h, cache = net.extend_hidden(model.inputs(tok, u), jnp.where(placed, idx, t), mask,
+                                 net.init_cache(b, t))
+    return (*model.slot_halves(h), cache)
+
+  def encode_new(tok, u, hl, hr, count, m, cache):
+    """Encodes the tokens at buffer positions count .. count + m - 1 of each row against
+    the cache, at the narrowest compiled width that holds them."""
+    def at_width(width):
+      def run(hl, hr, cache):
+        q = jnp.minimum(count[:, None] + jnp.arange(width), t - 1)
+        write = jnp.where(jnp.arange(width) < m[:, None], q, t)
+        mask = jnp.broadcast_to((idx < (count + m)[:, None])[:, None, None, :],
+                                (b, 1, width, t))
+        hq, cache = net.extend_hidden(model.inputs(tok[rows, q], u[rows, q]), write, mask,
+                                      cache)
+        new_l, new_r = model.slot_halves(hq)
+        return (hl.at[rows, write].set(new_l, mode="drop"),
+                hr.at[rows, write].set(new_r, mode="drop"), cache)
+      return run
+    widths = _capacities(t)
+    branch = jnp.searchsorted(jnp.asarray(widths), jnp.max(m))
+    return jax.lax.switch(branch, [at_width(w) for w in widths], hl, hr, cache)
+
+  def body(state):
+    tok, u, steps, hl, hr, cache, region, order, count, done, key, i, logp = state
+    key, k_draw = jax.random.split(key)
+    valid = order < t
+    o = jnp.minimum(order, t - 1)
+    o_next = jnp.concatenate([o[:, 1:], o[:, -1:]], axis=1)
+    canvas = jnp.where(valid, tok[rows, o], tokenizers.PAD)
+    c = {"inputs": canvas, "segment_ids": valid.astype(jnp.int32)}
+    c_region = jnp.where(valid, region[rows, o], 0)
+    nxt_region = jnp.concatenate([c_region[:, 1:], jnp.zeros_like(c_region[:, :1])], axis=1)
+    open_ = slots(c) & (c_region <= 1) & (nxt_region >= 1)
+    lp = history.normalize_actions(*model.slot_head(hl[rows, o] + hr[rows, o_next]), open_,
+                                   c["segment_ids"], distribution)
+    room = t - count
+    if decoding == "parallel":
+      ins, w = parallel_action(k_draw, lp, open_, room, **draw)
+      chosen = jnp.take_along_axis(lp, w[..., None], axis=-1)[..., 0]
+      step_lp = jnp.sum(jnp.where(open_, chosen - jax.nn.logsumexp(lp, axis=-1), 0.0), axis=1)
+    else:
+      ins, w = sequential_action(k_draw, lp, open_, room, slot_final=slot_final, **draw)
+      word_lp = jnp.take_along_axis(lp[jnp.arange(b), jnp.argmax(ins, axis=1)], w[:, :1],
+                                    axis=1)[:, 0]
+      stop_lp = jax.nn.logsumexp(jnp.where(open_, lp[..., tokenizers.EOS], sampling.NEG_INF),
+                                 axis=1)
+      step_lp = jnp.where(jnp.any(ins, axis=1), word_lp, stop_lp)
+    ins = ins & ~done[:, None] & jnp.any(open_, axis=1, keepdims=True)
+    logp = logp + jnp.where(done, 0.0, step_lp)
+    m = jnp.sum(ins, axis=1, dtype=jnp.int32)
+    # the new tokens take buffer positions count, count + 1, ... in canvas order
+    new_at = jnp.where(ins, count[:, None] + jnp.cumsum(ins, axis=1, dtype=jnp.int32) - 1, t)
+    tok = tok.at[rows, new_at].set(w, mode="drop")
+    u = u.at[rows, new_at].set(model.between(u[rows, o], u[rows, o_next]), mode="drop")
+    region = region.at[rows, new_at].set(1, mode="drop")
+    steps = steps.at[rows, new_at].set(base + i, mode="drop")
+    shift = jnp.cumsum(ins, axis=1, dtype=jnp.int32) - ins
+    order = (jnp.full((b, t), t, jnp.int32)
+             .at[rows, jnp.where(valid, idx + shift, t)].set(order, mode="drop")
+             .at[rows, jnp.where(ins, idx + shift + 1, t)].set(new_at, mode="drop"))
+    if kv_cache:
+      hl, hr, cache = encode_new(tok, u, hl, hr, count, m, cache)
+    else:
+      hl, hr, _ = encode_all(tok, u, steps)
+    return (tok, u, steps, hl, hr, cache, region, order, count + m, done | (m == 0), key,
+            i + 1, logp)
+
+  def cond(state):
+    return ~jnp.all(state[9]) & (state[11] < t)
+
+  hl, hr, cache = encode_all(canvas_BxT, u0, steps0)
+  order0 = jnp.where(real0, idx, t)
+  init = (canvas_BxT, u0, steps0, hl, hr, cache if kv_cache else None, region_BxT, order0,
+          jnp.sum(real0, axis=1, dtype=jnp.int32), jnp.zeros((b,), bool), rng, 0,
+          jnp.zeros((b,), jnp.float32))
+  tok, _, steps, _, _, _, region, order, _, _, _, calls, logp = jax.lax.while_loop(
+      cond, body, init)
+  valid = order < t
+  o = jnp.minimum(order, t - 1)
+  out = lambda a, fill: jnp.where(valid, a[rows, o], fill)
+  return (out(tok, tokenizers.PAD), out(region, 0),
+          {"calls": calls, "steps": out(steps, 0), "logp": logp})
