@@ -126,7 +126,8 @@ def walk_logprob(net, x_row, steps_row, parallel, distribution, width, prompt=No
     closed = np.zeros((1, len(present)), bool)
     if prompt is not None:
       closed[0, :-1] = [prompt[a] and prompt[b] for a, b in zip(present[:-1], present[1:])]
-    lp = np.asarray(ins.action_logprobs(net, canvas, distribution,
+    u = hist.history_vectors(net, canvas["segment_ids"], canvas["steps"])
+    lp = np.asarray(ins.action_logprobs(net, canvas, distribution, u,
                                         allowed_BxT=jnp.asarray(~closed)), np.float64)[0]
     new = [i for i in range(n) if steps_row[i] == s]
     slot_of = {max(j for j, p in enumerate(present) if p < i): i for i in new}
@@ -146,11 +147,14 @@ def walk_logprob(net, x_row, steps_row, parallel, distribution, width, prompt=No
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel,distribution", [(False, "joint"), (False, "factorized"),
-                                                   (True, "joint")])
+@pytest.mark.parametrize("parallel,distribution,encoder", [
+    (False, "joint", "placement"), (False, "factorized", "placement"),
+    (True, "joint", "placement"), (True, "joint", "bidirectional")])
 def test_one_pass_likelihood_of_a_history_is_the_walk_over_its_canvases(make_config, parallel,
-                                                                        distribution):
-  _, net = make(make_config, distribution=distribution)
+                                                                        distribution, encoder):
+  """Placement attention scores a history in one pass; the bidirectional encoder re-encodes
+  each step's canvas (with the vectors its decoder gives); both equal the walk."""
+  _, net = make(make_config, distribution=distribution, encoder=encoder)
   t = 12
   batch = packed_batch([[[40, 41, 41, 42], [50, 51]], [[60, 61, 62, 63, 64, 65, 66]]], t)
   seg = batch["segment_ids"]

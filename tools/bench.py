@@ -15,6 +15,7 @@ optimizer-state init, its compilation included), flops_per_token, mfu
 a few steps with jax.profiler (open DIR in TensorBoard or Perfetto) and adds `profile`: the
 device time per step split into matmuls, attention kernels and the rest, and the top ops.
 """
+import hashlib
 import json
 import os
 import resource
@@ -116,14 +117,16 @@ def bench_sampler(config):
   t0 = time.perf_counter()
   jax.block_until_ready(run(params, jax.random.key(0)))
   compile_s = time.perf_counter() - t0
-  runs = []
+  runs, digest = [], hashlib.sha1()  # the digest: every repeat's outputs, in key order
   for i in range(_SAMPLE_REPEATS.value):
     t0 = time.perf_counter()
     out, info = jax.block_until_ready(run(params, jax.random.key(i + 1)))
     # blm and insertion stop by themselves: count what they wrote (BOS and EOS aside)
     made = int(jnp.sum(out != tokenizers.PAD)) - 2 * b if grows else b * n
-    runs.append((time.perf_counter() - t0, made, int(info["calls"])))
-  dt, made, calls = sorted(runs)[len(runs) // 2]
+    runs.append((time.perf_counter() - t0, made, int(info["calls"]),
+                 int(info.get("encoded", 0))))
+    digest.update(np.asarray(out).tobytes())
+  dt, made, calls, encoded = sorted(runs)[len(runs) // 2]
   per_row = None
   if name.startswith("insertion_") and _WORKDIR.value:  # each row decoded on its own
     one = lambda r, c, g: setup.objective.fill(nnx.merge(setup.graphdef, params), c[None],
@@ -131,10 +134,21 @@ def bench_sampler(config):
     out, _, info = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(9), b), canvas, region)
     made_rows = np.asarray(jnp.sum(out[:, 0] != tokenizers.PAD, axis=1)) - 2
     per_row = [[int(m), int(c)] for m, c in zip(made_rows, np.asarray(info["calls"]))]
-  return {"per_row_tokens_and_steps": per_row,"objective": config.objective.name, "sampler": name, "batch": b, "length": n,
-          "steps": None if name == "ar" or grows else _SAMPLE_STEPS.value,
-          "network_calls": calls, "tokens": made, "seconds": dt, "tokens_per_s": made / dt,
-          "compile_time_s": compile_s, "device": jax.devices()[0].device_kind}
+  out = {"objective": config.objective.name, "sampler": name, "batch": b, "length": n,
+         "steps": None if name == "ar" or grows else _SAMPLE_STEPS.value,
+         "network_calls": calls, "tokens": made, "seconds": dt, "tokens_per_s": made / dt,
+         "compile_time_s": compile_s, "device": jax.devices()[0].device_kind,
+         "outputs_sha1": digest.hexdigest()}
+  if name.startswith("insertion_"):
+    # forward FLOPs per written token: every encoded position (its projections, MLP and
+    # attention over the row's width) and every call's slot head over the row
+    cfg, t = setup.objective.model_config, canvas.shape[1]
+    d, f, layers, v = cfg.d_model, cfg.mlp_dim, cfg.num_layers, cfg.vocab_size
+    per_position = 2 * (layers * (4 * d * d + 3 * d * f + 2 * t * d) + 2 * d * d)
+    flops = b * (encoded * per_position + calls * t * 2 * d * v)
+    out.update(encoded_positions=encoded, flops_per_token=flops / max(made, 1),
+               kv_cache=bool(config.objective.kv_cache), per_row_tokens_and_steps=per_row)
+  return out
 
 
 def bench_train_step(config, *, steps: int, warmup: int, doc_len: int,

@@ -40,7 +40,6 @@ parallel decoding follows. `fpe=False`: rotary positions of the canvas index.
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +47,6 @@ from flax import nnx
 
 from mdlm_jax import model as model_lib
 from mdlm_jax import objectives
-from mdlm_jax import sampling
 from mdlm_jax import tokenizers
 from mdlm_jax.objectives import base
 from mdlm_jax.objectives import blm
@@ -346,19 +344,21 @@ class Insertion(base.Objective):
     return total, docs, {"documents": docs}
 
   def eval_sums(self, model, batch, rng):
+    """The NLL bound per word: with `eval_orders` importance sampling over orders; for
+    parallel decoding with FPE, -log p(x, its balanced tree) under the parallel decoder,
+    exact (placement attention: one network pass; bidirectional: one per tree level); else
+    the one-pass estimate over uniform orders."""
     dist = self.opts.distribution
-    if model.placement and self.parallel:
-      # exact: -log p(x, its balanced tree) under parallel decoding, one network pass
-      seg = batch["segment_ids"]
-      steps = history_steps(seg, anchors(batch))
-      lp = trajectory_logprob(model, batch, steps, parallel=True,
-                              levels=tree_rounds(seg.shape[1]) + 1)
-      first = (seg > 0) & blm.is_first(blm.segment_key(seg))
-      nll, n = -jnp.sum(jnp.where(first, lp, 0.0)), jnp.sum(words(batch)).astype(jnp.float32)
-    elif self.opts.eval_orders > 0:
+    if self.opts.eval_orders > 0:
       nll, n = blm.importance_nll(
           model, batch, rng, self.opts.eval_orders, word_BxT=words(batch),
           logprob_fn=lambda net, b, place, n: order_logprob(net, b, place, n, dist))
+    elif self.parallel and model.fpe:
+      seg = batch["segment_ids"]
+      lp = trajectory_logprob(model, batch, history_steps(seg, anchors(batch)), parallel=True,
+                              levels=tree_rounds(seg.shape[1]) + 1)
+      first = (seg > 0) & blm.is_first(blm.segment_key(seg))
+      nll, n = -jnp.sum(jnp.where(first, lp, 0.0)), jnp.sum(words(batch)).astype(jnp.float32)
     else:
       nll, n = bound_terms(model, batch, rng, dist)
     token_bytes = jnp.asarray(self.tokenizer.token_bytes, jnp.float32)
@@ -366,12 +366,11 @@ class Insertion(base.Objective):
             "bytes": jnp.sum(token_bytes[batch["inputs"]] * words(batch))}
 
   def flops_per_token(self, seq_len: int) -> float:
-    """The backbone, the slot projection (2 d x d) and, with FPE, one (2 d x d) map per
-    placement level of the canvas, forward and backward."""
+    """The backbone, the slot projection (2 d x d) and, with FPE, the (2 d x d) map that
+    places each token, forward and backward."""
     d = self.model_config.d_model
-    levels = (math.ceil(math.log2(max(seq_len, 2))) + 1) if self.opts.fpe else 0
     return 3.0 * (base.forward_flops_per_token(self.model_config, seq_len)
-                  + 2 * 2 * d * d * (1 + levels))
+                  + 2 * 2 * d * d * (1 + int(self.opts.fpe)))
 
   def generate(self, model, prompt_BxP, rng, *, max_new_tokens=256, temperature=1.0, top_k=0,
                top_p=1.0, min_p=0.0, suffix_BxS=None, decoding=None):
@@ -421,6 +420,7 @@ class Insertion(base.Objective):
     tokens are never changed. `parallel`: each open slot draws a word or end-of-slot from its
     own distribution p(word | slot), all at once (about log2 n steps); `sequential`: one
     (slot, word) action from the joint distribution per step, end-of-slot meaning stop.
+    Placement attention: `insertion_decoding.fill_placed` (cached with objective.kv_cache).
     Returns (canvas, region, info) with info["calls"], the network evaluations."""
     decoding = decoding_lib.resolve_decoding(decoding or self.opts.decoding,
                                              self.opts.finalization)

@@ -4,7 +4,6 @@ that decoding repeats (`net` is the objective's InsertionNet: `fpe`, `ends`, `be
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp

@@ -95,7 +95,7 @@ def fill(model, canvas_BxT, region_BxT, rng, logprobs_fn, decoding: str, slot_fi
 
   init = (canvas_BxT, u0, region_BxT, jnp.zeros((b,), bool), rng, 0)
   canvas, _, region, _, _, calls = jax.lax.while_loop(cond, body, init)
-  return canvas, region, {"calls": calls}
+  return canvas, region, {"calls": calls, "encoded": calls * t}
 
 
 
@@ -116,7 +116,8 @@ def fill_placed(model, canvas_BxT, region_BxT, rng, distribution: str, decoding:
   canvas order is a permutation of it) and a step encodes only its new tokens, at the
   narrowest compiled width (1, 2, 4, ...) that holds them; `kv_cache=False` re-encodes every
   placed token at every step under the same mask (the same outputs, at the old cost).
-  Returns (canvas, region, info): info["calls"], the steps; info["steps"], each canvas
+  Returns (canvas, region, info): info["calls"], the steps; info["encoded"], the token
+  positions the network encoded (the first pass's included); info["steps"], each canvas
   token's placement step; info["logp"], per row the log-probability of the decoding's
   trajectory under the model (that of the sampled distribution at temperature 1 without
   filters, for parallel decoding and for sequential decoding with sequence finalization)."""
@@ -155,10 +156,11 @@ def fill_placed(model, canvas_BxT, region_BxT, rng, distribution: str, decoding:
       return run
     widths = _capacities(t)
     branch = jnp.searchsorted(jnp.asarray(widths), jnp.max(m))
-    return jax.lax.switch(branch, [at_width(w) for w in widths], hl, hr, cache)
+    return (*jax.lax.switch(branch, [at_width(w) for w in widths], hl, hr, cache),
+            jnp.asarray(widths)[branch])
 
   def body(state):
-    tok, u, steps, hl, hr, cache, region, order, count, done, key, i, logp = state
+    tok, u, steps, hl, hr, cache, region, order, count, done, key, i, logp, encoded = state
     key, k_draw = jax.random.split(key)
     valid = order < t
     o = jnp.minimum(order, t - 1)
@@ -196,11 +198,11 @@ def fill_placed(model, canvas_BxT, region_BxT, rng, distribution: str, decoding:
              .at[rows, jnp.where(valid, idx + shift, t)].set(order, mode="drop")
              .at[rows, jnp.where(ins, idx + shift + 1, t)].set(new_at, mode="drop"))
     if kv_cache:
-      hl, hr, cache = encode_new(tok, u, hl, hr, count, m, cache)
+      hl, hr, cache, width = encode_new(tok, u, hl, hr, count, m, cache)
     else:
-      hl, hr, _ = encode_all(tok, u, steps)
+      (hl, hr, _), width = encode_all(tok, u, steps), t
     return (tok, u, steps, hl, hr, cache, region, order, count + m, done | (m == 0), key,
-            i + 1, logp)
+            i + 1, logp, encoded + width)
 
   def cond(state):
     return ~jnp.all(state[9]) & (state[11] < t)
@@ -209,11 +211,11 @@ def fill_placed(model, canvas_BxT, region_BxT, rng, distribution: str, decoding:
   order0 = jnp.where(real0, idx, t)
   init = (canvas_BxT, u0, steps0, hl, hr, cache if kv_cache else None, region_BxT, order0,
           jnp.sum(real0, axis=1, dtype=jnp.int32), jnp.zeros((b,), bool), rng, 0,
-          jnp.zeros((b,), jnp.float32))
-  tok, _, steps, _, _, _, region, order, _, _, _, calls, logp = jax.lax.while_loop(
+          jnp.zeros((b,), jnp.float32), jnp.asarray(t, jnp.int32))
+  tok, _, steps, _, _, _, region, order, _, _, _, calls, logp, encoded = jax.lax.while_loop(
       cond, body, init)
   valid = order < t
   o = jnp.minimum(order, t - 1)
   out = lambda a, fill: jnp.where(valid, a[rows, o], fill)
   return (out(tok, tokenizers.PAD), out(region, 0),
-          {"calls": calls, "steps": out(steps, 0), "logp": logp})
+          {"calls": calls, "steps": out(steps, 0), "logp": logp, "encoded": encoded})

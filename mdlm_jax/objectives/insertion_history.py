@@ -137,8 +137,9 @@ def normalize_actions(logits_BxTxV, score_BxT, ok_BxT, segment_ids_BxT, distribu
 def trajectory_logprob(net, batch, steps_BxT, parallel: bool, distribution: str = "joint",
                        u_BxTxD=None, levels: int | None = None):
   """log p(x, history) per document (read at every token of it) of the decoder that builds
-  the row's canvas along `steps_BxT`, from one pass of the network over the whole canvas
-  (placement attention: each token's state is the one it had when placed).
+  the row's canvas along `steps_BxT`: under placement attention from one pass of the network
+  over the whole canvas (each token's state is the one it had when placed); a bidirectional
+  encoder (with FPE) encodes the canvas of every step anew, as its decoder does.
 
   From the anchors, step s = word_base(T), word_base(T) + 1, ... places the words of that
   step; a slot is open unless both its tokens are prompt (decoding never opens those).
@@ -152,7 +153,11 @@ def trajectory_logprob(net, batch, steps_BxT, parallel: bool, distribution: str 
   real = seg > 0
   if u_BxTxD is None:
     u_BxTxD = history_vectors(net, seg, steps_BxT)
-  h_left, h_right = net.slot_halves(net.states(x, seg, u_BxTxD, steps_BxT))
+  if net.placement:
+    halves = net.slot_halves(net.states(x, seg, u_BxTxD, steps_BxT))
+  elif not net.fpe:
+    raise ValueError("the likelihood of a history needs FPE (objective.fpe=True): rotary "
+                     "positions of the canvas index move as the canvas grows")
   left_parent, _ = parents(seg, steps_BxT)
   base_step = word_base(t)
   prompt = batch.get("prompt_mask", jnp.zeros_like(x)) > 0
@@ -165,6 +170,8 @@ def trajectory_logprob(net, batch, steps_BxT, parallel: bool, distribution: str 
 
   def level(total, s):
     present = real & (steps_BxT < s)
+    h_left, h_right = (halves if net.placement else
+                       net.slot_halves(net.states(x, jnp.where(present, seg, 0), u_BxTxD)))
     nxt = jax.lax.cummin(jnp.where(present, idx, t), axis=1, reverse=True)
     right = jnp.minimum(jnp.concatenate([nxt[:, 1:], jnp.full((b, 1), t, jnp.int32)], 1), t - 1)
     open_ = (present & (right > idx) & present[rows, right] & (seg[rows, right] == seg)
