@@ -78,3 +78,8 @@ def tiny_config(corpus_glob: str, data_dir: str, overrides: dict | None = None):
   return c
 
 
+def sft_config(make_config, pairs_glob, **opts):
+  """An `mdlm` LLaDA SFT config on the prompt/answer pairs of `pairs_glob`."""
+  return make_config({"objective.name": "mdlm", "objective.sft": True, "objective.llada": True,
+                      "data.name": "sft_pairs", "data.files": pairs_glob, "data.seq_len": 16,
+                      **{f"objective.{k}": v for k, v in opts.items()}})
