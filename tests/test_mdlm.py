@@ -11,6 +11,7 @@ from helpers import positions_of
 from helpers import sft_config
 from mdlm_jax import objectives
 from mdlm_jax import tokenizers
+from mdlm_jax.objectives import base
 from mdlm_jax.objectives import mdlm
 from mdlm_jax.objectives import mlm
 
@@ -472,6 +473,85 @@ def test_eval_sums_report_the_bound_and_its_standard_error(make_config):
   assert r["eval/loss_stderr"] > 0 and r["eval/loss"] == pytest.approx(sums["nll"] / sums["tokens"])
   # the ratio estimator's standard error is of the order of the per-row spread / sqrt(rows)
   assert 0.2 < r["eval/loss_between_rows_stderr"] / (ratio.std() / 2) < 5
+
+
+def test_summarize_reports_each_figure_from_its_sums():
+  """Every figure `summarize` reports against its definition, from per-row NLLs r_i over n_i
+  tokens: the loss sum(r) / sum(n), bits, perplexity (capped at e^50), the Monte-Carlo error
+  sqrt(mc_var) / sum(n), the between-rows error of the ratio estimator, and their per-byte
+  forms; and the line `format_line` prints."""
+  from mdlm_jax import evaluate
+  r, n = np.array([90.0, 110.0, 100.0, 0.0]), np.array([30.0, 40.0, 30.0, 0.0])
+  real = n > 0
+  sums = {"nll": r.sum(), "tokens": n.sum(), "bytes": 150.0, "mc_var": 0.25,
+          "rows": float(real.sum()), "nll_sq": (r ** 2).sum(), "nll_tokens": (r * n).sum(),
+          "tokens_sq": (n ** 2).sum()}
+  got = evaluate.summarize(sums)
+  ln2, loss = math.log(2), 3.0
+  between = math.sqrt(((r - loss * n)[real] ** 2).sum() * 3 / 2) / 100
+  want = {"eval/loss": loss, "eval/bits_per_token": loss / ln2,
+          "eval/bits_per_byte": 300 / ln2 / 150, "eval/perplexity": math.exp(3.0),
+          "eval/tokens": 100.0, "eval/loss_stderr": 0.5 / 100,
+          "eval/bits_per_byte_stderr": 0.5 / 100 * 100 / ln2 / 150,
+          "eval/loss_between_rows_stderr": between,
+          "eval/bits_per_byte_between_rows_stderr": between * 100 / ln2 / 150}
+  assert got.keys() == want.keys()
+  for k, v in want.items():
+    assert got[k] == pytest.approx(v, rel=1e-12), k
+  assert evaluate.format_line(7, got) == (
+      f"eval @ step 7: loss 3.0000 ± 0.0050 (± Monte-Carlo error; between rows ± "
+      f"{between:.4f}) | bits/token {3 / ln2:.4f} | bits/byte {2 / ln2:.4f} ± "
+      f"{0.5 / ln2 / 150:.4f} | 100 tokens")
+  # one row scored, one token, one byte: no spread between rows, no division by more than 1
+  one = evaluate.summarize({"nll": 60.0, "tokens": 1.0, "bytes": 1.0, "rows": 1.0,
+                            "nll_sq": 3600.0, "nll_tokens": 60.0, "tokens_sq": 1.0})
+  assert one == {"eval/loss": 60.0, "eval/bits_per_token": 60 / ln2,
+                 "eval/bits_per_byte": 60 / ln2, "eval/perplexity": math.exp(50.0),
+                 "eval/tokens": 1.0}
+  assert evaluate.format_line(0, one) == (f"eval @ step 0: loss 60.0000 | bits/token "
+                                          f"{60 / ln2:.4f} | bits/byte {60 / ln2:.4f} | 1 tokens")
+  # nothing scored: finite figures; a rounding-negative variance reads as 0
+  zero = evaluate.summarize({"nll": 0.0, "tokens": 0.0, "bytes": 0.0, "mc_var": -1e-9})
+  assert zero["eval/loss"] == 0.0 and zero["eval/loss_stderr"] == 0.0
+
+
+def test_bound_error_sums_count_the_rows_that_hold_tokens():
+  draws = jnp.asarray([[4.0, 2.0, 0.0, 9.0], [6.0, 2.0, 0.0, 7.0], [5.0, 5.0, 0.0, 8.0]])
+  tokens = jnp.asarray([2.0, 1.0, 0.0, 3.0])  # a one-token row and an empty one
+  got = jax.device_get(base.bound_error_sums(draws, tokens))
+  totals = np.asarray(draws).sum(1)
+  nll = np.asarray(draws).mean(0)
+  want = {"mc_var": totals.var(ddof=1) / 3, "rows": 3.0, "nll_sq": (nll ** 2).sum(),
+          "nll_tokens": (nll * np.asarray(tokens)).sum(), "tokens_sq": 14.0}
+  assert got.keys() == want.keys()
+  for k, v in want.items():
+    assert float(got[k]) == pytest.approx(v, rel=1e-6), k
+  assert "mc_var" not in base.bound_error_sums(draws[:1], tokens)  # one draw: no error
+
+
+@pytest.mark.parametrize("opts", [{}, dict(discrete_steps=4), dict(llada=True)])
+def test_each_draw_of_the_bound_spreads_its_times_antithetically(make_config, opts,
+                                                                  monkeypatch):
+  """Within one draw the rows' times are u + i / B mod 1 (one offset, B equally spaced
+  strata; on the grid 1/T .. 1 with T steps), each row scored at its own time, and the draws
+  use independent offsets. The scorer returns t^2 for a row at time t: with the linear
+  schedule the weight is 1/t in all three forms, so each draw reads t back."""
+  obj = make(make_config, eval_time_samples=3, **opts)
+
+  def masked_ce(model, batch, x_t, masked, cond=None, t_B=None):
+    return jnp.zeros(masked.shape).at[:, 0].set(t_B ** 2), None
+  monkeypatch.setattr(obj, "masked_ce", masked_ce)
+  b = 8
+  draws, _, _ = obj.bound_draws(None, packed_batch(b=b, t=24), jax.random.key(0))
+  t = np.sort(np.asarray(draws), axis=1)
+  assert ((t > 0) & (t <= 1)).all()
+  if opts.get("discrete_steps"):
+    np.testing.assert_allclose(t * 4, np.round(t * 4), atol=1e-5)  # on the grid
+    assert all(np.bincount(np.round(r * 4).astype(int), minlength=5)[1:].tolist() == [2] * 4
+               for r in t)                                       # two rows per stratum
+  else:
+    np.testing.assert_allclose(np.diff(t, axis=1), 1 / b, atol=1e-5)
+    assert len({round(float(r[0]), 6) for r in t}) == 3  # each draw its own offset
 
 
 # ---------------------------------------------------------------- mlm
