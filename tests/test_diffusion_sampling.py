@@ -196,3 +196,77 @@ def test_each_call_gets_back_the_previous_calls_self_conditioning(setup, monkeyp
   np.testing.assert_array_equal(cond_branch, np.arange(steps))
   if opts.get("cfg_scale"):
     np.testing.assert_array_equal([c for u, c in seen if u][:steps], 100.0 * np.arange(steps))
+
+
+def recording_network(obj, seen):
+  """A network whose logits depend on the canvas (each position favours its left
+  neighbour's token plus the row's mask count, by position-dependent margins, so what a
+  position takes depends on when it is committed) and that records each call's time and
+  branch (True: CFG's unconditional one, whose BOS is masked)."""
+  v = obj.vocab_size
+  bias = jax.random.normal(jax.random.key(7), (64, v)).at[:, MASK].set(-1e9)
+
+  def fake_network(objective, model):
+    def net(x, cond=None, time=None):
+      jax.debug.callback(lambda tm, u: seen.append((float(tm), bool(u))),
+                         jnp.asarray(-1.0 if time is None else time, jnp.float32),
+                         x[0, 0] == MASK, ordered=True)
+      left = jnp.concatenate([x[:, :1], x[:, :-1]], axis=1)
+      masks = jnp.sum(x == MASK, axis=1, keepdims=True)
+      logits = bias[:x.shape[1]] + 3.0 * jax.nn.one_hot((left + 1 + masks) % v, v)
+      return logits.at[..., MASK].set(-1e9), cond
+    return net
+  return fake_network
+
+
+@pytest.mark.parametrize("name,opts,calls", [
+    ("confidence", {}, 5), ("confidence", {"remask": True}, 5), ("llada", {}, 5),
+    ("llada", {"cfg_scale": 0.5}, 10), ("ancestral", {"cache": False}, 5)])
+def test_the_network_sees_each_steps_time_and_calls_are_counted(setup, monkeypatch, name, opts,
+                                                                calls):
+  """Step k of S runs the network at time 1 - k / S (both CFG branches); `calls` counts the
+  network evaluations."""
+  obj, _ = setup
+  seen = []
+  monkeypatch.setattr(ds, "network", recording_network(obj, seen))
+  x0 = jnp.asarray(np.concatenate([[tokenizers.BOS, 40], [MASK] * 10])[None], jnp.int32)
+  _, info = jax.block_until_ready(ds.run(name, obj, None, x0, jax.random.key(0), steps=5,
+                                         **opts))
+  assert int(info["calls"]) == calls == len(seen)
+  want = [1 - k / 5 for k in range(5)]
+  np.testing.assert_allclose([t for t, u in seen if not u], want, atol=1e-6)
+  if opts.get("cfg_scale"):
+    np.testing.assert_allclose([t for t, u in seen if u], want, atol=1e-6)
+
+
+def test_llada_finishes_left_masks_greedily_at_time_0(setup, monkeypatch):
+  """One step for two blocks fills the first; the second is finished greedily, per position,
+  by one more call at time 0."""
+  obj, _ = setup
+  seen = []
+  monkeypatch.setattr(ds, "network", recording_network(obj, seen))
+  x0 = jnp.asarray(np.concatenate([[tokenizers.BOS, 40], [MASK] * 6])[None], jnp.int32)
+  out, info = ds.run("llada", obj, None, x0, jax.random.key(0), steps=1, block_length=3)
+  assert int(info["calls"]) == 2 and [t for t, _ in seen] == [1.0, 0.0]
+  out = np.asarray(out)[0]
+  assert (out != MASK).all()
+  before = jnp.asarray(np.where(np.arange(8) >= 5, MASK, out))[None]  # the second block left
+  logits = recording_network(obj, [])(obj, None)(before)[0][0]
+  np.testing.assert_array_equal(out[5:], np.argmax(np.asarray(logits), -1)[5:])
+
+
+@pytest.mark.parametrize("name,opts", [("confidence", {}), ("confidence", {"remask": True}),
+                                       ("llada", {}), ("llada", {"block_length": 4})])
+def test_greedy_rows_decode_alone_as_in_a_batch(setup, monkeypatch, name, opts):
+  """At temperature 0 a row's output does not depend on the other rows of its batch (rows
+  with different numbers of masks)."""
+  obj, _ = setup
+  monkeypatch.setattr(ds, "network", recording_network(obj, []))
+  rows = np.full((2, 10), MASK, np.int32)
+  rows[:, 0] = tokenizers.BOS
+  rows[0, 1:4] = [40, 41, 42]
+  run = lambda x: np.asarray(ds.run(name, obj, None, jnp.asarray(x), jax.random.key(0), steps=4,
+                                    temperature=0.0, **opts)[0])
+  together = run(rows)
+  np.testing.assert_array_equal(together[0], run(rows[:1])[0])
+  np.testing.assert_array_equal(together[1], run(rows[1:])[0])
