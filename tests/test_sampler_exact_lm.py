@@ -106,7 +106,7 @@ def test_bst_sampler_matches_the_uncached_forward_head(make_config, temperature,
   assert total_variation(emp, ref) < 0.03, (sorted(emp.items()), sorted(ref.items()))
 
 
-def blm_reference(obj, model, canvas, temperature, top_k):
+def blm_reference(obj, model, canvas, temperature, top_k, **filters):
   """{final canvas: probability}: each action draws a blank (softmax of the blank scores), a
   word (temperature, top-k) and a (left, right) choice that fits the row, from uncached calls;
   the canvas is rebuilt here by list surgery."""
@@ -128,7 +128,7 @@ def blm_reference(obj, model, canvas, temperature, top_k):
       for bi, at in enumerate(blanks):
         wl = logits[at].copy()
         wl[:tokenizers.NUM_SPECIAL] = -np.inf
-        pw = rule(wl, temperature, top_k)
+        pw = rule(wl, temperature, top_k, **filters)
         for w in np.flatnonzero(pw > 0):
           lr = np.asarray(model.lr_logits(jnp.asarray(h[at][None]), jnp.asarray([w])))[0]
           grow = np.array([0, 1, 1, 2])
@@ -149,13 +149,40 @@ def blm_reference(obj, model, canvas, temperature, top_k):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("temperature,top_k", [(1.0, 2), (0.6, 2)])
-def test_blm_sampler_matches_its_exact_reference(make_config, temperature, top_k):
+@pytest.mark.parametrize("temperature,top_k,filters", [(1.0, 2, {}), (0.6, 2, {}),
+                                                       (1.0, 0, {"top_p": 0.02, "min_p": 0.9})])
+def test_blm_sampler_matches_its_exact_reference(make_config, temperature, top_k, filters):
   obj, model = make(make_config, "blm")
   canvas = [BOS, BLANK, EOS, PAD, PAD]
-  ref = blm_reference(obj, model, canvas, temperature, top_k)
+  ref = blm_reference(obj, model, canvas, temperature, top_k, **filters)
   fn = jax.jit(jax.vmap(lambda k: obj.fill(model, jnp.asarray([canvas], jnp.int32), k,
-                                           temperature=temperature, top_k=top_k)[0][0]))
+                                           temperature=temperature, top_k=top_k,
+                                           **filters)[0][0]))
   emp = frequencies(fn(jax.random.split(jax.random.key(2), DRAWS)))
   assert abs(sum(ref.values()) - 1) < 1e-6
   assert total_variation(emp, ref) < 0.04, (sorted(emp.items())[:8], sorted(ref.items())[:8])
+
+
+@pytest.mark.slow
+def test_blm_generate_is_one_blanks_fill_with_the_suffix_dropped(make_config):
+  """`generate` fills one blank between the prompt and the suffix with the same draws `fill`
+  makes (every sampling option passed on), then returns the prompt, the middle and EOS; its
+  defaults are temperature 1 and no filter."""
+  from mdlm_jax.objectives import blm
+  obj, model = make(make_config, "blm")
+  prompt = jnp.asarray([[BOS, 40, 41], [BOS, 42, 43]], jnp.int32)
+  suffix = jnp.asarray([[50, 51], [52, 53]], jnp.int32)
+  key, n = jax.random.key(3), 4
+  for opts in ({}, {"temperature": 0.7, "top_p": 0.5, "min_p": 0.1}):
+    got = np.asarray(obj.generate(model, prompt, key, max_new_tokens=n, suffix_BxS=suffix,
+                                  **opts))
+    canvas = np.asarray(obj.fill(model, blm.one_blank(prompt, n, suffix), key, **opts)[0])
+    for r in range(2):
+      c = [int(x) for x in canvas[r] if x != PAD]
+      assert c[-3:] == [*np.asarray(suffix[r]), EOS] and c[:3] == list(np.asarray(prompt[r]))
+      want = (c[:-3] + [EOS])[:3 + n]  # (a middle of n words leaves no room for EOS)
+      np.testing.assert_array_equal(got[r], want + [PAD] * (3 + n - len(want)))
+  plain = obj.generate(model, prompt, key, max_new_tokens=n)
+  explicit = obj.generate(model, prompt, key, max_new_tokens=n, temperature=1.0, top_k=0,
+                          top_p=1.0, min_p=0.0)
+  np.testing.assert_array_equal(plain, explicit)
