@@ -270,3 +270,34 @@ def test_greedy_rows_decode_alone_as_in_a_batch(setup, monkeypatch, name, opts):
   together = run(rows)
   np.testing.assert_array_equal(together[0], run(rows[:1])[0])
   np.testing.assert_array_equal(together[1], run(rows[1:])[0])
+
+
+@pytest.mark.parametrize("name,defaults", [
+    ("ancestral", dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)),
+    ("confidence", dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, remask=False,
+                        critic=False, critic_noise=1.0)),
+    ("llada", dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, block_length=0,
+                   remasking="low_confidence", cfg_scale=0.0))])
+def test_sampler_defaults_are_the_documented_ones(setup, monkeypatch, name, defaults):
+  obj, _ = setup
+  monkeypatch.setattr(ds, "network", recording_network(obj, []))
+  x0 = jnp.asarray(np.concatenate([[tokenizers.BOS, 40], [MASK] * 10])[None], jnp.int32)
+  run = lambda **o: np.asarray(ds.run(name, obj, None, x0, jax.random.key(4), steps=4, **o)[0])
+  np.testing.assert_array_equal(run(), run(**defaults))
+
+
+@pytest.mark.parametrize("name", ["ancestral", "confidence", "llada"])
+def test_samplers_pass_every_filter_to_the_draw(setup, monkeypatch, name):
+  obj, _ = setup
+  monkeypatch.setattr(ds, "network", recording_network(obj, []))
+  got = []
+  draw = ds.sampling.draw
+
+  def spy(key, logits, temperature, top_k=0, top_p=1.0, min_p=0.0):
+    got.append((top_k, top_p, min_p))
+    return draw(key, logits, temperature, top_k, top_p, min_p)
+  monkeypatch.setattr(ds.sampling, "draw", spy)
+  x0 = jnp.asarray(np.concatenate([[tokenizers.BOS, 40], [MASK] * 10])[None], jnp.int32)
+  ds.run(name, obj, None, x0, jax.random.key(4), steps=4, temperature=0.7, top_k=5, top_p=0.8,
+         min_p=0.05)
+  assert got and set(got) == {(5, 0.8, 0.05)}
