@@ -279,3 +279,32 @@ def test_one_pass_bound_averages_to_the_order_bound(make_config, distribution, m
   order_bound = -math.log(math.factorial(n)) - np.mean(log_orders)
   np.testing.assert_allclose(expect, order_bound, rtol=1e-5)
   assert -np.logaddexp.reduce(log_orders) < order_bound
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoder", ["placement", "bidirectional"])
+@pytest.mark.parametrize("decoding", ["parallel", "sequential"])
+def test_decoders_pass_every_filter_and_stop_when_nothing_is_inserted(make_config, monkeypatch,
+                                                                      encoder, decoding):
+  """Every draw gets the user's temperature and filters; a model that ends every slot at once
+  makes one call."""
+  obj, net = make(make_config, encoder=encoder)
+  from mdlm_jax.objectives import insertion_decoding as dec
+  got = []
+  draw = dec.sampling.sample_logits
+
+  def spy(key, logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    got.append((temperature, top_k, top_p, min_p))
+    return draw(key, logits, temperature, top_k, top_p, min_p)
+  monkeypatch.setattr(dec.sampling, "sample_logits", spy)
+  canvas = jnp.asarray([[BOS, 70, EOS] + [PAD] * 8])
+  region = jnp.asarray([[0, 0, 2] + [0] * 8])
+  obj.fill(net, canvas, region, jax.random.key(0), temperature=0.7, top_k=5, top_p=0.8,
+           min_p=0.05, decoding=decoding)
+  assert got and set(got) == {(0.7, 5, 0.8, 0.05)}
+  v = obj.vocab_size
+  monkeypatch.setattr(type(net.backbone), "logits",
+                      lambda self, h: jnp.zeros(h.shape[:-1] + (v,)).at[..., EOS].set(30.0))
+  out, _, info = obj.fill(net, canvas, region, jax.random.key(0), decoding=decoding)
+  np.testing.assert_array_equal(out, canvas)
+  assert int(info["calls"]) == 1
