@@ -134,6 +134,7 @@ def bench_sampler(config):
     out, _, info = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(9), b), canvas, region)
     made_rows = np.asarray(jnp.sum(out[:, 0] != tokenizers.PAD, axis=1)) - 2
     per_row = [[int(m), int(c)] for m, c in zip(made_rows, np.asarray(info["calls"]))]
+  config = setup.config  # (with --workdir: the trained run's)
   out = {"objective": config.objective.name, "sampler": name, "batch": b, "length": n,
          "steps": None if name == "ar" or grows else _SAMPLE_STEPS.value,
          "network_calls": calls, "tokens": made, "seconds": dt, "tokens_per_s": made / dt,
