@@ -159,38 +159,58 @@ def fill_placed(model, canvas_BxT, region_BxT, rng, distribution: str, decoding:
     return (*jax.lax.switch(branch, [at_width(w) for w in widths], hl, hr, cache),
             jnp.asarray(widths)[branch])
 
+  def choose(tok, u, region, hl, hr, order, count, k_draw):
+    """Each row's actions on its canvas, read through `order` at the narrowest compiled
+    width that holds every row's canvas (the slots past it are padding): (insert after
+    canvas index (B, T), the words, their FPE vectors, the step's log-probability, whether
+    any slot was open)."""
+    def at_width(width):
+      def run(tok, u, region, hl, hr, order, count):
+        valid = order[:, :width] < t
+        o = jnp.minimum(order[:, :width], t - 1)
+        o_next = jnp.concatenate([o[:, 1:], o[:, -1:]], axis=1)
+        c = {"inputs": jnp.where(valid, tok[rows, o], tokenizers.PAD),
+             "segment_ids": valid.astype(jnp.int32)}
+        c_region = jnp.where(valid, region[rows, o], 0)
+        nxt_region = jnp.concatenate([c_region[:, 1:], jnp.zeros_like(c_region[:, :1])], 1)
+        open_ = slots(c) & (c_region <= 1) & (nxt_region >= 1)
+        lp = history.normalize_actions(*model.slot_head(hl[rows, o] + hr[rows, o_next]),
+                                       open_, c["segment_ids"], distribution)
+        room = t - count
+        if decoding == "parallel":
+          ins, w = parallel_action(k_draw, lp, open_, room, **draw)
+          chosen = jnp.take_along_axis(lp, w[..., None], axis=-1)[..., 0]
+          step_lp = jnp.sum(jnp.where(open_, chosen - jax.nn.logsumexp(lp, axis=-1), 0.0), 1)
+        else:
+          ins, w = sequential_action(k_draw, lp, open_, room, slot_final=slot_final, **draw)
+          word_lp = jnp.take_along_axis(lp[jnp.arange(b), jnp.argmax(ins, axis=1)], w[:, :1],
+                                        axis=1)[:, 0]
+          stop_lp = jax.nn.logsumexp(
+              jnp.where(open_, lp[..., tokenizers.EOS], sampling.NEG_INF), axis=1)
+          step_lp = jnp.where(jnp.any(ins, axis=1), word_lp, stop_lp)
+        u_new = model.between(u[rows, o], u[rows, o_next])
+        pad = lambda a, fill: jnp.pad(a, [(0, 0), (0, t - width)] + [(0, 0)] * (a.ndim - 2),
+                                      constant_values=fill)
+        return (pad(ins, False), pad(w, 0), pad(u_new, 0.0), step_lp,
+                jnp.any(open_, axis=1, keepdims=True))
+      return run
+    widths = _capacities(t)
+    branch = jnp.searchsorted(jnp.asarray(widths), jnp.max(count))
+    return jax.lax.switch(branch, [at_width(w) for w in widths], tok, u, region, hl, hr, order,
+                          count)
+
   def body(state):
     tok, u, steps, hl, hr, cache, region, order, count, done, key, i, logp, encoded = state
     key, k_draw = jax.random.split(key)
     valid = order < t
-    o = jnp.minimum(order, t - 1)
-    o_next = jnp.concatenate([o[:, 1:], o[:, -1:]], axis=1)
-    canvas = jnp.where(valid, tok[rows, o], tokenizers.PAD)
-    c = {"inputs": canvas, "segment_ids": valid.astype(jnp.int32)}
-    c_region = jnp.where(valid, region[rows, o], 0)
-    nxt_region = jnp.concatenate([c_region[:, 1:], jnp.zeros_like(c_region[:, :1])], axis=1)
-    open_ = slots(c) & (c_region <= 1) & (nxt_region >= 1)
-    lp = history.normalize_actions(*model.slot_head(hl[rows, o] + hr[rows, o_next]), open_,
-                                   c["segment_ids"], distribution)
-    room = t - count
-    if decoding == "parallel":
-      ins, w = parallel_action(k_draw, lp, open_, room, **draw)
-      chosen = jnp.take_along_axis(lp, w[..., None], axis=-1)[..., 0]
-      step_lp = jnp.sum(jnp.where(open_, chosen - jax.nn.logsumexp(lp, axis=-1), 0.0), axis=1)
-    else:
-      ins, w = sequential_action(k_draw, lp, open_, room, slot_final=slot_final, **draw)
-      word_lp = jnp.take_along_axis(lp[jnp.arange(b), jnp.argmax(ins, axis=1)], w[:, :1],
-                                    axis=1)[:, 0]
-      stop_lp = jax.nn.logsumexp(jnp.where(open_, lp[..., tokenizers.EOS], sampling.NEG_INF),
-                                 axis=1)
-      step_lp = jnp.where(jnp.any(ins, axis=1), word_lp, stop_lp)
-    ins = ins & ~done[:, None] & jnp.any(open_, axis=1, keepdims=True)
+    ins, w, u_new, step_lp, any_open = choose(tok, u, region, hl, hr, order, count, k_draw)
+    ins = ins & ~done[:, None] & any_open
     logp = logp + jnp.where(done, 0.0, step_lp)
     m = jnp.sum(ins, axis=1, dtype=jnp.int32)
     # the new tokens take buffer positions count, count + 1, ... in canvas order
     new_at = jnp.where(ins, count[:, None] + jnp.cumsum(ins, axis=1, dtype=jnp.int32) - 1, t)
     tok = tok.at[rows, new_at].set(w, mode="drop")
-    u = u.at[rows, new_at].set(model.between(u[rows, o], u[rows, o_next]), mode="drop")
+    u = u.at[rows, new_at].set(u_new, mode="drop")
     region = region.at[rows, new_at].set(1, mode="drop")
     steps = steps.at[rows, new_at].set(base + i, mode="drop")
     shift = jnp.cumsum(ins, axis=1, dtype=jnp.int32) - ins
