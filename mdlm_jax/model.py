@@ -197,15 +197,18 @@ class Transformer(nnx.Module):
     return sharding.constrain(x, "batch", "length", "embed")
 
   def hidden(self, x_BxTxD, positions_BxT, segment_ids_BxT, causal: bool | None = None,
-             rope: bool = True, order_BxT=None):
+             rope: bool = True, order_BxT=None, mask_Bx1xTxT=None):
     """Runs the blocks on input embeddings; returns final-normed states (B, T, D). With
     rope=False the positions are not used (the embeddings carry their own). `order_BxT`: a
     token attends to the tokens of its segment whose order is <= its own (a generation
-    order, e.g. the step each token was placed at), whatever their index."""
+    order, e.g. the step each token was placed at), whatever their index. `mask_Bx1xTxT`:
+    the attention mask itself (boolean, segments included), instead of one built here."""
     causal = self.cfg.causal if causal is None else causal
     x_BxTxD = sharding.constrain(x_BxTxD, "batch", "length", "embed")
     impl = attention_impl(self.cfg.attention, self.cfg.dtype, x_BxTxD.shape[1])
-    if order_BxT is not None:
+    if mask_Bx1xTxT is not None:
+      mask, causal = mask_Bx1xTxT, False
+    elif order_BxT is not None:
       mask = attention_mask(segment_ids_BxT, segment_ids_BxT, order_BxT, order_BxT, True)
       causal = False  # the mask holds the order; the kernels' causal masks go by index
     elif impl == "cudnn_packed":
@@ -265,15 +268,17 @@ class Transformer(nnx.Module):
     h, cache = self.decode_hidden(tokens_BxT, cache)
     return self.logits(h), cache
 
-  def decode_hidden(self, tokens_BxT, cache):
-    """`decode` up to the final norm: (final states (B, T, D), cache)."""
+  def decode_hidden(self, tokens_BxT, cache, block: int = 1):
+    """`decode` up to the final norm: (final states (B, T, D), cache). With `block` > 1 the
+    new tokens attend block-causally (a token sees every position of its own block of
+    `block` positions, counted from 0, and of the blocks before it)."""
     b, t = tokens_BxT.shape
     index = cache[0]["index"]
     s = cache[0]["k"].shape[-3]
     q_idx = jnp.broadcast_to(index + jnp.arange(t), (b, t))
     k_idx = jnp.broadcast_to(jnp.arange(s), (b, s))
     mask = attention_mask(jnp.ones((b, t), jnp.int32), (k_idx < index + t).astype(jnp.int32),
-                          q_idx, k_idx, causal=True)
+                          q_idx // block, k_idx // block, causal=True)
     x = self.embed_tokens(tokens_BxT)
     rope = rope_tables(q_idx, self.cfg.head_dim, self.cfg.rope_base, self.cfg.max_seq_len)
     h, cache = self._cached_blocks(x, rope, mask, cache, index)

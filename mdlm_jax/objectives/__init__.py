@@ -55,3 +55,4 @@ from mdlm_jax.objectives import mlm  # noqa: E402,F401  pylint: disable=wrong-im
 from mdlm_jax.objectives import bst  # noqa: E402,F401  pylint: disable=wrong-import-position
 from mdlm_jax.objectives import blm  # noqa: E402,F401  pylint: disable=wrong-import-position
 from mdlm_jax.objectives import insertion  # noqa: E402,F401  pylint: disable=wrong-import-position
+from mdlm_jax.objectives import bd3lm  # noqa: E402,F401  pylint: disable=wrong-import-position

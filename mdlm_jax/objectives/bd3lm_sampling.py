@@ -1,0 +1,156 @@
+"""Block diffusion sampling (`bd3lm`; docs/objectives.md): blocks left to right, each denoised
+from all-MASK in at most `steps` network calls, conditioned on the finished blocks.
+
+With `kv_cache` (the default) the finished blocks' keys and values are computed once, from
+their clean tokens, and kept: a step encodes only the current block's L' positions against
+the cache. The call that writes a finished block also gives the next block's first logits
+(the 2 L' new positions attend block-causally), so a block costs exactly the calls of its
+steps. Without the cache every step re-encodes the canvas under the block-causal mask (the
+baseline); both give the same tokens.
+
+Rules for a step, over the current block's masked positions (every draw after temperature
+and top-k / top-p / min-p filtering, with `sampling.draw`):
+- `confidence`: commit the ceil(masked / steps left) most confident (probability of the
+  drawn token); with steps = L' one token per call.
+- `threshold` (Fast-dLLM): commit every position whose drawn token has probability above
+  `threshold`, and at least the most confident one.
+- `ancestral` (MDLM within the block): reveal each with probability
+  (m(t) - m(s)) / m(t) on the uniform time grid from 1 to 0.
+The last allowed step commits whatever is left, so a block never ends with a MASK.
+Generation stops when every row has produced EOS (the output length is free; the tokens
+after a row's EOS are PAD) or at `max_new_tokens`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mdlm_jax import attention
+from mdlm_jax import sampling
+from mdlm_jax import tokenizers
+from mdlm_jax.objectives import base
+from mdlm_jax.objectives import mdlm_schedule
+
+RULES = ("confidence", "threshold", "ancestral")
+
+
+def commit(rule: str, k, steps: int, masked_BxL, conf_BxL, key, *, threshold: float,
+           schedule: str = "linear"):
+  """Which masked positions a step commits (B, L) bool, given the drawn tokens' log
+  probabilities `conf_BxL`; step k of at most `steps` (the last commits all)."""
+  conf = jnp.where(masked_BxL, conf_BxL, -jnp.inf)
+  rank = base.rank_in_row(-conf)
+  if rule == "confidence":
+    count = -(-jnp.sum(masked_BxL, axis=1) // (steps - k))   # ceil division
+    chosen = rank < count[:, None]
+  elif rule == "threshold":
+    chosen = (conf > jnp.log(threshold)) | (rank == 0)
+  elif rule == "ancestral":
+    t, s = 1.0 - k / steps, 1.0 - (k + 1) / steps
+    m_t = mdlm_schedule.mask_fraction(schedule, jnp.asarray(t, jnp.float32))[0]
+    m_s = mdlm_schedule.mask_fraction(schedule, jnp.asarray(s, jnp.float32))[0]
+    chosen = jax.random.uniform(key, masked_BxL.shape) < (m_t - m_s) / m_t
+  else:
+    raise ValueError(f"--sampler={rule!r} is unknown for bd3lm; choose one of {RULES}.")
+  return masked_BxL & (chosen | (k >= steps - 1))
+
+
+def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
+             max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             min_p: float = 0.0, threshold: float = 0.9, kv_cache: bool = True,
+             schedule: str = "linear"):
+  """Samples up to `max_new_tokens` after `prompt_BxP` (B, P), blocks counted from the row's
+  first position (the prompt's BOS), the prompt's own positions never changed. Returns
+  ((B, P + max_new_tokens) int32, info) with info["calls"] (network calls) and
+  info["blocks"] (blocks generated)."""
+  if rule not in RULES:
+    raise ValueError(f"--sampler={rule!r} is unknown for bd3lm; choose one of {RULES}.")
+  if steps < 1:
+    raise ValueError(f"steps={steps} must be >= 1.")
+  if not 0.0 < threshold <= 1.0:
+    raise ValueError(f"--threshold={threshold} must be in (0, 1].")
+  size = block_size
+  b, p = prompt_BxP.shape
+  width = -(-(p + max_new_tokens) // size) * size
+  n_blocks = width // size
+  canvas = jnp.concatenate([prompt_BxP.astype(jnp.int32),
+                            jnp.full((b, width - p), tokenizers.MASK, jnp.int32)], axis=1)
+  idx = jnp.arange(width)
+  block_of = lambda x, blk: jax.lax.dynamic_slice_in_dim(x, blk * size, size, axis=1)
+  subs = lambda h: model.logits(h).at[..., tokenizers.MASK].set(sampling.NEG_INF)
+
+  if kv_cache:
+    def encode(x, start_blk, blocks: int, cache):
+      """Encodes blocks start_blk .. start_blk + blocks - 1 into the cache (all but the last
+      are clean: written for good); returns the last block's logits and the cache."""
+      new = jax.lax.dynamic_slice_in_dim(x, start_blk * size, blocks * size, axis=1)
+      h, cache = model.decode_hidden(new, [dict(c, index=start_blk * size) for c in cache],
+                                     block=size)
+      return subs(h[:, -size:]), cache
+
+    def step_logits(x, blk, cache):
+      return encode(x, blk, 1, cache)[0]   # the block's keys are not kept
+  else:
+    pos = jnp.broadcast_to(idx, (b, width))
+    ones = jnp.ones((b, width), jnp.int32)
+    mask = attention.attention_mask(ones, ones, pos // size, pos // size, causal=True)
+
+    def step_logits(x, blk, cache):
+      del cache
+      h = model.hidden(model.embed_tokens(x), pos, jnp.ones((b, width), jnp.int32),
+                       mask_Bx1xTxT=mask)
+      return subs(block_of(h, blk))
+
+  first = p // size
+  if kv_cache:   # the prompt's whole blocks and the first block to generate, in one call
+    logits, cache = encode(canvas, 0, first + 1, model.init_cache(b, width))
+  else:
+    cache, logits = None, step_logits(canvas, first, None)
+
+  def block_cond(c):
+    blk, _, _, _, done, _ = c
+    return (blk < n_blocks) & ~jnp.all(done)
+
+  def block_body(c):
+    blk, x, cache, logits, done, calls = c
+    key = jax.random.fold_in(rng, blk)
+
+    def step(c):
+      k, x, logits, calls = c
+      k_tok, k_rule = jax.random.split(jax.random.fold_in(key, k))
+      tok, logp = sampling.draw(k_tok, logits, temperature, top_k, top_p, min_p)
+      xb = block_of(x, blk)
+      masked = xb == tokenizers.MASK
+      conf = jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0]
+      chosen = commit(rule, k, steps, masked, conf, k_rule, threshold=threshold,
+                      schedule=schedule)
+      x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(chosen, tok, xb), blk * size, axis=1)
+      more = jnp.any(block_of(x, blk) == tokenizers.MASK)
+      logits, calls = jax.lax.cond(more, lambda: (step_logits(x, blk, cache), calls + 1),
+                                   lambda: (logits, calls))
+      return k + 1, x, logits, calls
+
+    unfinished = lambda c: jnp.any(block_of(c[1], blk) == tokenizers.MASK)
+    _, x, logits, calls = jax.lax.while_loop(unfinished, step,
+                                             (jnp.zeros((), jnp.int32), x, logits, calls))
+    made = (blk * size + jnp.arange(size)) >= p
+    done = done | jnp.any((block_of(x, blk) == tokenizers.EOS) & made, axis=1)
+
+    def next_block():  # with the cache: this block's clean keys written in the same call
+      if kv_cache:
+        nxt, new_cache = encode(x, blk, 2, cache)
+        return nxt, new_cache, calls + 1
+      return step_logits(x, blk + 1, None), cache, calls + 1
+
+    go_on = (blk + 1 < n_blocks) & ~jnp.all(done)
+    logits, cache, calls = jax.lax.cond(go_on, next_block, lambda: (logits, cache, calls))
+    return blk + 1, x, cache, logits, done, calls
+
+  carry = (jnp.asarray(first, jnp.int32), canvas, cache, logits, jnp.zeros((b,), bool),
+           jnp.ones((), jnp.int32))
+  blk, x, _, _, _, calls = jax.lax.while_loop(block_cond, block_body, carry)
+  made = idx[None, :] >= p
+  eos = (x == tokenizers.EOS) & made
+  after = (jnp.cumsum(eos, axis=1) - eos) > 0
+  x = jnp.where(after | (x == tokenizers.MASK), tokenizers.PAD, x)
+  return x[:, :p + max_new_tokens], {"calls": calls, "blocks": blk - first}

@@ -1,0 +1,220 @@
+"""`bd3lm`: the block mask against a direct construction, its two limits (block size 1 is
+next-token prediction, block size T is `mdlm`), packed rows isolated, the cached block sampler
+against re-encoding, the step rules."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import positions_of
+from mdlm_jax import objectives
+from mdlm_jax import tokenizers
+from mdlm_jax.objectives import bd3lm
+from mdlm_jax.objectives import bd3lm_sampling
+
+MASK, EOS, PAD, BOS = tokenizers.MASK, tokenizers.EOS, tokenizers.PAD, tokenizers.BOS
+
+
+def make(make_config, name="bd3lm", seq_len=32, init_std=0.02, **opts):
+  cfg = make_config({"objective.name": name, "data.seq_len": seq_len, "model.init_std": init_std,
+                     **{f"objective.{k}": v for k, v in opts.items()}})
+  obj = objectives.create(cfg, tokenizers.get_tokenizer("bytes"))
+  return obj, obj.build(nnx.Rngs(0))
+
+
+def batch_of(seg, seed=0):
+  seg = np.asarray(seg, np.int32)
+  rng = np.random.default_rng(seed)
+  x = rng.integers(tokenizers.NUM_SPECIAL, 60, seg.shape).astype(np.int32)
+  starts = np.concatenate([np.ones((seg.shape[0], 1), bool), seg[:, 1:] != seg[:, :-1]], 1)
+  x[starts & (seg > 0)] = BOS
+  x[seg == 0] = PAD
+  return {"inputs": jnp.asarray(x), "segment_ids": jnp.asarray(seg),
+          "positions": jnp.asarray(positions_of(seg))}
+
+
+def plain_batch(b=4, t=32, seed=0):
+  return batch_of(np.ones((b, t)), seed)
+
+
+def test_training_mask_is_the_direct_construction():
+  seg = np.array([[1] * 5 + [2] * 6 + [0]])
+  size, t = 4, 12
+  got = np.asarray(bd3lm.training_mask(jnp.asarray(seg), size))[0, 0]
+  want = np.zeros((2 * t, 2 * t), bool)
+  for q in range(2 * t):
+    for k in range(2 * t):
+      qb, kb = (q % t) // size, (k % t) // size
+      same = seg[0, q % t] == seg[0, k % t]
+      if q < t:    # noised query: its own noised block, clean earlier blocks
+        ok = (kb == qb) if k < t else (kb < qb)
+      else:        # clean query: clean blocks up to its own
+        ok = k >= t and kb <= qb
+      want[q, k] = ok and same
+  np.testing.assert_array_equal(got, want)
+
+
+def test_block_size_of_the_row_is_mdlm(make_config):
+  """One block: the noised half reads only itself, with mdlm's times and masks for the same
+  key, so loss and validation bound equal mdlm's on the same parameters."""
+  obj, model = make(make_config, block_size=32)
+  ref, ref_model = make(make_config, name="mdlm")
+  nnx.update(ref_model, nnx.state(model))
+  batch = batch_of(np.array([[1] * 20 + [2] * 12, [1] * 32, [1] * 25 + [0] * 7]))
+  for seed in range(3):
+    rng = jax.random.key(seed)
+    np.testing.assert_allclose(obj.loss(model, batch, rng)[0], ref.loss(ref_model, batch, rng)[0],
+                               rtol=2e-5)
+    got, want = obj.eval_sums(model, batch, rng), ref.eval_sums(ref_model, batch, rng)
+    for key in ("nll", "tokens", "bytes", "mc_var"):
+      np.testing.assert_allclose(got[key], want[key], rtol=2e-5, err_msg=key)
+
+
+def ar_factorisation_nll(model, batch):
+  """sum over scored tokens of -log p(x_i | x_<i), each term from its own causal pass over
+  [x_0 .. x_{i-1}, MASK]: the network's next-token distribution computed directly."""
+  x = np.asarray(batch["inputs"])
+  b, t = x.shape
+  total = 0.0
+  for i in range(1, t):
+    row = jnp.asarray(np.concatenate([x[:, :i], np.full((b, 1), MASK)], 1))
+    pos = jnp.broadcast_to(jnp.arange(i + 1), (b, i + 1))
+    logits = model(row, pos, jnp.ones((b, i + 1), jnp.int32), causal=True)[:, -1]
+    logits = logits.at[:, MASK].set(-1e30)
+    total += float(jnp.sum(-jax.nn.log_softmax(logits)[jnp.arange(b), x[:, i]]))
+  return total
+
+
+def test_block_size_1_with_every_token_masked_is_the_ar_factorisation(make_config):
+  """Mask rate 1 (the clipped schedule at [1, 1]) makes the loss deterministic: the NLL of
+  the network's own left-to-right factorisation, term by term."""
+  obj, model = make(make_config, seq_len=12, block_size=1, noise_min=1.0, noise_max=1.0)
+  batch = plain_batch(b=3, t=12)
+  num, den, _ = obj.loss_sums(model, batch, jax.random.key(0))
+  assert float(den) == 3 * 11
+  np.testing.assert_allclose(float(num), ar_factorisation_nll(model, batch), rtol=1e-4)
+
+
+def test_block_size_1_loss_is_the_ar_nll_in_expectation(make_config):
+  """Linear schedule, eps 0: each token is masked with probability t and weighted 1/t, so the
+  mean over keys is the AR factorisation's NLL for any time range (t_min = 0.1 keeps the
+  estimator's variance small: 400 draws put it within about 1%)."""
+  obj, model = make(make_config, seq_len=12, init_std=0.5, block_size=1, eps=0.0, t_min=0.1)
+  batch = plain_batch(b=8, t=12)
+  want = ar_factorisation_nll(model, batch) / (8 * 11)
+  loss = jax.jit(lambda k: obj.loss(model, batch, k)[0])
+  got = np.mean([float(loss(jax.random.key(s))) for s in range(400)])
+  assert abs(got - want) / want < 0.03, (got, want)
+
+
+def test_packed_documents_do_not_see_each_other(make_config):
+  """The gradient of document 1's noised logits with respect to every input embedding is
+  zero at document 2's positions (either half) and nonzero at its own earlier clean block."""
+  obj, model = make(make_config, block_size=4)
+  seg = np.array([[1] * 10 + [2] * 22])
+  batch = batch_of(seg)
+  t = seg.shape[1]
+  x2 = jnp.concatenate([batch["inputs"], batch["inputs"]], axis=1)
+  emb = model.embed_tokens(x2)
+  mask = bd3lm.training_mask(batch["segment_ids"], 4)
+  pos2, seg2 = jnp.tile(batch["positions"], (1, 2)), jnp.tile(batch["segment_ids"], (1, 2))
+
+  def doc1_out(e):
+    h = model.hidden(e, pos2, seg2, mask_Bx1xTxT=mask)
+    return jnp.sum(model.logits(h[:, 4:8]) ** 2)   # noised block 1 of document 1
+
+  g = np.abs(np.asarray(jax.grad(doc1_out)(emb))).sum(-1)[0]
+  doc2 = np.tile(seg[0] == 2, 2)
+  assert np.all(g[doc2] == 0)
+  assert np.all(g[t:t + 4] > 0), "clean block 0 of the same document must be read"
+  assert np.all(g[t + 4:t + 10] == 0), "its own clean copy and later blocks must not be"
+  assert np.all(g[0:4] == 0), "the noised block 0 is another block's noise"
+
+
+def test_flops_count_the_doubled_sequence_and_the_mask(make_config):
+  obj, _ = make(make_config, block_size=8)
+  cfg = obj.model_config
+  d, f, n, v, t = cfg.d_model, cfg.mlp_dim, cfg.num_layers, cfg.vocab_size, 32
+  allowed = int(np.asarray(bd3lm.training_mask(jnp.ones((1, t), jnp.int32), 8)).sum())
+  assert allowed == t * (t + 8)
+  per_token = 2 * (2 * n * (4 * d * d + 3 * d * f) + d * v + n * 2 * d * allowed / t)
+  np.testing.assert_allclose(obj.flops_per_token(t), 3 * per_token)
+
+
+def test_options_are_checked(make_config):
+  with pytest.raises(ValueError, match="block_size=5 must divide data.seq_len=32"):
+    make(make_config, block_size=5)
+  def check(**changes):
+    opts = objectives.default_options("bd3lm")
+    opts.update(changes)
+    objectives.validate_options(opts)
+
+  check(noise_min=0.3, noise_max=0.8)
+  with pytest.raises(ValueError, match="noise_min=0.9 and objective.noise_max=0.3"):
+    check(noise_min=0.9, noise_max=0.3)
+  with pytest.raises(ValueError, match="clipped schedule"):
+    check(noise_min=0.3, noise_max=0.8, schedule="cosine")
+  with pytest.raises(ValueError, match="block_size=0 must be >= 1"):
+    check(block_size=0)
+
+
+# ---------------------------------------------------------------- sampling
+def test_commit_rules():
+  masked = jnp.array([[True, True, False, True, True]])
+  conf = jnp.log(jnp.array([[0.95, 0.5, 0.99, 0.91, 0.2]]))
+  key = jax.random.key(0)
+  got = bd3lm_sampling.commit("threshold", 0, 5, masked, conf, key, threshold=0.9)
+  np.testing.assert_array_equal(got, [[True, False, False, True, False]])
+  low = jnp.log(jnp.array([[0.3, 0.5, 0.99, 0.4, 0.2]]))
+  got = bd3lm_sampling.commit("threshold", 0, 5, masked, low, key, threshold=0.9)
+  np.testing.assert_array_equal(got, [[False, True, False, False, False]])  # the most confident
+  got = bd3lm_sampling.commit("confidence", 1, 3, masked, conf, key, threshold=0.9)
+  np.testing.assert_array_equal(got, [[True, False, False, True, False]])  # ceil(4 / 2)
+  got = bd3lm_sampling.commit("confidence", 2, 3, masked, conf, key, threshold=0.9)
+  np.testing.assert_array_equal(got, masked)   # the last step commits what is left
+  reveal = np.mean([np.asarray(bd3lm_sampling.commit(
+      "ancestral", 1, 4, jnp.ones((1, 400), bool), jnp.zeros((1, 400)), jax.random.key(s),
+      threshold=0.9)) for s in range(20)])
+  np.testing.assert_allclose(reveal, (0.75 - 0.5) / 0.75, atol=0.02)
+
+
+@pytest.mark.parametrize("rule", ["confidence", "threshold", "ancestral"])
+def test_cached_sampler_equals_reencoding(make_config, rule):
+  obj, model = make(make_config, block_size=4)
+  prompt = jnp.asarray(np.array([[BOS, 40, 41, 42, 43, 44]] * 3, np.int32))
+  run = lambda cache: obj.generate_blocks(model, prompt, jax.random.key(3), sampler=rule,
+                                          steps=3, max_new_tokens=20, temperature=1.0,
+                                          threshold=0.05, kv_cache=cache)
+  (a, ia), (b, ib) = run(True), run(False)
+  np.testing.assert_array_equal(a, b)
+  assert int(ia["calls"]) == int(ib["calls"])
+  np.testing.assert_array_equal(a[:, :6], prompt)
+  assert a.shape == (3, 26)
+  assert int(ia["blocks"]) >= 1
+
+
+class EndsAt:
+  """A model whose logits favour EOS by `bias` and are the wrapped model's otherwise."""
+
+  def __init__(self, model, bias):
+    self.model, self.bias = model, bias
+
+  def __getattr__(self, name):
+    return getattr(self.model, name)
+
+  def logits(self, h):
+    return self.model.logits(h).at[..., EOS].add(self.bias)
+
+
+def test_sampler_stops_at_eos_and_pads_after_it(make_config):
+  obj, model = make(make_config, block_size=4)
+  prompt = jnp.full((2, 1), BOS, jnp.int32)
+  out, info = obj.generate_blocks(EndsAt(model, 100.0), prompt, jax.random.key(0),
+                                  max_new_tokens=40, steps=4)
+  assert int(info["blocks"]) == 1
+  assert int(info["calls"]) == 3   # the block's 3 masks (BOS is given), one per call
+  assert np.all(np.asarray(out[:, 1]) == EOS) and np.all(np.asarray(out[:, 2:]) == PAD)
+  out, info = obj.generate_blocks(EndsAt(model, -100.0), prompt, jax.random.key(0),
+                                  max_new_tokens=40, steps=4)
+  assert int(info["blocks"]) == 11 and not np.any(np.asarray(out) == PAD)
