@@ -301,3 +301,34 @@ def test_samplers_pass_every_filter_to_the_draw(setup, monkeypatch, name):
   ds.run(name, obj, None, x0, jax.random.key(4), steps=4, temperature=0.7, top_k=5, top_p=0.8,
          min_p=0.05)
   assert got and set(got) == {(5, 0.8, 0.05)}
+
+
+def test_llada_threshold_commits_exactly_the_positions_above_it(setup, monkeypatch):
+  """Fast-dLLM's rule on a fixed network whose top tokens have known probabilities: a step
+  commits the positions above the threshold (at least the most confident one), and the loop
+  stops once nothing is masked (`steps` is a cap)."""
+  obj, _ = setup
+  v = obj.vocab_size
+  top = np.array([0.95, 0.5, 0.85, 0.99, 0.3])
+  probs = np.tile((1 - top)[:, None] / (v - 2), (1, v))
+  probs[np.arange(5), 40 + np.arange(5)] = top
+  probs[:, MASK] = 0.0
+  logits = jnp.asarray(np.log(np.maximum(np.concatenate([np.ones((1, v)) / v, probs]), 1e-30)))
+  seen = []
+
+  def fixed(objective, model):
+    def net(x, cond=None, time=None):
+      jax.debug.callback(lambda: seen.append(1), ordered=True)
+      return jnp.broadcast_to(logits, x.shape + (v,)).astype(jnp.float32), cond
+    return net
+  monkeypatch.setattr(ds, "network", fixed)
+  x0 = jnp.asarray(np.concatenate([[tokenizers.BOS], [MASK] * 5])[None], jnp.int32)
+  first_step = lambda thr: np.asarray(ds.run("llada", obj, None, x0, jax.random.key(0), steps=1,
+                                             threshold=thr, snapshots=1)[1]["history"][0, 0, 1:])
+  np.testing.assert_array_equal(first_step(0.9), [40, MASK, MASK, 43, MASK])
+  np.testing.assert_array_equal(first_step(0.8), [40, MASK, 42, 43, MASK])
+  np.testing.assert_array_equal(first_step(0.995), [MASK, MASK, MASK, 43, MASK])  # the best
+  seen.clear()
+  out, info = ds.run("llada", obj, None, x0, jax.random.key(0), steps=10, threshold=0.8)
+  assert int(info["calls"]) == 3 == len(seen)   # {.95, .85, .99}, then .5, then .3
+  np.testing.assert_array_equal(np.asarray(out)[0, 1:], 40 + np.arange(5))

@@ -38,9 +38,13 @@ _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 200, "Batches to ti
 _SAMPLER = flags.DEFINE_string("sampler", None, "Time a sampler instead of the train step: "
                                "ar (KV cache), ancestral, ancestral_nocache, ancestral_unsynced, "
                                "confidence, llada, blm, insertion_parallel, "
-                               "insertion_sequential.")
+                               "insertion_sequential, bd3lm (block sampler, KV cache), "
+                               "bd3lm_nocache.")
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 256, "Denoising steps of the sampler.")
 _SAMPLE_LEN = flags.DEFINE_integer("sample_len", 256, "Tokens to generate per row.")
+_THRESHOLD = flags.DEFINE_float("threshold", 0.0, "bd3lm: commit every masked position of the "
+                                "block above this confidence per call (Fast-dLLM); 0: the "
+                                "confidence rule, --sample_steps calls per block at most.")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 8, "Rows sampled at once.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "With --sampler: the trained params of this "
                                "workdir (its config) instead of random ones; insertion samplers "
@@ -103,6 +107,11 @@ def bench_sampler(config):
       out, _, info = setup.objective.fill(nnx.merge(setup.graphdef, p), canvas, region, r,
                                           decoding=decoding)
       return out, info
+  elif name.startswith("bd3lm"):
+    rule = "threshold" if _THRESHOLD.value > 0 else "confidence"
+    fn = lambda p, r: setup.objective.generate_blocks(
+        nnx.merge(setup.graphdef, p), prompt, r, sampler=rule, steps=_SAMPLE_STEPS.value,
+        max_new_tokens=n, threshold=_THRESHOLD.value or 0.9, kv_cache=name == "bd3lm")
   else:
     canvas = jnp.concatenate([prompt, jnp.full((b, n), tokenizers.MASK, jnp.int32)], axis=1)
     sampler, extra = name, {}
@@ -113,6 +122,7 @@ def bench_sampler(config):
     fn = lambda p, r: setup.objective.sample(nnx.merge(setup.graphdef, p), canvas, r,
                                              sampler=sampler, steps=_SAMPLE_STEPS.value, **extra)
   grows = name == "blm" or name.startswith("insertion_")
+  stops = name.startswith("bd3lm")   # at every row's EOS: count what it wrote
   run = jax.jit(fn)
   t0 = time.perf_counter()
   jax.block_until_ready(run(params, jax.random.key(0)))
@@ -123,6 +133,7 @@ def bench_sampler(config):
     out, info = jax.block_until_ready(run(params, jax.random.key(i + 1)))
     # blm and insertion stop by themselves: count what they wrote (BOS and EOS aside)
     made = int(jnp.sum(out != tokenizers.PAD)) - 2 * b if grows else b * n
+    made = int(jnp.sum(out[:, 1:] != tokenizers.PAD)) if stops else made
     runs.append((time.perf_counter() - t0, made, int(info["calls"]),
                  int(info.get("encoded", 0))))
     digest.update(np.asarray(out).tobytes())
@@ -140,6 +151,9 @@ def bench_sampler(config):
          "network_calls": calls, "tokens": made, "seconds": dt, "tokens_per_s": made / dt,
          "compile_time_s": compile_s, "device": jax.devices()[0].device_kind,
          "outputs_sha1": digest.hexdigest()}
+  if stops:
+    out.update(threshold=_THRESHOLD.value, block_size=config.objective.block_size,
+               tokens_per_call=made / max(calls * b, 1))   # per row
   if name.startswith("insertion_"):
     # forward FLOPs per written token: every encoded position (its projections, MLP and
     # attention over the row's width) and every call's slot head over the row

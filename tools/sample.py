@@ -14,6 +14,10 @@ the objective's sampler.
   --critic_noise (confidence), --block_length, --cfg_scale, --remasking (llada); --show_steps=K prints the canvas at K evenly spaced steps (masks shown as `_`).
 - `blm`: fills between --prefix and --suffix, or every `<blank>` of a --template with any
   number of tokens, e.g. --template='def <blank>(path):'.
+- `bd3lm`: continues --prefix block by block with the finished blocks' keys and values
+  cached, up to --max_new_tokens (EOS ends a sample earlier); --sampler=confidence (the
+  default; --steps calls per block at most, default the block size: one token per call),
+  threshold (with --threshold; also --sampler=bd3lm --threshold=0.9) or ancestral.
 - `insertion`: inserts tokens between --prefix and --suffix, --sampler=parallel (every open
   slot at once; the default after objective.finalization=slot) or sequential (one insertion
   per step; the default after finalization=sequence, which trains no per-slot end).
@@ -44,7 +48,11 @@ _CANDIDATES = flags.DEFINE_integer("num_candidates", 1, "bst: middles drawn per 
 _TEMPLATE = flags.DEFINE_string("template", None, "Text with <mask:N> spans to fill (mdlm), "
                                 "or with <blank>s each filled with any number of tokens (blm).")
 _SAMPLER = flags.DEFINE_string("sampler", None, "mdlm: ancestral (default), confidence, llada; "
-                               "insertion: parallel (default), sequential.")
+                               "insertion: parallel (default), sequential; bd3lm: confidence "
+                               "(default), threshold, ancestral.")
+_THRESHOLD = flags.DEFINE_float("threshold", 0.0, "llada and bd3lm: commit every masked position "
+                                "(of the current block) whose token's probability exceeds it, "
+                                "at least one per call (Fast-dLLM); 0: off.")
 _STEPS = flags.DEFINE_integer("steps", None, "mdlm: denoising steps (default: masked count).")
 _BLOCK = flags.DEFINE_integer("block_length", 0, "llada: semi-autoregressive block (0: one).")
 _CFG = flags.DEFINE_float("cfg_scale", 0.0, "llada: classifier-free guidance scale w.")
@@ -91,14 +99,17 @@ def main(argv):
   if hasattr(setup.objective, "fill") and _TEMPLATE.value is not None:
     return fill_blanks(setup, params, step)
   decoding = None
-  if setup.objective.samplers:  # insertion: parallel or sequential decoding
+  sampler_flag = _SAMPLER.value
+  if name == "bd3lm" and sampler_flag in (None, "bd3lm"):
+    sampler_flag = "threshold" if _THRESHOLD.value > 0 else None
+  if setup.objective.samplers:  # insertion: parallel or sequential decoding; bd3lm's rules
     try:
-      decoding = setup.objective.resolve_sampler(_SAMPLER.value)
+      decoding = setup.objective.resolve_sampler(sampler_flag)
     except ValueError as e:
       raise app.UsageError(str(e)) from None
   for flag, value in (("--template", _TEMPLATE.value),
                       ("--sampler", None if setup.objective.samplers else _SAMPLER.value),
-                      ("--steps", _STEPS.value)):
+                      ("--steps", None if name == "bd3lm" else _STEPS.value)):
     if value is not None:
       raise app.UsageError(f"{flag} needs a model that fills masked positions (objective "
                            f"mdlm; blm takes --template with <blank>); {_WORKDIR.value} holds "
@@ -130,7 +141,10 @@ def main(argv):
   if name == "bst":
     options["num_candidates"] = _CANDIDATES.value
     options["end"] = _MIDDLE_END.value
-  if decoding:
+  if name == "bd3lm":
+    options.update(sampler=decoding, steps=_STEPS.value,
+                   threshold=_THRESHOLD.value if _THRESHOLD.value > 0 else 0.9)
+  elif decoding:
     options["decoding"] = decoding
 
   @functools.partial(jax.jit)
@@ -228,7 +242,8 @@ def sample_canvas(setup, params, step):
   options = dict(temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                  min_p=_MIN_P.value, snapshots=min(_SHOW.value, steps))
   if sampler == "llada":
-    options.update(block_length=_BLOCK.value, cfg_scale=_CFG.value, remasking=_REMASKING.value)
+    options.update(block_length=_BLOCK.value, cfg_scale=_CFG.value, remasking=_REMASKING.value,
+                   threshold=_THRESHOLD.value)
   elif sampler == "ancestral":
     options.update(grid=_GRID.value)
   else:

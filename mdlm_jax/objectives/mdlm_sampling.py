@@ -183,14 +183,20 @@ def guided(net, x, fixed, cfg_scale: float, cond=None, time=None):
 
 
 def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top_p=1.0,
-          min_p=0.0, block_length=0, remasking="low_confidence", cfg_scale=0.0, snapshots=0):
+          min_p=0.0, block_length=0, remasking="low_confidence", cfg_scale=0.0, threshold=0.0,
+          snapshots=0):
   """LLaDA: the masked span is cut into blocks of `block_length` positions (0: one block)
   counted from each row's first MASK, filled strictly in order; the steps are shared evenly
   among the blocks that hold masks, and each step commits ceil(masked in block / steps left
   for the block) positions of the current block: the most confident (`low_confidence`) or
-  random ones (`random`). Committed tokens never change."""
+  random ones (`random`). With `threshold` > 0 (Fast-dLLM's parallel decoding) a step
+  commits instead every position of the current block whose drawn token's probability
+  exceeds the threshold, and at least the most confident one; `steps` is then a cap, and the
+  loop ends as soon as nothing is masked. Committed tokens never change."""
   if remasking not in ("low_confidence", "random"):
     raise ValueError(f"remasking={remasking!r} must be 'low_confidence' or 'random'.")
+  if not 0.0 <= threshold < 1.0:
+    raise ValueError(f"threshold={threshold} must be in [0, 1) (0: LLaDA's step counts).")
   net = network(objective, model)
   b, t = canvas.shape
   fixed = canvas != tokenizers.MASK
@@ -204,7 +210,7 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
   calls_per_step = 2 if cfg_scale > 0 else 1
 
   def body(k, carry):
-    x, spent, cond, history = carry
+    x, spent, cond, history, _ = carry
     masked = x == tokenizers.MASK
     current = jnp.min(jnp.where(masked, block, t), axis=1)          # leftmost unfinished block
     in_block = masked & (block == current[:, None])
@@ -218,16 +224,25 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
     conf = jnp.where(in_block, conf, -jnp.inf)
     left = jnp.maximum(per_block - spent, 1)
     count = -(-jnp.sum(in_block, axis=1) // left)                    # ceil division
-    commit = in_block & (base.rank_in_row(-conf) < count[:, None])
+    rank = base.rank_in_row(-conf)
+    if threshold > 0:
+      commit = in_block & ((conf > jnp.log(threshold)) | (rank == 0))
+    else:
+      commit = in_block & (rank < count[:, None])
     x = jnp.where(commit, tok, x)
     done_block = ~jnp.any(in_block & ~commit, axis=1)
     spent = jnp.where(done_block, 0, spent + 1)
-    return x, spent, cond, _record(history, x, k, steps)
+    return x, spent, cond, _record(history, x, k, steps), k + 1
 
   cond0 = initial_condition(objective, model, canvas)
   carry = (canvas, jnp.zeros((b,), jnp.int32), (cond0, cond0) if cfg_scale > 0 else cond0,
-           _history(snapshots, canvas))
-  x, _, cond, history = jax.lax.fori_loop(0, steps, body, carry)
+           _history(snapshots, canvas), jnp.zeros((), jnp.int32))
+  if threshold > 0:   # ends when every position is committed
+    x, _, cond, history, used = jax.lax.while_loop(
+        lambda c: (c[4] < steps) & jnp.any(c[0] == tokenizers.MASK),
+        lambda c: body(c[4], c), carry)
+  else:
+    x, _, cond, history, used = jax.lax.fori_loop(0, steps, body, carry)
   # rounding can leave masks after `steps` when a block got fewer steps than it has tokens'
   # share; finish them greedily so the output never holds MASK
   left = x == tokenizers.MASK
@@ -237,7 +252,7 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
     return jnp.where(left, greedy.astype(jnp.int32), x)
 
   x = jax.lax.cond(jnp.any(left), finish, lambda: x)
-  calls = (steps + jnp.any(left).astype(jnp.int32)) * calls_per_step
+  calls = (used + jnp.any(left).astype(jnp.int32)) * calls_per_step
   return x, {"calls": calls, "history": history}
 
 
