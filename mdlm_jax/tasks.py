@@ -229,3 +229,73 @@ def _infill_hook(setup):
             f"infill @ step {step}: exact match {found['exact_match']:.4f} | token accuracy "
             f"{found['token_accuracy']:.4f} | {found['examples']} spans of {e.infill_span}")
   return hook
+
+
+# ---------------------------------------------------------------- generative perplexity
+def unigram_entropy(sample_ids) -> float:
+  """The entropy in nats of one sample's own token frequencies."""
+  _, counts = np.unique(np.asarray(sample_ids), return_counts=True)
+  p = counts / counts.sum()
+  return float(-(p * np.log(p)).sum())
+
+
+def draw_samples(setup, params, count: int, max_new_tokens: int, seed: int, batch: int = 16,
+                 **options) -> list[np.ndarray]:
+  """`count` unconditional samples (token ids after BOS, up to and including the first EOS)
+  of the objective's prompt sampler with `options` (temperature, sampler, steps, threshold,
+  ...); also the total network calls, where the sampler reports them."""
+  obj, graphdef = setup.objective, setup.graphdef
+  prompt = jnp.full((batch, 1), tokenizers.BOS, jnp.int32)
+  run = jax.jit(lambda p, r: obj.generate(nnx.merge(graphdef, p), prompt, r,
+                                          max_new_tokens=max_new_tokens, **options))
+  samples = []
+  for i in range(-(-count // batch)):
+    rows = np.asarray(jax.device_get(run(params, jax.random.fold_in(jax.random.key(seed), i))))
+    for row in rows[:, 1:]:
+      end = np.flatnonzero(row == tokenizers.EOS)
+      row = row[:end[0] + 1] if end.size else row[row != tokenizers.PAD]
+      samples.append(row)
+  return samples[:count]
+
+
+def score_samples(scorer, params, samples, batch: int = 16) -> tuple[float, float]:
+  """(sum of -log p in nats, tokens scored) of samples under an `ar` scorer's
+  left-to-right factorisation: each sample as [BOS] sample, every token after BOS predicted
+  (its EOS too, when it has one)."""
+  if scorer.config.objective.name != "ar":
+    raise ValueError(f"--scorer must be an ar workdir; it holds objective "
+                     f"{scorer.config.objective.name!r}.")
+  width = max(len(s) for s in samples) + 1
+  limit = scorer.config.model.max_seq_len
+  if width > limit:
+    raise ValueError(f"samples of {width - 1} tokens do not fit the scorer's "
+                     f"model.max_seq_len={limit}; draw shorter ones (--max_new_tokens).")
+  graphdef = scorer.graphdef
+  fn = jax.jit(lambda p, b: scorer.objective.eval_sums(nnx.merge(graphdef, p), b,
+                                                       jax.random.key(0)))
+  nll = tokens = 0.0
+  for i in range(0, len(samples), batch):
+    chunk = samples[i:i + batch]
+    inputs = np.full((batch, width), tokenizers.PAD, np.int32)
+    seg = np.zeros((batch, width), np.int32)
+    for r, s in enumerate(chunk):
+      inputs[r, 0], inputs[r, 1:len(s) + 1], seg[r, :len(s) + 1] = tokenizers.BOS, s, 1
+    pos = np.broadcast_to(np.arange(width, dtype=np.int32), (batch, width))
+    sums = jax.device_get(fn(params, {"inputs": jnp.asarray(inputs),
+                                      "segment_ids": jnp.asarray(seg),
+                                      "positions": jnp.asarray(pos)}))
+    nll, tokens = nll + float(sums["nll"]), tokens + float(sums["tokens"])
+  return nll, tokens
+
+
+def gen_ppl(setup, params, scorer, scorer_params, count: int, max_new_tokens: int, seed: int,
+            **options) -> dict[str, float]:
+  """Generative perplexity of `count` samples under the `ar` scorer, exp(total NLL / tokens),
+  with the samples' mean unigram entropy (nats): low temperatures lower both, so samplers
+  compare on the two together."""
+  samples = draw_samples(setup, params, count, max_new_tokens, seed, **options)
+  nll, tokens = score_samples(scorer, scorer_params, samples)
+  lengths = [len(s) for s in samples]
+  return {"gen_ppl": float(np.exp(nll / max(tokens, 1.0))), "entropy": float(np.mean(
+      [unigram_entropy(s) for s in samples])), "samples": len(samples),
+          "mean_length": float(np.mean(lengths)), "tokens_scored": tokens}

@@ -260,3 +260,42 @@ def test_training_on_star_graphs_reports_path_accuracy(make_config, tmp_path):
   assert any(l.startswith("star graph @ step 4: path accuracy") for l in lines)
   # a right path starts with a right first step
   assert 0.0 <= last["eval/path_accuracy"] <= last["eval/first_step_accuracy"] <= 1.0
+
+
+# ---------------------------------------------------------------- generative perplexity
+def test_unigram_entropy_is_the_direct_count():
+  sample = [5, 5, 9, 7, 5, 9]
+  p = np.array([3, 2, 1]) / 6
+  np.testing.assert_allclose(tasks.unigram_entropy(sample), -(p * np.log(p)).sum(), rtol=1e-12)
+  assert tasks.unigram_entropy([4, 4, 4]) == 0.0
+
+
+def test_gen_ppl_of_the_scorers_own_samples_is_its_perplexity_on_them(make_config):
+  """Samples drawn from the ar scorer itself, scored by it: exp of the mean NLL per token,
+  each token's term taken here from a plain forward pass over the sample (EOS scored when a
+  sample has one), and the mean entropy of each sample's own token counts."""
+  setup = trainer.build(make_config({"objective.name": "ar", "model.init_std": 0.3}))
+  params = setup.init_params()
+  got = tasks.gen_ppl(setup, params, setup, params, 6, 20, seed=3, temperature=1.0)
+  samples = tasks.draw_samples(setup, params, 6, 20, seed=3, temperature=1.0)
+  model = nnx.merge(setup.graphdef, params)
+  nll = tokens = 0.0
+  for s in samples:
+    row = jnp.asarray(np.concatenate([[tokenizers.BOS], s])[None], jnp.int32)
+    pos = jnp.arange(row.shape[1])[None]
+    logp = jax.nn.log_softmax(model(row, pos, jnp.ones_like(row)), axis=-1)[0]
+    nll -= float(jnp.sum(logp[jnp.arange(len(s)), row[0, 1:]]))
+    tokens += len(s)
+  np.testing.assert_allclose(got["gen_ppl"], np.exp(nll / tokens), rtol=1e-5)
+  assert got["tokens_scored"] == tokens and got["samples"] == 6
+  counts = [collections.Counter(s.tolist()) for s in samples]
+  ent = [-sum(c / len(s) * np.log(c / len(s)) for c in cnt.values())
+         for s, cnt in zip(samples, counts)]
+  np.testing.assert_allclose(got["entropy"], np.mean(ent), rtol=1e-9)
+  assert all(len(s) <= 20 and not np.any(s[:-1] == tokenizers.EOS) for s in samples)
+
+
+def test_gen_ppl_scorer_must_be_ar(make_config):
+  setup = trainer.build(make_config({"objective.name": "mdlm"}))
+  with pytest.raises(ValueError, match="--scorer must be an ar workdir"):
+    tasks.score_samples(setup, setup.init_params(), [np.array([40, 41])])

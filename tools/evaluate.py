@@ -11,6 +11,10 @@ one-pass bound, or with --orders=M the importance-sampled -log p(x) over M order
 For `insertion` it is the one-pass bound over uniform insertion orders, or with --orders=M the
 importance-sampled -log p(x) (M * seq_len network passes per batch).
 
+--task=gen_ppl --scorer=AR_WORKDIR: --examples unconditional samples of --max_new_tokens
+tokens at most from this workdir's sampler (--sampler, --steps, --temperature, --top_p,
+--threshold), scored by the ar checkpoint: generative perplexity and the samples' mean
+unigram entropy (nats), reported together.
 --task=star_graph: exact path accuracy on the star-graph problems the model was trained on.
 --task=infill: spans of --infill_span tokens cut from held-out documents between
 --infill_context tokens each side, filled greedily; exact match and per-token accuracy
@@ -38,8 +42,20 @@ _TIME_SAMPLES = flags.DEFINE_integer("time_samples", None,
                                      "mdlm: time samples per sequence for the bound.")
 _ORDERS = flags.DEFINE_integer("orders", None, "blm, insertion: orders sampled per document "
                                "for the importance-sampled likelihood (0: the one-pass bound).")
-_TASK = flags.DEFINE_enum("task", "likelihood", ["likelihood", "star_graph", "infill"],
-                          "What to measure.")
+_TASK = flags.DEFINE_enum("task", "likelihood", ["likelihood", "star_graph", "infill",
+                                                "gen_ppl"], "What to measure.")
+_SCORER = flags.DEFINE_string("scorer", None, "gen_ppl: the ar workdir that scores the samples.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "gen_ppl: tokens per sample at most.")
+_SAMPLER = flags.DEFINE_string("sampler", None, "gen_ppl: the objective's sampler (mdlm: "
+                               "ancestral, confidence, llada; bd3lm: confidence, threshold, "
+                               "ancestral).")
+_SAMPLE_STEPS = flags.DEFINE_integer("steps", None, "gen_ppl: sampler steps (mdlm: in all; "
+                                     "bd3lm: per block).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "gen_ppl: sampling temperature.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "gen_ppl: nucleus mass (1: off).")
+_THRESHOLD = flags.DEFINE_float("threshold", 0.0, "gen_ppl: llada / bd3lm threshold decoding "
+                                "(0: off).")
+_SEED = flags.DEFINE_integer("seed", 0, "gen_ppl: sampling seed.")
 _EXAMPLES = flags.DEFINE_integer("examples", 200, "star_graph / infill: problems to score "
                                  "(-1: every star-graph problem of the split).")
 _SPAN = flags.DEFINE_integer("infill_span", 16, "infill: tokens removed and regenerated.")
@@ -61,7 +77,22 @@ def main(argv):
                                      config_overrides=overrides)
   if _TASK.value != "likelihood":
     from mdlm_jax import tasks  # pylint: disable=g-import-not-at-top
-    if _TASK.value == "star_graph":
+    if _TASK.value == "gen_ppl":
+      if not _SCORER.value:
+        raise flags.ValidationError("--task=gen_ppl needs --scorer=AR_WORKDIR.")
+      scorer, scorer_params, _ = restore.load(_SCORER.value, use_ema=_EMA.value,
+                                              mesh_overrides={"data": -1, "tensor": 1})
+      options = dict(temperature=_TEMPERATURE.value, top_p=_TOP_P.value)
+      for key, value in (("sampler", _SAMPLER.value), ("steps", _SAMPLE_STEPS.value)):
+        if value is not None:
+          options[key] = value
+      if _THRESHOLD.value > 0:
+        options["threshold"] = _THRESHOLD.value
+        if setup.config.objective.name == "bd3lm":
+          options.setdefault("sampler", "threshold")
+      result = dict(tasks.gen_ppl(setup, params, scorer, scorer_params, _EXAMPLES.value,
+                                  _MAX_NEW.value, _SEED.value, **options), **options)
+    elif _TASK.value == "star_graph":
       result = tasks.star_graph_accuracy(setup, params, _SPLIT.value, _EXAMPLES.value)
     else:
       result = tasks.infill_scores(setup, params, _SPLIT.value, _EXAMPLES.value,
