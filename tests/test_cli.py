@@ -228,3 +228,40 @@ def test_sigterm_saves_and_the_resumed_run_matches(tmp_path, corpus, data_dir, w
                     if "train/loss" in r}
   a, b = loss(ref), loss(wd)
   assert all(a[s] == b[s] for s in range(1, 41)), "the resumed run diverged"
+
+
+@pytest.mark.slow
+def test_bd3lm_train_sample_gen_ppl_and_frontier(tmp_path, corpus, data_dir):
+  """bd3lm end to end: train, sample with the cached threshold sampler, score its samples with
+  an ar run (gen-PPL with entropy), draw the frontier, time the sampler."""
+  bd, ar = str(tmp_path / "bd3lm"), str(tmp_path / "ar")
+  out = run(["train.py", "--config=configs/bd3lm.py:tiny", f"--workdir={bd}",
+             "--config.objective.block_size=8",
+             *tiny_flags(corpus, data_dir, **{"train.steps": 2, "eval.every_steps": 2})]).stdout
+  assert "eval @ step 2" in out and "sample @ step 2:" in out
+  run(["train.py", "--config=configs/ar.py", f"--workdir={ar}",
+       *tiny_flags(corpus, data_dir, **{"train.steps": 2, "eval.every_steps": 0})])
+  sample = run(["tools/sample.py", f"--workdir={bd}", "--prefix=def ", "--num_samples=2",
+                "--max_new_tokens=20", "--sampler=bd3lm", "--threshold=0.5"]).stdout
+  assert sample.count("--- sample") == 2 and sample.count("def ") >= 2
+  lines = []
+  for temperature in ("1.0", "0.5"):
+    ev = run(["tools/evaluate.py", f"--workdir={bd}", "--task=gen_ppl", f"--scorer={ar}",
+              "--examples=4", "--max_new_tokens=24", f"--temperature={temperature}",
+              "--threshold=0.3"]).stdout
+    row = json.loads(ev.strip().splitlines()[-1])
+    assert row["samples"] == 4 and row["gen_ppl"] > 1 and 0 <= row["entropy"] <= 3.2
+    assert row["sampler"] == "threshold" and row["objective"] == "bd3lm"
+    lines.append(ev.strip().splitlines()[-1])
+  results = tmp_path / "bd3lm.jsonl"
+  results.write_text("\n".join(lines) + "\n")
+  png = str(tmp_path / "frontier.png")
+  assert "wrote" in run(["tools/plot.py", "--frontier", f"--output={png}", str(results)]).stdout
+  p = run(["tools/evaluate.py", f"--workdir={bd}", "--task=gen_ppl", f"--scorer={bd}",
+           "--examples=2"], check=False)
+  assert p.returncode != 0 and "--scorer must be an ar workdir" in p.stderr
+  timing = json.loads(run(["tools/bench.py", "--config=configs/bd3lm.py:tiny",
+                           "--sampler=bd3lm", "--sample_len=16", "--sample_batch=2",
+                           "--sample_repeats=1", "--threshold=0.5"]).stdout.strip()
+                      .splitlines()[-1])
+  assert timing["network_calls"] >= 1 and timing["tokens_per_s"] > 0

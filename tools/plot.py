@@ -3,8 +3,15 @@
   python tools/plot.py --output=curves.png workdirs/ar workdirs/mdlm [--metric=eval/bits_per_byte]
 
 The x axis is training tokens (steps x batch x seq_len from each run's config.json), so runs
-with different batch shapes compare at equal data. Needs matplotlib (`pip install
-matplotlib`, or the project's `[plot]` extra).
+with different batch shapes compare at equal data.
+
+The sampling frontier, generative perplexity against the samples' entropy:
+
+  python tools/plot.py --frontier --output=frontier.png ar.jsonl mdlm.jsonl bd3lm.jsonl
+
+where each file holds the JSON lines of `tools/evaluate.py --task=gen_ppl` runs of one
+workdir (one per temperature, step count or threshold): one curve per file, its points in
+order of entropy. Needs matplotlib (`pip install matplotlib`, or the project's `[plot]` extra).
 """
 import json
 import sys
@@ -17,6 +24,8 @@ from mdlm_jax import cli
 _OUTPUT = flags.DEFINE_string("output", "curves.png", "PNG file to write.")
 _METRIC = flags.DEFINE_string("metric", "eval/bits_per_byte", "metrics.jsonl key to draw.")
 _TITLE = flags.DEFINE_string("title", None, "Plot title (default: the metric).")
+_FRONTIER = flags.DEFINE_bool("frontier", False, "Draw gen-PPL against entropy from files of "
+                              "`evaluate.py --task=gen_ppl` JSON lines instead of curves.")
 
 
 def read_run(workdir: str, metric: str):
@@ -41,16 +50,54 @@ def read_run(workdir: str, metric: str):
   return label, tokens, points
 
 
+def read_frontier(path: str):
+  """(label, [(entropy, gen_ppl, setting)]) of one file of gen_ppl JSON lines."""
+  from mdlm_jax import storage  # pylint: disable=g-import-not-at-top
+  file = storage.path(path)
+  if not file.is_file():
+    raise app.UsageError(f"{path}: no such file (JSON lines of evaluate.py --task=gen_ppl).")
+  points, objective = [], None
+  for line in file.read_text().splitlines():
+    if line.strip().startswith("{"):
+      row = json.loads(line)
+      if "gen_ppl" in row:
+        objective = row.get("objective")
+        setting = ", ".join(f"{k}={row[k]}" for k in ("sampler", "temperature", "steps",
+                                                       "threshold") if k in row)
+        points.append((row["entropy"], row["gen_ppl"], setting))
+  if not points:
+    raise app.UsageError(f"{path}: no gen_ppl rows.")
+  stem = file.name.rsplit(".", 1)[0]
+  return f"{stem} ({objective})", sorted(points)
+
+
+def plot_frontier(plt, files):
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for label, pts in (read_frontier(f) for f in files):
+    ax.plot([e for e, _, _ in pts], [g for _, g, _ in pts], marker="o", label=label)
+  ax.set_xlabel("mean unigram entropy of a sample (nats)")
+  ax.set_ylabel("generative perplexity (ar scorer)")
+  ax.set_yscale("log")
+  ax.set_title(_TITLE.value or "sampling frontier: lower and further right is better")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(_OUTPUT.value, dpi=120)
+  print(f"wrote {_OUTPUT.value} ({len(files)} curves)")
+
+
 def main(argv):
   workdirs = argv[1:]
   if not workdirs:
-    raise app.UsageError("give one or more workdirs.")
+    raise app.UsageError("give one or more workdirs (with --frontier: gen_ppl files).")
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
     sys.exit("tools/plot.py needs matplotlib: pip install matplotlib (or -e '.[plot]').")
+  if _FRONTIER.value:
+    return plot_frontier(plt, workdirs)
   runs = [read_run(w, _METRIC.value) for w in workdirs]
   empty = [w for w, (_, _, pts) in zip(workdirs, runs) if not pts]
   if empty:
