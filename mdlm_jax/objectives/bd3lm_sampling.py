@@ -89,23 +89,23 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
       return subs(h[:, -size:]), cache
 
     def step_logits(x, blk, cache):
-      return encode(x, blk, 1, cache)[0]   # the block's keys are not kept
+      # the noised block's keys go to its own slot, which the clean ones overwrite later
+      return encode(x, blk, 1, cache)
   else:
     pos = jnp.broadcast_to(idx, (b, width))
     ones = jnp.ones((b, width), jnp.int32)
     mask = attention.attention_mask(ones, ones, pos // size, pos // size, causal=True)
 
     def step_logits(x, blk, cache):
-      del cache
       h = model.hidden(model.embed_tokens(x), pos, jnp.ones((b, width), jnp.int32),
                        mask_Bx1xTxT=mask)
-      return subs(block_of(h, blk))
+      return subs(block_of(h, blk)), cache
 
   first = p // size
   if kv_cache:   # the prompt's whole blocks and the first block to generate, in one call
     logits, cache = encode(canvas, 0, first + 1, model.init_cache(b, width))
   else:
-    cache, logits = None, step_logits(canvas, first, None)
+    logits, cache = step_logits(canvas, first, None)
 
   def block_cond(c):
     blk, _, _, _, done, _ = c
@@ -116,7 +116,7 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
     key = jax.random.fold_in(rng, blk)
 
     def step(c):
-      k, x, logits, calls = c
+      k, x, logits, calls, cache = c
       k_tok, k_rule = jax.random.split(jax.random.fold_in(key, k))
       tok, logp = sampling.draw(k_tok, logits, temperature, top_k, top_p, min_p)
       xb = block_of(x, blk)
@@ -126,13 +126,14 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
                       schedule=schedule)
       x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(chosen, tok, xb), blk * size, axis=1)
       more = jnp.any(block_of(x, blk) == tokenizers.MASK)
-      logits, calls = jax.lax.cond(more, lambda: (step_logits(x, blk, cache), calls + 1),
-                                   lambda: (logits, calls))
-      return k + 1, x, logits, calls
+      logits, cache, calls = jax.lax.cond(
+          more, lambda: (*step_logits(x, blk, cache), calls + 1),
+          lambda: (logits, cache, calls))
+      return k + 1, x, logits, calls, cache
 
     unfinished = lambda c: jnp.any(block_of(c[1], blk) == tokenizers.MASK)
-    _, x, logits, calls = jax.lax.while_loop(unfinished, step,
-                                             (jnp.zeros((), jnp.int32), x, logits, calls))
+    _, x, logits, calls, cache = jax.lax.while_loop(
+        unfinished, step, (jnp.zeros((), jnp.int32), x, logits, calls, cache))
     made = (blk * size + jnp.arange(size)) >= p
     done = done | jnp.any((block_of(x, blk) == tokenizers.EOS) & made, axis=1)
 
@@ -140,7 +141,8 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
       if kv_cache:
         nxt, new_cache = encode(x, blk, 2, cache)
         return nxt, new_cache, calls + 1
-      return step_logits(x, blk + 1, None), cache, calls + 1
+      nxt, cache_ = step_logits(x, blk + 1, cache)
+      return nxt, cache_, calls + 1
 
     go_on = (blk + 1 < n_blocks) & ~jnp.all(done)
     logits, cache, calls = jax.lax.cond(go_on, next_block, lambda: (logits, cache, calls))
