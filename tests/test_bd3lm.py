@@ -181,7 +181,8 @@ def test_commit_rules():
 
 @pytest.mark.parametrize("rule", ["confidence", "threshold", "ancestral"])
 def test_cached_sampler_equals_reencoding(make_config, rule):
-  obj, model = make(make_config, block_size=4)
+  """Token for token (a large init makes every draw depend on what the network reads)."""
+  obj, model = make(make_config, block_size=4, init_std=0.5)
   prompt = jnp.asarray(np.array([[BOS, 40, 41, 42, 43, 44]] * 3, np.int32))
   run = lambda cache: obj.generate_blocks(model, prompt, jax.random.key(3), sampler=rule,
                                           steps=3, max_new_tokens=20, temperature=1.0,
