@@ -332,3 +332,39 @@ def test_llada_threshold_commits_exactly_the_positions_above_it(setup, monkeypat
   out, info = ds.run("llada", obj, None, x0, jax.random.key(0), steps=10, threshold=0.8)
   assert int(info["calls"]) == 3 == len(seen)   # {.95, .85, .99}, then .5, then .3
   np.testing.assert_array_equal(np.asarray(out)[0, 1:], 40 + np.arange(5))
+
+
+def test_dual_cache_window_after_a_refresh_is_the_full_pass(setup):
+  obj, model = setup
+  x = canvas()
+  b, t = x.shape
+  dual = ds.DualCache(model, b, t, 4)
+  logits, cache = dual.refresh(x, dual.init())
+  full = ds.network(obj, model)(x)[0]
+  np.testing.assert_allclose(logits, full, atol=1e-5)
+  start = jnp.array([4, 2, 9])
+  got, _ = dual.window(x, start, jnp.zeros_like(logits), cache)
+  for r in range(b):
+    win = slice(int(start[r]), int(start[r]) + 4)
+    np.testing.assert_allclose(got[r, win], full[r, win], atol=1e-5)
+    assert not np.any(np.asarray(got[r, :int(start[r])]))   # only the window is written
+
+
+def test_llada_dual_cache(setup):
+  """Refreshed at the first step and whenever a row finishes a block: with one step per block
+  every call is a refresh and the output is the uncached sampler's; with four steps per
+  block three of each four calls encode the block alone."""
+  obj, model = setup
+  x0 = jnp.asarray(np.concatenate([[tokenizers.BOS, 40, 41], [MASK] * 12])[None].repeat(2, 0),
+                   jnp.int32)
+  run = lambda steps, cache: ds.llada(obj, model, x0, jax.random.key(2), steps=steps,
+                                      block_length=4, temperature=1.0, kv_cache=cache)
+  (a, ia), (c, _) = run(3, "dual"), run(3, None)
+  np.testing.assert_array_equal(a, c)
+  assert int(ia["encoded"]) == 3 * 15
+  out, info = run(12, "dual")
+  assert int(info["calls"]) == 12 and int(info["encoded"]) == 3 * 15 + 9 * 4
+  assert not np.any(np.asarray(out) == MASK)
+  with pytest.raises(ValueError, match="kv_cache='dual' needs"):
+    ds.llada(obj, model, x0, jax.random.key(0), steps=4, block_length=4, cfg_scale=1.0,
+             kv_cache="dual")

@@ -56,6 +56,9 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "gen_ppl: nucleus mass (1: off).")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.0, "gen_ppl: llada / bd3lm threshold decoding "
                                 "(0: off).")
 _SEED = flags.DEFINE_integer("seed", 0, "gen_ppl: sampling seed.")
+_BLOCK = flags.DEFINE_integer("block_length", 0, "gen_ppl with --sampler=llada: its block.")
+_DUAL = flags.DEFINE_bool("dual_cache", False, "gen_ppl with --sampler=llada: Fast-dLLM's dual "
+                          "KV cache.")
 _EXAMPLES = flags.DEFINE_integer("examples", 200, "star_graph / infill: problems to score "
                                  "(-1: every star-graph problem of the split).")
 _SPAN = flags.DEFINE_integer("infill_span", 16, "infill: tokens removed and regenerated.")
@@ -86,6 +89,10 @@ def main(argv):
       for key, value in (("sampler", _SAMPLER.value), ("steps", _SAMPLE_STEPS.value)):
         if value is not None:
           options[key] = value
+      if _BLOCK.value:
+        options["block_length"] = _BLOCK.value
+      if _DUAL.value:
+        options["kv_cache"] = "dual"
       if _THRESHOLD.value > 0:
         options["threshold"] = _THRESHOLD.value
         if setup.config.objective.name == "bd3lm":

@@ -55,6 +55,8 @@ _THRESHOLD = flags.DEFINE_float("threshold", 0.0, "llada and bd3lm: commit every
                                 "at least one per call (Fast-dLLM); 0: off.")
 _STEPS = flags.DEFINE_integer("steps", None, "mdlm: denoising steps (default: masked count).")
 _BLOCK = flags.DEFINE_integer("block_length", 0, "llada: semi-autoregressive block (0: one).")
+_DUAL = flags.DEFINE_bool("dual_cache", False, "llada: Fast-dLLM's dual KV cache (the canvas "
+                          "encoded whole once per block; an approximation).")
 _CFG = flags.DEFINE_float("cfg_scale", 0.0, "llada: classifier-free guidance scale w.")
 _REMASKING = flags.DEFINE_string("remasking", "low_confidence", "llada: low_confidence|random.")
 _GRID = flags.DEFINE_string("grid", "uniform", "ancestral: time grid, uniform|cosine.")
@@ -243,7 +245,7 @@ def sample_canvas(setup, params, step):
                  min_p=_MIN_P.value, snapshots=min(_SHOW.value, steps))
   if sampler == "llada":
     options.update(block_length=_BLOCK.value, cfg_scale=_CFG.value, remasking=_REMASKING.value,
-                   threshold=_THRESHOLD.value)
+                   threshold=_THRESHOLD.value, kv_cache="dual" if _DUAL.value else None)
   elif sampler == "ancestral":
     options.update(grid=_GRID.value)
   else:

@@ -16,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from mdlm_jax import model as model_lib
 from mdlm_jax import sampling
 from mdlm_jax import tokenizers
 from mdlm_jax.objectives import base
@@ -182,9 +183,45 @@ def guided(net, x, fixed, cfg_scale: float, cond=None, time=None):
   return u + (cfg_scale + 1.0) * (c - u), (next_c, next_u), 2
 
 
+class DualCache:
+  """Fast-dLLM's dual cache for a bidirectional network decoding in blocks (an
+  approximation): `refresh` encodes the whole canvas and keeps every position's keys and
+  values; `window` then encodes only each row's current block (B, L positions from `start_B`)
+  against that cache, its own keys rewritten, the rest of the canvas as it was at the last
+  refresh. Right after a refresh a window's logits are the full pass's (tested); they drift
+  from it as the block's tokens change. Logits are SUBS (MASK never predicted)."""
+
+  def __init__(self, model, batch: int, width: int, size: int):
+    self.model, self.width, self.size = model, width, size
+    self.rows = jnp.arange(batch)[:, None]
+
+  def init(self):
+    return self.model.init_cache(self.rows.shape[0], self.width)
+
+  def _subs(self, h):
+    return self.model.logits(h).at[..., tokenizers.MASK].set(sampling.NEG_INF)
+
+  def refresh(self, x, cache):
+    """(logits (B, T, V), cache) of the full pass."""
+    cache = [dict(c, index=jnp.zeros((), jnp.int32)) for c in cache]
+    h, cache = self.model.decode_hidden(x, cache, block=self.width)
+    return self._subs(h), cache
+
+  def window(self, x, start_B, logits, cache):
+    """`logits` with each row's block [start, start + L) recomputed, and the cache."""
+    cfg = self.model.cfg
+    idx = start_B[:, None] + jnp.arange(self.size)
+    safe = jnp.minimum(idx, self.width - 1)
+    rope = model_lib.rope_tables(safe, cfg.head_dim, cfg.rope_base, cfg.max_seq_len)
+    mask = jnp.ones((idx.shape[0], 1, self.size, self.width), bool)
+    x_w = self.model.embed_tokens(jnp.take_along_axis(x, safe, axis=1))
+    h, cache = self.model._cached_blocks(x_w, rope, mask, cache, idx)  # pylint: disable=protected-access
+    return logits.at[self.rows, idx].set(self._subs(h), mode="drop"), cache
+
+
 def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top_p=1.0,
           min_p=0.0, block_length=0, remasking="low_confidence", cfg_scale=0.0, threshold=0.0,
-          snapshots=0):
+          kv_cache=None, snapshots=0):
   """LLaDA: the masked span is cut into blocks of `block_length` positions (0: one block)
   counted from each row's first MASK, filled strictly in order; the steps are shared evenly
   among the blocks that hold masks, and each step commits ceil(masked in block / steps left
@@ -192,7 +229,17 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
   random ones (`random`). With `threshold` > 0 (Fast-dLLM's parallel decoding) a step
   commits instead every position of the current block whose drawn token's probability
   exceeds the threshold, and at least the most confident one; `steps` is then a cap, and the
-  loop ends as soon as nothing is masked. Committed tokens never change."""
+  loop ends as soon as nothing is masked. Committed tokens never change.
+  `kv_cache='dual'` (Fast-dLLM's dual cache, `DualCache`): the canvas is encoded whole only at
+  the first step and after any row finishes a block; other steps encode each row's current
+  block alone against the cached keys of the rest. An approximation for this bidirectional
+  network; info["encoded"] counts the positions encoded per row."""
+  if kv_cache not in (None, "dual"):
+    raise ValueError(f"kv_cache={kv_cache!r} must be None or 'dual'.")
+  if kv_cache == "dual" and (cfg_scale > 0 or block_length <= 0
+                             or not isinstance(model, model_lib.Transformer)):
+    raise ValueError("kv_cache='dual' needs block_length > 0, cfg_scale=0 and a model without "
+                     "self-conditioning, critic or time conditioning.")
   if remasking not in ("low_confidence", "random"):
     raise ValueError(f"remasking={remasking!r} must be 'low_confidence' or 'random'.")
   if not 0.0 <= threshold < 1.0:
@@ -209,12 +256,21 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
   per_block = jnp.maximum(steps // jnp.maximum(n_blocks, 1), 1)
   calls_per_step = 2 if cfg_scale > 0 else 1
 
+  dual = DualCache(model, b, t, size) if kv_cache == "dual" else None
+
   def body(k, carry):
-    x, spent, cond, history, _ = carry
+    x, spent, cond, history, _, kv = carry
     masked = x == tokenizers.MASK
     current = jnp.min(jnp.where(masked, block, t), axis=1)          # leftmost unfinished block
     in_block = masked & (block == current[:, None])
-    logits, cond, _ = guided(net, x, fixed, cfg_scale, cond, 1.0 - k / steps)
+    if dual is None:
+      logits, cond, _ = guided(net, x, fixed, cfg_scale, cond, 1.0 - k / steps)
+    else:
+      cache, logits, refresh, encoded = kv
+      logits, cache = jax.lax.cond(
+          refresh, lambda: dual.refresh(x, cache),
+          lambda: dual.window(x, first + jnp.minimum(current, t) * size, logits, cache))
+      encoded = encoded + jnp.where(refresh, t, size)
     k_tok, k_rand = jax.random.split(jax.random.fold_in(rng, k))
     tok, logp = sampling.draw(k_tok, logits, temperature, top_k, top_p, min_p)
     if remasking == "low_confidence":
@@ -232,17 +288,22 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
     x = jnp.where(commit, tok, x)
     done_block = ~jnp.any(in_block & ~commit, axis=1)
     spent = jnp.where(done_block, 0, spent + 1)
-    return x, spent, cond, _record(history, x, k, steps), k + 1
+    if dual is not None:   # a row starts a new block: encode the canvas whole again
+      kv = (cache, logits, jnp.any(done_block), encoded)
+    return x, spent, cond, _record(history, x, k, steps), k + 1, kv
 
   cond0 = initial_condition(objective, model, canvas)
+  kv0 = None if dual is None else (dual.init(), jnp.zeros((b, t, objective.vocab_size),
+                                                          jnp.float32), jnp.array(True),
+                                   jnp.zeros((), jnp.int32))
   carry = (canvas, jnp.zeros((b,), jnp.int32), (cond0, cond0) if cfg_scale > 0 else cond0,
-           _history(snapshots, canvas), jnp.zeros((), jnp.int32))
+           _history(snapshots, canvas), jnp.zeros((), jnp.int32), kv0)
   if threshold > 0:   # ends when every position is committed
-    x, _, cond, history, used = jax.lax.while_loop(
+    x, _, cond, history, used, kv = jax.lax.while_loop(
         lambda c: (c[4] < steps) & jnp.any(c[0] == tokenizers.MASK),
         lambda c: body(c[4], c), carry)
   else:
-    x, _, cond, history, used = jax.lax.fori_loop(0, steps, body, carry)
+    x, _, cond, history, used, kv = jax.lax.fori_loop(0, steps, body, carry)
   # rounding can leave masks after `steps` when a block got fewer steps than it has tokens'
   # share; finish them greedily so the output never holds MASK
   left = x == tokenizers.MASK
@@ -253,7 +314,10 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
 
   x = jax.lax.cond(jnp.any(left), finish, lambda: x)
   calls = (used + jnp.any(left).astype(jnp.int32)) * calls_per_step
-  return x, {"calls": calls, "history": history}
+  info = {"calls": calls, "history": history}
+  if dual is not None:
+    info["encoded"] = kv[3] + jnp.any(left).astype(jnp.int32) * t
+  return x, info
 
 
 SAMPLERS = {"ancestral": ancestral, "confidence": confidence, "llada": llada}
