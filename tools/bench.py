@@ -39,9 +39,11 @@ _SAMPLER = flags.DEFINE_string("sampler", None, "Time a sampler instead of the t
                                "ar (KV cache), ancestral, ancestral_nocache, ancestral_unsynced, "
                                "confidence, llada, blm, insertion_parallel, "
                                "insertion_sequential, bd3lm (block sampler, KV cache), "
-                               "bd3lm_nocache.")
+                               "bd3lm_nocache, llada_dual (Fast-dLLM's dual cache).")
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 256, "Denoising steps of the sampler.")
 _SAMPLE_LEN = flags.DEFINE_integer("sample_len", 256, "Tokens to generate per row.")
+_BLOCK = flags.DEFINE_integer("block_length", 0, "llada, llada_dual: the block (0: one; "
+                              "llada_dual needs one).")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.0, "bd3lm: commit every masked position of the "
                                 "block above this confidence per call (Fast-dLLM); 0: the "
                                 "confidence rule, --sample_steps calls per block at most.")
@@ -119,6 +121,11 @@ def bench_sampler(config):
       sampler, extra = "ancestral", {"cache": False}
     elif name == "ancestral_unsynced":
       sampler, extra = "ancestral", {"sync_rows": False}
+    elif name.startswith("llada"):
+      sampler, extra = "llada", {"block_length": _BLOCK.value,
+                                 "kv_cache": "dual" if name == "llada_dual" else None}
+      if _THRESHOLD.value > 0:
+        extra["threshold"] = _THRESHOLD.value
     fn = lambda p, r: setup.objective.sample(nnx.merge(setup.graphdef, p), canvas, r,
                                              sampler=sampler, steps=_SAMPLE_STEPS.value, **extra)
   grows = name == "blm" or name.startswith("insertion_")
@@ -151,6 +158,8 @@ def bench_sampler(config):
          "network_calls": calls, "tokens": made, "seconds": dt, "tokens_per_s": made / dt,
          "compile_time_s": compile_s, "device": jax.devices()[0].device_kind,
          "outputs_sha1": digest.hexdigest()}
+  if name == "llada_dual":   # per row: whole-canvas refreshes and block windows
+    out.update(encoded_positions=encoded, block_length=_BLOCK.value)
   if stops:
     out.update(threshold=_THRESHOLD.value, block_size=config.objective.block_size,
                tokens_per_call=made / max(calls * b, 1))   # per row
