@@ -130,14 +130,29 @@ def fill_placed(model, canvas_BxT, region_BxT, rng, distribution: str, decoding:
   u0 = history.history_vectors(model, real0.astype(jnp.int32), steps0)
   base = history.word_base(t)
 
-  def encode_all(tok, u, steps):
+  def encode_all(tok, u, steps, width: int | None = None):
     """Every placed token's state under the placement mask, and the cache of their keys
-    and values."""
-    placed = tok != tokenizers.PAD
-    mask = (placed[:, None, :] & (steps[:, None, :] <= steps[:, :, None]))[:, None]
-    h, cache = net.extend_hidden(model.inputs(tok, u), jnp.where(placed, idx, t), mask,
-                                 net.init_cache(b, t))
-    return (*model.slot_halves(h), cache)
+    and values; with `width`, only buffer positions < width are read (those past it must be
+    PAD) and the states past it are zero."""
+    width = t if width is None else width
+    placed = tok[:, :width] != tokenizers.PAD
+    st = steps[:, :width]
+    mask = (placed[:, None, :] & (st[:, None, :] <= st[:, :, None]))[:, None]
+    mask = jnp.pad(mask, [(0, 0), (0, 0), (0, 0), (0, t - width)])
+    h, cache = net.extend_hidden(model.inputs(tok[:, :width], u[:, :width]),
+                                 jnp.where(placed, idx[:width], t), mask, net.init_cache(b, t))
+    pad = lambda a: jnp.pad(a, [(0, 0), (0, t - width), (0, 0)])
+    hl, hr = model.slot_halves(h)
+    return pad(hl), pad(hr), cache
+
+  def encode_given(tok, u, steps):
+    """`encode_all` of the given tokens at the narrowest compiled width past the last of
+    them (the room after them is PAD): the cached decoder's first pass."""
+    last = jnp.max(jnp.where(tok != tokenizers.PAD, idx + 1, 0))
+    widths = _capacities(t)
+    branch = jnp.searchsorted(jnp.asarray(widths), last)
+    return (*jax.lax.switch(branch, [lambda w=w: encode_all(tok, u, steps, w) for w in widths]),
+            jnp.asarray(widths)[branch])
 
   def encode_new(tok, u, hl, hr, count, m, cache):
     """Encodes the tokens at buffer positions count .. count + m - 1 of each row against
@@ -227,11 +242,14 @@ def fill_placed(model, canvas_BxT, region_BxT, rng, distribution: str, decoding:
   def cond(state):
     return ~jnp.all(state[9]) & (state[11] < t)
 
-  hl, hr, cache = encode_all(canvas_BxT, u0, steps0)
+  if kv_cache:
+    hl, hr, cache, first = encode_given(canvas_BxT, u0, steps0)
+  else:
+    (hl, hr, cache), first = encode_all(canvas_BxT, u0, steps0), jnp.asarray(t, jnp.int32)
   order0 = jnp.where(real0, idx, t)
   init = (canvas_BxT, u0, steps0, hl, hr, cache if kv_cache else None, region_BxT, order0,
           jnp.sum(real0, axis=1, dtype=jnp.int32), jnp.zeros((b,), bool), rng, 0,
-          jnp.zeros((b,), jnp.float32), jnp.asarray(t, jnp.int32))
+          jnp.zeros((b,), jnp.float32), first)
   tok, _, steps, _, _, _, region, order, _, _, _, calls, logp, encoded = jax.lax.while_loop(
       cond, body, init)
   valid = order < t
