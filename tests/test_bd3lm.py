@@ -169,17 +169,27 @@ def test_commit_rules():
   low = jnp.log(jnp.array([[0.3, 0.5, 0.99, 0.4, 0.2]]))
   got = bd3lm_sampling.commit("threshold", 0, 5, masked, low, key, threshold=0.9)
   np.testing.assert_array_equal(got, [[False, True, False, False, False]])  # the most confident
+  picks = np.array([np.asarray(bd3lm_sampling.commit(
+      "threshold", 0, 5, masked, low, jax.random.key(s), threshold=0.9, fallback="random"))[0]
+                    for s in range(400)])
+  assert np.all(picks.sum(1) == 1) and not picks[:, 2].any()
+  np.testing.assert_allclose(picks[:, [0, 1, 3, 4]].mean(0), 0.25, atol=0.07)
   got = bd3lm_sampling.commit("confidence", 1, 3, masked, conf, key, threshold=0.9)
   np.testing.assert_array_equal(got, [[True, False, False, True, False]])  # ceil(4 / 2)
   got = bd3lm_sampling.commit("confidence", 2, 3, masked, conf, key, threshold=0.9)
   np.testing.assert_array_equal(got, masked)   # the last step commits what is left
+  picks = np.array([np.asarray(bd3lm_sampling.commit("random", 1, 3, masked, conf,
+                                                     jax.random.key(s), threshold=0.9))[0]
+                    for s in range(400)])
+  assert np.all(picks.sum(1) == 2) and not picks[:, 2].any()   # ceil(4 / 2) masked ones
+  np.testing.assert_allclose(picks[:, [0, 1, 3, 4]].mean(0), 0.5, atol=0.08)   # uniformly
   reveal = np.mean([np.asarray(bd3lm_sampling.commit(
       "ancestral", 1, 4, jnp.ones((1, 400), bool), jnp.zeros((1, 400)), jax.random.key(s),
       threshold=0.9)) for s in range(20)])
   np.testing.assert_allclose(reveal, (0.75 - 0.5) / 0.75, atol=0.02)
 
 
-@pytest.mark.parametrize("rule", ["confidence", "threshold", "ancestral"])
+@pytest.mark.parametrize("rule", ["confidence", "threshold", "ancestral", "random"])
 def test_cached_sampler_equals_reencoding(make_config, rule):
   """Token for token (a large init makes every draw depend on what the network reads)."""
   obj, model = make(make_config, block_size=4, init_std=0.5)
@@ -212,10 +222,10 @@ def test_sampler_stops_at_eos_and_pads_after_it(make_config):
   obj, model = make(make_config, block_size=4)
   prompt = jnp.full((2, 1), BOS, jnp.int32)
   out, info = obj.generate_blocks(EndsAt(model, 100.0), prompt, jax.random.key(0),
-                                  max_new_tokens=40, steps=4)
+                                  max_new_tokens=40, steps=4, sampler="random")
   assert int(info["blocks"]) == 1
   assert int(info["calls"]) == 3   # the block's 3 masks (BOS is given), one per call
   assert np.all(np.asarray(out[:, 1]) == EOS) and np.all(np.asarray(out[:, 2:]) == PAD)
   out, info = obj.generate_blocks(EndsAt(model, -100.0), prompt, jax.random.key(0),
-                                  max_new_tokens=40, steps=4)
+                                  max_new_tokens=40, steps=4, sampler="random")
   assert int(info["blocks"]) == 11 and not np.any(np.asarray(out) == PAD)

@@ -42,11 +42,16 @@ _SAMPLER = flags.DEFINE_string("sampler", None, "Time a sampler instead of the t
                                "bd3lm_nocache, llada_dual (Fast-dLLM's dual cache).")
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 256, "Denoising steps of the sampler.")
 _SAMPLE_LEN = flags.DEFINE_integer("sample_len", 256, "Tokens to generate per row.")
+_RULE = flags.DEFINE_string("rule", "random", "bd3lm without --threshold: its step rule "
+                            "(random: one token per call with --sample_steps = block size).")
 _BLOCK = flags.DEFINE_integer("block_length", 0, "llada, llada_dual: the block (0: one; "
                               "llada_dual needs one).")
+_FALLBACK = flags.DEFINE_enum("threshold_fallback", "confident", ["confident", "random"],
+                              "bd3lm --threshold: the one position committed when none passes "
+                              "(the most confident, Fast-dLLM's; or one chosen uniformly).")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.0, "bd3lm: commit every masked position of the "
-                                "block above this confidence per call (Fast-dLLM); 0: the "
-                                "confidence rule, --sample_steps calls per block at most.")
+                                "block above this confidence per call (Fast-dLLM); 0: --rule, "
+                                "--sample_steps calls per block at most.")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 8, "Rows sampled at once.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "With --sampler: the trained params of this "
                                "workdir (its config) instead of random ones; insertion samplers "
@@ -110,10 +115,11 @@ def bench_sampler(config):
                                           decoding=decoding)
       return out, info
   elif name.startswith("bd3lm"):
-    rule = "threshold" if _THRESHOLD.value > 0 else "confidence"
+    rule = "threshold" if _THRESHOLD.value > 0 else _RULE.value
     fn = lambda p, r: setup.objective.generate_blocks(
         nnx.merge(setup.graphdef, p), prompt, r, sampler=rule, steps=_SAMPLE_STEPS.value,
-        max_new_tokens=n, threshold=_THRESHOLD.value or 0.9, kv_cache=name == "bd3lm")
+        max_new_tokens=n, threshold=_THRESHOLD.value or 0.9, kv_cache=name == "bd3lm",
+        fallback=_FALLBACK.value)
   else:
     canvas = jnp.concatenate([prompt, jnp.full((b, n), tokenizers.MASK, jnp.int32)], axis=1)
     sampler, extra = name, {}
@@ -161,7 +167,8 @@ def bench_sampler(config):
   if name == "llada_dual":   # per row: whole-canvas refreshes and block windows
     out.update(encoded_positions=encoded, block_length=_BLOCK.value)
   if stops:
-    out.update(threshold=_THRESHOLD.value, block_size=config.objective.block_size,
+    out.update(threshold=_THRESHOLD.value, rule=rule, fallback=_FALLBACK.value,
+               block_size=config.objective.block_size,
                tokens_per_call=made / max(calls * b, 1))   # per row
   if name.startswith("insertion_"):
     # forward FLOPs per written token: every encoded position (its projections, MLP and

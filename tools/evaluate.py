@@ -47,12 +47,15 @@ _TASK = flags.DEFINE_enum("task", "likelihood", ["likelihood", "star_graph", "in
 _SCORER = flags.DEFINE_string("scorer", None, "gen_ppl: the ar workdir that scores the samples.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "gen_ppl: tokens per sample at most.")
 _SAMPLER = flags.DEFINE_string("sampler", None, "gen_ppl: the objective's sampler (mdlm: "
-                               "ancestral, confidence, llada; bd3lm: confidence, threshold, "
-                               "ancestral).")
+                               "ancestral, confidence, llada; bd3lm: ancestral, random, "
+                               "confidence, threshold).")
 _SAMPLE_STEPS = flags.DEFINE_integer("steps", None, "gen_ppl: sampler steps (mdlm: in all; "
                                      "bd3lm: per block).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "gen_ppl: sampling temperature.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "gen_ppl: nucleus mass (1: off).")
+_FALLBACK = flags.DEFINE_enum("threshold_fallback", "confident", ["confident", "random"],
+                              "bd3lm --threshold: the one position committed when none passes "
+                              "(the most confident, Fast-dLLM's; or one chosen uniformly).")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.0, "gen_ppl: llada / bd3lm threshold decoding "
                                 "(0: off).")
 _SEED = flags.DEFINE_integer("seed", 0, "gen_ppl: sampling seed.")
@@ -97,6 +100,7 @@ def main(argv):
         options["threshold"] = _THRESHOLD.value
         if setup.config.objective.name == "bd3lm":
           options.setdefault("sampler", "threshold")
+          options["fallback"] = _FALLBACK.value
       result = dict(tasks.gen_ppl(setup, params, scorer, scorer_params, _EXAMPLES.value,
                                   _MAX_NEW.value, _SEED.value, **options), **options)
     elif _TASK.value == "star_graph":

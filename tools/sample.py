@@ -15,9 +15,10 @@ the objective's sampler.
 - `blm`: fills between --prefix and --suffix, or every `<blank>` of a --template with any
   number of tokens, e.g. --template='def <blank>(path):'.
 - `bd3lm`: continues --prefix block by block with the finished blocks' keys and values
-  cached, up to --max_new_tokens (EOS ends a sample earlier); --sampler=confidence (the
-  default; --steps calls per block at most, default the block size: one token per call),
-  threshold (with --threshold; also --sampler=bd3lm --threshold=0.9) or ancestral.
+  cached, up to --max_new_tokens (EOS ends a sample earlier), --steps calls per block at most
+  (default: the block size); --sampler=ancestral (the default), random (one uniformly chosen
+  token per call), confidence, or threshold (with --threshold; also --sampler=bd3lm
+  --threshold=0.9).
 - `insertion`: inserts tokens between --prefix and --suffix, --sampler=parallel (every open
   slot at once; the default after objective.finalization=slot) or sequential (one insertion
   per step; the default after finalization=sequence, which trains no per-slot end).
@@ -48,8 +49,11 @@ _CANDIDATES = flags.DEFINE_integer("num_candidates", 1, "bst: middles drawn per 
 _TEMPLATE = flags.DEFINE_string("template", None, "Text with <mask:N> spans to fill (mdlm), "
                                 "or with <blank>s each filled with any number of tokens (blm).")
 _SAMPLER = flags.DEFINE_string("sampler", None, "mdlm: ancestral (default), confidence, llada; "
-                               "insertion: parallel (default), sequential; bd3lm: confidence "
-                               "(default), threshold, ancestral.")
+                               "insertion: parallel (default), sequential; bd3lm: ancestral "
+                               "(default), random, confidence, threshold.")
+_FALLBACK = flags.DEFINE_enum("threshold_fallback", "confident", ["confident", "random"],
+                              "bd3lm --threshold: the one position committed when none passes "
+                              "(the most confident, Fast-dLLM's; or one chosen uniformly).")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.0, "llada and bd3lm: commit every masked position "
                                 "(of the current block) whose token's probability exceeds it, "
                                 "at least one per call (Fast-dLLM); 0: off.")
@@ -144,7 +148,7 @@ def main(argv):
     options["num_candidates"] = _CANDIDATES.value
     options["end"] = _MIDDLE_END.value
   if name == "bd3lm":
-    options.update(sampler=decoding, steps=_STEPS.value,
+    options.update(sampler=decoding, steps=_STEPS.value, fallback=_FALLBACK.value,
                    threshold=_THRESHOLD.value if _THRESHOLD.value > 0 else 0.9)
   elif decoding:
     options["decoding"] = decoding

@@ -10,12 +10,17 @@ baseline); both give the same tokens.
 
 Rules for a step, over the current block's masked positions (every draw after temperature
 and top-k / top-p / min-p filtering, with `sampling.draw`):
-- `confidence`: commit the ceil(masked / steps left) most confident (probability of the
-  drawn token); with steps = L' one token per call.
-- `threshold` (Fast-dLLM): commit every position whose drawn token has probability above
-  `threshold`, and at least the most confident one.
-- `ancestral` (MDLM within the block): reveal each with probability
+- `ancestral` (the default; MDLM within the block): reveal each with probability
   (m(t) - m(s)) / m(t) on the uniform time grid from 1 to 0.
+- `random`: commit ceil(masked / steps left) positions chosen uniformly; with steps = L'
+  exactly one token per call, in a uniformly random order (the model's own factorisation
+  sampled exactly, one position at a time).
+- `confidence`: commit the ceil(masked / steps left) most confident (probability of the
+  drawn token).
+- `threshold` (Fast-dLLM): commit every position whose drawn token has probability above
+  `threshold`, and at least the most confident one (`fallback='random'`: at least one chosen
+  uniformly, which keeps a weak model from filling blocks in its most-confident order, the
+  order that degenerates into repeated tokens).
 The last allowed step commits whatever is left, so a block never ends with a MASK.
 Generation stops when every row has produced EOS (the output length is free; the tokens
 after a row's EOS are PAD) or at `max_new_tokens`.
@@ -31,19 +36,25 @@ from mdlm_jax import tokenizers
 from mdlm_jax.objectives import base
 from mdlm_jax.objectives import mdlm_schedule
 
-RULES = ("confidence", "threshold", "ancestral")
+RULES = ("ancestral", "random", "confidence", "threshold")
 
 
 def commit(rule: str, k, steps: int, masked_BxL, conf_BxL, key, *, threshold: float,
-           schedule: str = "linear"):
+           schedule: str = "linear", fallback: str = "confident"):
   """Which masked positions a step commits (B, L) bool, given the drawn tokens' log
   probabilities `conf_BxL`; step k of at most `steps` (the last commits all)."""
   conf = jnp.where(masked_BxL, conf_BxL, -jnp.inf)
   rank = base.rank_in_row(-conf)
-  if rule == "confidence":
+  if rule in ("confidence", "random"):
+    if rule == "random":
+      rank = base.rank_in_row(jnp.where(masked_BxL, jax.random.uniform(key, masked_BxL.shape),
+                                        jnp.inf))
     count = -(-jnp.sum(masked_BxL, axis=1) // (steps - k))   # ceil division
     chosen = rank < count[:, None]
   elif rule == "threshold":
+    if fallback == "random":   # the one committed when none passes: uniform, not the best
+      rank = base.rank_in_row(jnp.where(masked_BxL, jax.random.uniform(key, masked_BxL.shape),
+                                        jnp.inf))
     chosen = (conf > jnp.log(threshold)) | (rank == 0)
   elif rule == "ancestral":
     t, s = 1.0 - k / steps, 1.0 - (k + 1) / steps
@@ -58,7 +69,7 @@ def commit(rule: str, k, steps: int, masked_BxL, conf_BxL, key, *, threshold: fl
 def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              min_p: float = 0.0, threshold: float = 0.9, kv_cache: bool = True,
-             schedule: str = "linear"):
+             schedule: str = "linear", fallback: str = "confident"):
   """Samples up to `max_new_tokens` after `prompt_BxP` (B, P), blocks counted from the row's
   first position (the prompt's BOS), the prompt's own positions never changed. Returns
   ((B, P + max_new_tokens) int32, info) with info["calls"] (network calls) and
@@ -67,6 +78,8 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
     raise ValueError(f"--sampler={rule!r} is unknown for bd3lm; choose one of {RULES}.")
   if steps < 1:
     raise ValueError(f"steps={steps} must be >= 1.")
+  if fallback not in ("confident", "random"):
+    raise ValueError(f"fallback={fallback!r} must be 'confident' or 'random'.")
   if not 0.0 < threshold <= 1.0:
     raise ValueError(f"--threshold={threshold} must be in (0, 1].")
   size = block_size
@@ -123,7 +136,7 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
       masked = xb == tokenizers.MASK
       conf = jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0]
       chosen = commit(rule, k, steps, masked, conf, k_rule, threshold=threshold,
-                      schedule=schedule)
+                      schedule=schedule, fallback=fallback)
       x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(chosen, tok, xb), blk * size, axis=1)
       more = jnp.any(block_of(x, blk) == tokenizers.MASK)
       logits, cache, calls = jax.lax.cond(
