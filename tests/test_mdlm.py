@@ -657,3 +657,27 @@ def test_conditional_bound_of_an_exact_copy_model_is_the_answer_entropy(make_con
   draws, n, _ = obj.conditional_bound(model, batch, jax.random.key(0), 64)
   assert (np.asarray(n) == 2).all()
   np.testing.assert_allclose(np.asarray(draws).mean(), math.log(k), rtol=0.02)
+
+
+def test_sft_validation_bound_is_the_conditional_bound(make_config, pairs_glob):
+  """With `sft` the validation draws are LLaDA's conditional bound itself (same key, K =
+  eval_time_samples), and eval_sums averages them over the answer tokens."""
+  obj = objectives.create(sft_config(make_config, pairs_glob, eval_time_samples=3),
+                          tokenizers.get_tokenizer("bytes"))
+  rng = np.random.default_rng(5)
+  x = rng.integers(tokenizers.NUM_SPECIAL, 60, (4, 9)).astype(np.int32)
+  x[:, 0] = tokenizers.BOS
+  pm = (np.arange(9)[None] < np.array([[3], [2], [5], [4]])).astype(np.int32)
+  table = jnp.asarray(rng.normal(size=(4, 9, obj.vocab_size)), jnp.float32)
+  model = TableModel(table)
+  batch = {"inputs": jnp.asarray(x), "segment_ids": jnp.ones((4, 9), jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(9), (4, 9)), "prompt_mask": jnp.asarray(pm)}
+  key = jax.random.key(3)
+  draws, n, answer = obj.bound_draws(model, batch, key)
+  want, want_n, want_answer = obj.conditional_bound(model, batch, key, 3)
+  assert draws.shape == (3, 4)
+  np.testing.assert_allclose(draws, want, rtol=1e-6)
+  np.testing.assert_array_equal(n, want_n)
+  np.testing.assert_array_equal(answer, want_answer)
+  np.testing.assert_allclose(obj.eval_sums(model, batch, key)["nll"], np.asarray(want).mean(0).sum(),
+                             rtol=1e-6)
