@@ -60,6 +60,8 @@ _THRESHOLD = flags.DEFINE_float("threshold", 0.0, "gen_ppl: llada / bd3lm thresh
                                 "(0: off).")
 _SEED = flags.DEFINE_integer("seed", 0, "gen_ppl: sampling seed.")
 _BLOCK = flags.DEFINE_integer("block_length", 0, "gen_ppl with --sampler=llada: its block.")
+_REMASKING = flags.DEFINE_string("remasking", None, "gen_ppl with --sampler=llada: "
+                                 "low_confidence (its default) or random.")
 _DUAL = flags.DEFINE_bool("dual_cache", False, "gen_ppl with --sampler=llada: Fast-dLLM's dual "
                           "KV cache.")
 _EXAMPLES = flags.DEFINE_integer("examples", 200, "star_graph / infill: problems to score "
@@ -96,6 +98,8 @@ def main(argv):
         options["block_length"] = _BLOCK.value
       if _DUAL.value:
         options["kv_cache"] = "dual"
+      if _REMASKING.value:
+        options["remasking"] = _REMASKING.value
       if _THRESHOLD.value > 0:
         options["threshold"] = _THRESHOLD.value
         if setup.config.objective.name == "bd3lm":
