@@ -32,6 +32,19 @@ def define_config(default: str = DEFAULT_CONFIG):
     fail(_override_error(e, sys.argv))
 
 
+def define_threshold_flags():
+  """--threshold and --threshold_fallback (threshold decoding of llada and bd3lm), the same
+  in every tool."""
+  threshold = flags.DEFINE_float(
+      "threshold", 0.0, "llada and bd3lm: commit every masked position (of the current block) "
+      "whose drawn token's probability exceeds it, at least one per call (Fast-dLLM); 0: off.")
+  fallback = flags.DEFINE_enum(
+      "threshold_fallback", "confident", ["confident", "random"], "bd3lm with --threshold: the "
+      "one position committed when none passes (the most confident, Fast-dLLM's; or one "
+      "chosen uniformly).")
+  return threshold, fallback
+
+
 def _verbose() -> bool:
   if os.environ.get("MDLM_JAX_VERBOSE", "") not in ("", "0"):
     return True

@@ -46,12 +46,7 @@ _RULE = flags.DEFINE_string("rule", "random", "bd3lm without --threshold: its st
                             "(random: one token per call with --sample_steps = block size).")
 _BLOCK = flags.DEFINE_integer("block_length", 0, "llada, llada_dual: the block (0: one; "
                               "llada_dual needs one).")
-_FALLBACK = flags.DEFINE_enum("threshold_fallback", "confident", ["confident", "random"],
-                              "bd3lm --threshold: the one position committed when none passes "
-                              "(the most confident, Fast-dLLM's; or one chosen uniformly).")
-_THRESHOLD = flags.DEFINE_float("threshold", 0.0, "bd3lm: commit every masked position of the "
-                                "block above this confidence per call (Fast-dLLM); 0: --rule, "
-                                "--sample_steps calls per block at most.")
+_THRESHOLD, _FALLBACK = cli.define_threshold_flags()
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 8, "Rows sampled at once.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "With --sampler: the trained params of this "
                                "workdir (its config) instead of random ones; insertion samplers "

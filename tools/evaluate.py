@@ -53,11 +53,7 @@ _SAMPLE_STEPS = flags.DEFINE_integer("steps", None, "gen_ppl: sampler steps (mdl
                                      "bd3lm: per block).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "gen_ppl: sampling temperature.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "gen_ppl: nucleus mass (1: off).")
-_FALLBACK = flags.DEFINE_enum("threshold_fallback", "confident", ["confident", "random"],
-                              "bd3lm --threshold: the one position committed when none passes "
-                              "(the most confident, Fast-dLLM's; or one chosen uniformly).")
-_THRESHOLD = flags.DEFINE_float("threshold", 0.0, "gen_ppl: llada / bd3lm threshold decoding "
-                                "(0: off).")
+_THRESHOLD, _FALLBACK = cli.define_threshold_flags()
 _SEED = flags.DEFINE_integer("seed", 0, "gen_ppl: sampling seed.")
 _BLOCK = flags.DEFINE_integer("block_length", 0, "gen_ppl with --sampler=llada: its block.")
 _REMASKING = flags.DEFINE_string("remasking", None, "gen_ppl with --sampler=llada: "

@@ -51,12 +51,7 @@ _TEMPLATE = flags.DEFINE_string("template", None, "Text with <mask:N> spans to f
 _SAMPLER = flags.DEFINE_string("sampler", None, "mdlm: ancestral (default), confidence, llada; "
                                "insertion: parallel (default), sequential; bd3lm: ancestral "
                                "(default), random, confidence, threshold.")
-_FALLBACK = flags.DEFINE_enum("threshold_fallback", "confident", ["confident", "random"],
-                              "bd3lm --threshold: the one position committed when none passes "
-                              "(the most confident, Fast-dLLM's; or one chosen uniformly).")
-_THRESHOLD = flags.DEFINE_float("threshold", 0.0, "llada and bd3lm: commit every masked position "
-                                "(of the current block) whose token's probability exceeds it, "
-                                "at least one per call (Fast-dLLM); 0: off.")
+_THRESHOLD, _FALLBACK = cli.define_threshold_flags()
 _STEPS = flags.DEFINE_integer("steps", None, "mdlm: denoising steps (default: masked count).")
 _BLOCK = flags.DEFINE_integer("block_length", 0, "llada: semi-autoregressive block (0: one).")
 _DUAL = flags.DEFINE_bool("dual_cache", False, "llada: Fast-dLLM's dual KV cache (the canvas "
