@@ -111,7 +111,7 @@ def test_block_size_1_loss_is_the_ar_nll_in_expectation(make_config):
 def test_packed_documents_do_not_see_each_other(make_config):
   """The gradient of document 1's noised logits with respect to every input embedding is
   zero at document 2's positions (either half) and nonzero at its own earlier clean block."""
-  obj, model = make(make_config, block_size=4)
+  _, model = make(make_config, block_size=4)
   seg = np.array([[1] * 10 + [2] * 22])
   batch = batch_of(seg)
   t = seg.shape[1]
