@@ -16,6 +16,8 @@ block_size = T is `mdlm` (the clean half is never read by the noised one). The s
 """
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 
@@ -101,14 +103,6 @@ class BD3LM(base.Objective):
   @property
   def clipped(self) -> bool:
     return (self.opts.noise_min, self.opts.noise_max) != (0.0, 1.0)
-
-  @property
-  def self_conditioned(self) -> bool:
-    return False
-
-  @property
-  def time_conditioned(self) -> bool:
-    return False
 
   def noised_logits(self, model, batch, x_t):
     """SUBS logits (B, T, V) of the noised half of x_t ⊕ x_0 under `training_mask`."""
@@ -208,12 +202,5 @@ class BD3LM(base.Objective):
 
 def _schedule(opts):
   """`mdlm_schedule`'s view of these options (no LLaDA, continuous time)."""
-  return _ScheduleOpts(opts.schedule, opts.eps)
-
-
-class _ScheduleOpts:
-  llada = False
-  discrete_steps = 0
-
-  def __init__(self, schedule: str, eps: float):
-    self.schedule, self.eps = schedule, eps
+  return types.SimpleNamespace(schedule=opts.schedule, eps=opts.eps, llada=False,
+                               discrete_steps=0)
