@@ -368,3 +368,25 @@ def test_llada_dual_cache(setup):
   with pytest.raises(ValueError, match="kv_cache='dual' needs"):
     ds.llada(obj, model, x0, jax.random.key(0), steps=4, block_length=4, cfg_scale=1.0,
              kv_cache="dual")
+
+
+def test_dual_cache_window_rewrites_its_own_keys(corpus, data_dir):
+  """One layer: a position's keys depend on its own token only, so after a refresh on one
+  canvas a window over another that differs only inside the window must give that canvas's
+  full-pass logits exactly, which needs the window's own keys rewritten."""
+  from helpers import tiny_config
+  cfg = tiny_config(corpus, data_dir, {"objective.name": "mdlm", "model.num_layers": 1,
+                                       "model.init_std": 0.5})
+  obj = objectives.create(cfg, tokenizers.get_tokenizer("bytes"))
+  model = obj.build(nnx.Rngs(1))
+  x_a = canvas()
+  b, t = x_a.shape
+  start = jnp.array([4, 2, 9])
+  inside = (jnp.arange(t)[None] >= start[:, None]) & (jnp.arange(t)[None] < start[:, None] + 4)
+  x_b = jnp.where(inside, 77, x_a)
+  dual = ds.DualCache(model, b, t, 4)
+  _, cache = dual.refresh(x_a, dual.init())
+  got, _ = dual.window(x_b, start, jnp.zeros((b, t, obj.vocab_size)), cache)
+  full = ds.network(obj, model)(x_b)[0]
+  np.testing.assert_allclose(np.where(inside[..., None], got, 0.0),
+                             np.where(inside[..., None], full, 0.0), atol=1e-4)
