@@ -33,8 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
                                            train_examples=200_000, validation_examples=1000))))
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=16, learning_rate=1e-3, warmup_steps=100, schedule="cosine",
-      min_lr_ratio=0.1, grad_clip=1.0, weight_decay=0.1, b1=0.9, b2=0.95, ema_decay=0.0,
-      grad_accum_steps=1, log_every_steps=25, max_skipped_steps=3, profile_start=10,
+      min_lr_ratio=0.1, grad_clip=1.0, weight_decay=0.1, b1=0.9, b2=0.95, adam_eps=1e-8,
+      ema_decay=0.0, grad_accum_steps=1, log_every_steps=25, max_skipped_steps=3, profile_start=10,
       profile_steps=0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1,
                                          allow_unused_devices=False))
@@ -122,6 +122,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f"train.grad_accum_steps={t.grad_accum_steps} (>= 1).")
   _check(t.learning_rate > 0, f"train.learning_rate={t.learning_rate} must be > 0.")
   _check(0 <= t.warmup_steps, f"train.warmup_steps={t.warmup_steps} must be >= 0.")
+  _check(t.adam_eps > 0, f"train.adam_eps={t.adam_eps} must be > 0 (AdamW's denominator floor).")
   _check(t.schedule in SCHEDULES, f"train.schedule={t.schedule!r}; choose one of {SCHEDULES}.")
   _check(0.0 <= t.ema_decay < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1).")
   _check(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 disables).")

@@ -73,14 +73,16 @@ def test_block_size_of_the_row_is_mdlm(make_config):
 
 def ar_factorisation_nll(model, batch):
   """sum over scored tokens of -log p(x_i | x_<i), each term from its own causal pass over
-  [x_0 .. x_{i-1}, MASK]: the network's next-token distribution computed directly."""
+  [x_0 .. x_{i-1}, MASK, ...] read at i (the MASKs after i unseen by the causal mask): the
+  network's next-token distribution computed directly."""
   x = np.asarray(batch["inputs"])
   b, t = x.shape
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  causal = jax.jit(lambda row: model(row, pos, jnp.ones((b, t), jnp.int32), causal=True))
   total = 0.0
   for i in range(1, t):
-    row = jnp.asarray(np.concatenate([x[:, :i], np.full((b, 1), MASK)], 1))
-    pos = jnp.broadcast_to(jnp.arange(i + 1), (b, i + 1))
-    logits = model(row, pos, jnp.ones((b, i + 1), jnp.int32), causal=True)[:, -1]
+    row = np.where(np.arange(t) < i, x, MASK)
+    logits = causal(jnp.asarray(row))[:, i]
     logits = logits.at[:, MASK].set(-1e30)
     total += float(jnp.sum(-jax.nn.log_softmax(logits)[jnp.arange(b), x[:, i]]))
   return total
