@@ -34,8 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=16, learning_rate=1e-3, warmup_steps=100, schedule="cosine",
       min_lr_ratio=0.1, grad_clip=1.0, weight_decay=0.1, b1=0.9, b2=0.95, adam_eps=1e-8,
-      ema_decay=0.0, grad_accum_steps=1, log_every_steps=25, max_skipped_steps=3, profile_start=10,
-      profile_steps=0))
+      ema_decay=0.0, grad_accum_steps=1, log_every_steps=25, max_skipped_steps=3,
+      profile_start=10, profile_steps=0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1,
                                          allow_unused_devices=False))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, restore_data=True,

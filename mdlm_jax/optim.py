@@ -30,7 +30,8 @@ def make_optimizer(t) -> tuple[optax.GradientTransformation, Callable]:
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(_is_matrix, params)
   tx = optax.chain(
       optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
-      optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.adam_eps, weight_decay=t.weight_decay, mask=decay_mask))
+      optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.adam_eps, weight_decay=t.weight_decay,
+                  mask=decay_mask))
   return tx, schedule
 
 
