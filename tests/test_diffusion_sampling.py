@@ -124,7 +124,8 @@ def test_classifier_free_guidance_formula():
     seen.append((z, cond))
     return jnp.where((z == MASK)[..., None], 1.0, 3.0) * jnp.arange(5.0) + cond, cond + 10.0
 
-  out, (next_c, next_u), calls = ds.guided(net, x, fixed, 2.0, (jnp.float32(1), jnp.float32(2)))
+  out, (next_c, next_u) = ds.guided(net, x, fixed, 2.0, (jnp.float32(1), jnp.float32(2)))
+  calls = len(seen)
   unc = jnp.asarray([[MASK, MASK, MASK, MASK, MASK, tokenizers.PAD]])
   c, u = net(x, 1.0)[0], net(unc, 2.0)[0]
   np.testing.assert_allclose(out, u + 3.0 * (c - u))
@@ -154,10 +155,42 @@ def test_self_conditioned_time_conditioned_critic_model_samples(corpus, data_dir
     assert int(info["calls"]) >= 6
 
 
-def test_critic_scores_need_a_critic(setup):
+def test_critic_scores_need_a_critic(setup, corpus, data_dir):
   obj, model = setup
   with pytest.raises(ValueError, match="objective.critic"):
     obj.sample(model, canvas(), jax.random.key(0), sampler="confidence", critic=True)
+  from helpers import tiny_config   # a DiffusionNet (time-conditioned) without a critic
+  cfg = tiny_config(corpus, data_dir, {"objective.name": "mdlm",
+                                       "objective.time_conditioning": True})
+  sc = objectives.create(cfg, tokenizers.get_tokenizer("bytes"))
+  net = sc.build(nnx.Rngs(0))
+  assert net.critic_kind == "none"
+  with pytest.raises(ValueError, match="objective.critic"):
+    sc.sample(net, canvas(), jax.random.key(0), sampler="confidence", critic=True)
+
+
+@pytest.mark.parametrize("n,steps", [(3, 4), (2, 4), (4, 4), (1, 5), (3, 7), (5, 8)])
+def test_snapshots_are_evenly_spaced_and_the_last_is_the_final_canvas(n, steps):
+  """Snapshot j is the canvas after step ceil((j + 1) steps / n) - 1."""
+  history = ds._history(n, jnp.zeros((1, 2), jnp.int32))
+  for k in range(steps):
+    history = ds._record(history, jnp.full((1, 2), k, jnp.int32), k, steps)
+  want = [-(-(j + 1) * steps // n) - 1 for j in range(n)]
+  np.testing.assert_array_equal(np.asarray(history)[:, 0, 0], want)
+  assert want[-1] == steps - 1 and len(set(want)) == n
+
+
+def test_sampler_snapshots_end_at_the_output_and_never_exceed_the_steps(setup):
+  obj, model = setup
+  for name in ("ancestral", "confidence", "llada"):
+    out, info = obj.sample(model, canvas(), jax.random.key(0), sampler=name, steps=7,
+                           snapshots=3)
+    hist = np.asarray(info["history"])
+    np.testing.assert_array_equal(hist[-1], out)
+    masks = (hist == MASK).sum(axis=(1, 2))
+    assert masks[0] > 0 and (np.diff(masks) <= 0).all(), (name, masks)
+  with pytest.raises(ValueError, match="snapshots=8"):
+    obj.sample(model, canvas(), jax.random.key(0), steps=7, snapshots=8)
 
 
 def test_unknown_sampler_and_bad_steps_are_refused(setup):

@@ -36,23 +36,47 @@ class TableNet:
     rng = np.random.default_rng(seed)
     self.w = rng.normal(size=(T, 2)) * scale
     self.a = rng.normal(size=(T, T, 3, 2)) * scale
+    self.c = rng.normal(size=(T, 2)) * 4 * scale   # read by TimedTableNet only
     self.vocab = vocab
 
-  def real_logits(self, canvas):
-    """numpy (T, 2) for one canvas (a tuple of ids)."""
+  def real_logits(self, canvas, time=None):
+    """numpy (T, 2) for one canvas (a tuple of ids); `time` for TimedTableNet only."""
     out = self.w.copy()
     for j, tok in enumerate(canvas):
       out += self.a[:, j, code(tok)]
     return out
 
-  def __call__(self, x, positions, segment_ids):
-    del positions, segment_ids
+  def table(self, x, time_B=None):
     codes = jnp.where(x == REAL[0], 1, jnp.where(x == REAL[1], 2, 0))    # (B, T)
     onehot = jax.nn.one_hot(codes, 3)                                     # (B, T, 3)
     real = jnp.asarray(self.w, jnp.float32) + jnp.einsum(
         "bjc,ijcv->biv", onehot, jnp.asarray(self.a, jnp.float32))
+    if time_B is not None:
+      real = real + time_B[:, None, None] * jnp.asarray(self.c, jnp.float32)
     full = jnp.full(x.shape + (self.vocab,), -1e9, jnp.float32)
     return full.at[..., REAL[0]].set(real[..., 0]).at[..., REAL[1]].set(real[..., 1])
+
+  def __call__(self, x, positions, segment_ids):
+    del positions, segment_ids
+    return self.table(x)
+
+
+class TimedTableNet(mdlm.DiffusionNet):
+  """The table plus t · C[i, v]: a time-conditioned network (t = 0 when not given, as
+  `DiffusionNet.run`), so a sampler that passes the wrong time, or none, draws from other
+  distributions."""
+
+  def __init__(self, vocab, seed=0):   # pylint: disable=super-init-not-called
+    self.inner = TableNet(vocab, seed)
+    self.critic_kind, self.self_condition, self.time_condition = "none", False, True
+
+  def real_logits(self, canvas, time=None):
+    return self.inner.real_logits(canvas) + time * self.inner.c
+
+  def run(self, x, positions, segment_ids, cond=None, time_B=None):
+    del positions, segment_ids, cond
+    time_B = jnp.zeros(x.shape[:1], jnp.float32) if time_B is None else time_B
+    return self.inner.table(x, time_B), None
 
 
 def softmax(z):
@@ -60,19 +84,26 @@ def softmax(z):
   return e / e.sum(-1, keepdims=True)
 
 
-def tempered(logits, temperature):
-  """Per position: the draw's distribution over the 2 real tokens (argmax at temperature 0)."""
+def tempered(logits, temperature, min_p=0.0):
+  """Per position: the draw's distribution over the 2 real tokens (argmax at temperature 0),
+  and which tokens min-p keeps (at least min_p times the best, at that temperature)."""
   if temperature == 0:
-    return np.eye(2)[np.argmax(logits, -1)]
-  return softmax(logits / temperature)
+    p = np.eye(2)[np.argmax(logits, -1)]
+    return p, p > 0 if min_p > 0 else np.ones_like(p, bool)
+  p = softmax(logits / temperature)
+  kept = p >= min_p * p.max(-1, keepdims=True)
+  p = np.where(kept, p, 0.0)
+  return p / p.sum(-1, keepdims=True), kept
 
 
-def joint_draws(net, canvas, temperature):
+def joint_draws(net, canvas, temperature, time=None, min_p=0.0):
   """[(tokens drawn at every masked position, probability, their log-probabilities at
-  temperature 1)] for one canvas."""
+  temperature 1 renormalised over the kept tokens)] for one canvas."""
   masked = [i for i, tok in enumerate(canvas) if tok == MASK]
-  z = net.real_logits(canvas)
-  p, logp = tempered(z, temperature), np.log(softmax(z))
+  z = net.real_logits(canvas, time)
+  p, kept = tempered(z, temperature, min_p)
+  with np.errstate(divide="ignore"):
+    logp = np.log(softmax(np.where(kept, z, -np.inf)))
   out = []
   for combo in itertools.product(range(2), repeat=len(masked)):
     prob = math.prod(p[i, c] for i, c in zip(masked, combo))
@@ -104,8 +135,9 @@ def run_reference(start, steps, step_fn):
   return dist
 
 
-def ancestral_reference(net, opts, steps, temperature):
-  ts = 1.0 - np.arange(steps + 1) / steps
+def ancestral_reference(net, opts, steps, temperature, grid="uniform", timed=False):
+  r = np.arange(steps + 1) / steps
+  ts = 1.0 - r if grid == "uniform" else np.cos(0.5 * np.pi * r)
 
   def step(k, canvas):
     p_t = float(mdlm.mask_prob(opts, ts[k]))
@@ -113,7 +145,7 @@ def ancestral_reference(net, opts, steps, temperature):
     r = 1.0 if ts[k + 1] <= 0 else (p_t - p_s) / p_t
     out = []
     masked = [i for i, tok in enumerate(canvas) if tok == MASK]
-    for chosen, prob, _ in joint_draws(net, canvas, temperature):
+    for chosen, prob, _ in joint_draws(net, canvas, temperature, ts[k] if timed else None):
       for reveal in itertools.product([False, True], repeat=len(masked)):
         q = prob * math.prod(r if x else 1 - r for x in reveal)
         out.append((commit(canvas, {i: chosen[i] for i, x in zip(masked, reveal) if x}), q))
@@ -121,26 +153,28 @@ def ancestral_reference(net, opts, steps, temperature):
   return step
 
 
-def confidence_reference(net, steps, temperature, n0):
+def confidence_reference(net, steps, temperature, n0, timed=False, min_p=0.0):
   def step(k, canvas):
     frac = 1.0 - (k + 1) / steps
     stay = math.floor(n0 * frac + 1e-4)
     out = []
-    for chosen, prob, logp in joint_draws(net, canvas, temperature * frac):
+    for chosen, prob, logp in joint_draws(net, canvas, temperature * frac,
+                                          1.0 - k / steps if timed else None, min_p):
       reveal = max(len(chosen) - stay, 0)
       out.append((commit(canvas, {i: chosen[i] for i in top(logp, reveal)}), prob))
     return out
   return step
 
 
-def llada_reference(net, steps, temperature, remasking):
+def llada_reference(net, steps, temperature, remasking, timed=False):
   def step(k, canvas):
     masked = [i for i, tok in enumerate(canvas) if tok == MASK]
     if not masked:
       return [(canvas, 1.0)]
     count = -(-len(masked) // max(steps - k, 1))
     out = []
-    for chosen, prob, logp in joint_draws(net, canvas, temperature):
+    for chosen, prob, logp in joint_draws(net, canvas, temperature,
+                                          1.0 - k / steps if timed else None):
       if remasking == "random":
         subsets = list(itertools.combinations(masked, count))
         out += [(commit(canvas, {i: chosen[i] for i in s}), prob / len(subsets))
@@ -156,12 +190,17 @@ def make_objective(make_config, **opts):
   return objectives.create(cfg, tokenizers.get_tokenizer("bytes"))
 
 
-def empirical(obj, net, sampler, steps, **options):
-  canvas = jnp.asarray([[BOS] + [MASK] * (T - 1)], jnp.int32)
+def empirical(obj, net, sampler, steps, calls=None, **options):
+  """The frequencies of the sampler's outputs: DRAWS / 2 keys, each decoding a batch of 2
+  rows (both rows' outputs pooled). `calls`: the network calls every decode must report."""
+  canvas = jnp.asarray([[BOS] + [MASK] * (T - 1)] * 2, jnp.int32)
   fn = jax.jit(jax.vmap(lambda k: obj.sample(net, canvas, k, sampler=sampler, steps=steps,
-                                             **options)[0][0]))
-  out = np.asarray(fn(jax.random.split(jax.random.key(7), DRAWS)))
+                                             **options)))
+  out, info = fn(jax.random.split(jax.random.key(7), DRAWS // 2))
+  out = np.asarray(out).reshape(DRAWS, T)
   assert (out != MASK).all()
+  if calls is not None:
+    assert (np.asarray(info["calls"]) == calls).all(), np.unique(np.asarray(info["calls"]))
   counts = {}
   for row in map(tuple, out.tolist()):
     counts[row] = counts.get(row, 0) + 1
@@ -183,34 +222,48 @@ def check(emp, ref, tol=0.025):
 START = (BOS,) + (MASK,) * (T - 1)
 
 
-@pytest.mark.parametrize("temperature,steps,schedule", [(1.0, 4, "linear"), (0.6, 3, "linear"),
-                                                        (1.0, 2, "cosine")])
+def table(obj, seed, timed):
+  return TimedTableNet(obj.vocab_size, seed) if timed else TableNet(obj.vocab_size, seed)
+
+
+@pytest.mark.parametrize("temperature,steps,schedule,grid,timed", [
+    (1.0, 4, "linear", "uniform", False), (0.6, 3, "linear", "uniform", False),
+    (1.0, 2, "cosine", "uniform", False), (1.0, 3, "linear", "cosine", False),
+    (1.0, 3, "linear", "uniform", True)])
 @pytest.mark.slow
-def test_ancestral_matches_its_exact_reference(make_config, temperature, steps, schedule):
-  obj = make_objective(make_config, schedule=schedule)
-  net = TableNet(obj.vocab_size)
-  ref = run_reference(START, steps, ancestral_reference(net, obj.opts, steps, temperature))
-  check(empirical(obj, net, "ancestral", steps, temperature=temperature), ref)
+def test_ancestral_matches_its_exact_reference(make_config, temperature, steps, schedule, grid,
+                                               timed):
+  obj = make_objective(make_config, schedule=schedule, time_conditioning=timed)
+  net = table(obj, 0, timed)
+  ref = run_reference(START, steps, ancestral_reference(net, obj.opts, steps, temperature,
+                                                        grid, timed))
+  check(empirical(obj, net, "ancestral", steps, temperature=temperature, grid=grid), ref)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("temperature,steps", [(1.0, 3), (2.0, 2), (0.0, 3)])
-def test_confidence_matches_its_exact_reference(make_config, temperature, steps):
-  obj = make_objective(make_config)
-  net = TableNet(obj.vocab_size, seed=1)
-  ref = run_reference(START, steps, confidence_reference(net, steps, temperature, T - 1))
-  check(empirical(obj, net, "confidence", steps, temperature=temperature), ref)
+@pytest.mark.parametrize("temperature,steps,min_p,timed", [
+    (1.0, 3, 0.0, False), (2.0, 2, 0.0, False), (0.0, 3, 0.0, False), (1.5, 3, 0.5, False),
+    (1.0, 3, 0.0, True)])
+def test_confidence_matches_its_exact_reference(make_config, temperature, steps, min_p, timed):
+  obj = make_objective(make_config, time_conditioning=timed)
+  net = table(obj, 1, timed)
+  ref = run_reference(START, steps, confidence_reference(net, steps, temperature, T - 1, timed,
+                                                         min_p))
+  check(empirical(obj, net, "confidence", steps, calls=steps, temperature=temperature,
+                  min_p=min_p), ref)
 
 
-@pytest.mark.parametrize("temperature,steps,remasking", [
-    (0.0, 3, "low_confidence"), (1.0, 2, "low_confidence"), (1.0, 3, "low_confidence"),
-    (1.0, 2, "random")])
+@pytest.mark.parametrize("temperature,steps,remasking,timed", [
+    (0.0, 3, "low_confidence", False), (1.0, 2, "low_confidence", False),
+    (1.0, 3, "low_confidence", False), (1.0, 2, "random", False),
+    (1.0, 1, "low_confidence", False), (1.0, 3, "low_confidence", True)])
 @pytest.mark.slow
-def test_llada_matches_its_exact_reference(make_config, temperature, steps, remasking):
-  obj = make_objective(make_config)
-  net = TableNet(obj.vocab_size, seed=2)
-  ref = run_reference(START, steps, llada_reference(net, steps, temperature, remasking))
-  check(empirical(obj, net, "llada", steps, temperature=temperature, remasking=remasking), ref)
+def test_llada_matches_its_exact_reference(make_config, temperature, steps, remasking, timed):
+  obj = make_objective(make_config, time_conditioning=timed)
+  net = table(obj, 2, timed)
+  ref = run_reference(START, steps, llada_reference(net, steps, temperature, remasking, timed))
+  check(empirical(obj, net, "llada", steps, calls=steps, temperature=temperature,
+                  remasking=remasking), ref)
 
 
 def test_the_references_tell_the_rules_apart(make_config):

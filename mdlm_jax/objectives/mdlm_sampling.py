@@ -47,11 +47,12 @@ def initial_condition(objective, model, canvas):
 
 
 def _record(history, x, k, steps):
-  """Stores the canvas after step k into evenly spaced snapshot slots."""
+  """Snapshot j of n (n <= steps) is the canvas after step ceil((j + 1) steps / n) - 1: evenly
+  spaced, the last one the final canvas."""
   if history is None:
     return None
   n = history.shape[0]
-  slot = ((k + 1) * n - 1) // steps
+  slot = (k + 1) * n // steps - 1
   due = (k + 1) * n // steps != k * n // steps
   return jnp.where(due, history.at[slot].set(x), history)
 
@@ -172,15 +173,14 @@ def guided(net, x, fixed, cfg_scale: float, cond=None, time=None):
   """Classifier-free guidance: u + (w + 1)(c - u), u from the canvas with every given token
   (BOS, prompt, suffix; padding aside) masked. With guidance `cond` is the pair of the two
   branches' self-conditioning states, each fed back to its own branch. Returns (logits,
-  next cond, network calls)."""
+  next cond)."""
   if cfg_scale <= 0:
-    c, next_cond = net(x, cond, time)
-    return c, next_cond, 1
+    return net(x, cond, time)
   cond_c, cond_u = cond
   c, next_c = net(x, cond_c, time)
   unc = jnp.where(fixed & (x != tokenizers.PAD), tokenizers.MASK, x)
   u, next_u = net(unc, cond_u, time)
-  return u + (cfg_scale + 1.0) * (c - u), (next_c, next_u), 2
+  return u + (cfg_scale + 1.0) * (c - u), (next_c, next_u)
 
 
 class DualCache:
@@ -264,7 +264,7 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
     current = jnp.min(jnp.where(masked, block, t), axis=1)          # leftmost unfinished block
     in_block = masked & (block == current[:, None])
     if dual is None:
-      logits, cond, _ = guided(net, x, fixed, cfg_scale, cond, 1.0 - k / steps)
+      logits, cond = guided(net, x, fixed, cfg_scale, cond, 1.0 - k / steps)
     else:
       cache, logits, refresh, encoded = kv
       logits, cache = jax.lax.cond(
@@ -329,4 +329,6 @@ def run(name: str, objective, model, canvas, rng, *, steps: int, **options):
     raise ValueError(f"sampler {name!r} is unknown; choose one of {tuple(SAMPLERS)}.")
   if steps < 1:
     raise ValueError(f"steps={steps} must be >= 1.")
+  if not 0 <= options.get("snapshots", 0) <= steps:
+    raise ValueError(f"snapshots={options['snapshots']} must be in [0, steps={steps}].")
   return SAMPLERS[name](objective, model, canvas, rng, steps=steps, **options)
