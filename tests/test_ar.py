@@ -152,6 +152,26 @@ def test_top_k_top_p_min_p_filters():
   assert keep(min_p=0.2) == [True, True, True, False]    # p >= 0.1
 
 
+def test_filters_act_on_the_last_axis_of_every_row():
+  """(B, T, V) logits, as the diffusion samplers draw them: each (b, t) row is filtered alone,
+  exactly as the same row on its own."""
+  z = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 5)) * 2, jnp.float32)
+  for kw in ({"top_k": 2}, {"top_p": 0.7}, {"min_p": 0.3}):
+    rows = jnp.stack([sampling.filter_logits(z[i, j][None], **kw)[0]
+                      for i in range(2) for j in range(3)]).reshape(z.shape)
+    np.testing.assert_array_equal(sampling.filter_logits(z, **kw), rows)
+
+
+def test_draw_computes_in_float32_whatever_the_logits_dtype():
+  z = jnp.asarray(np.random.default_rng(1).normal(size=(4, 7)) * 3, jnp.float32)
+  z16 = z.astype(jnp.bfloat16)
+  tok16, logp16 = sampling.draw(jax.random.key(0), z16, 0.7, top_p=0.9)
+  tok32, logp32 = sampling.draw(jax.random.key(0), z16.astype(jnp.float32), 0.7, top_p=0.9)
+  assert logp16.dtype == jnp.float32
+  np.testing.assert_array_equal(tok16, tok32)
+  np.testing.assert_array_equal(logp16, logp32)
+
+
 def test_sampling_frequencies_and_greedy():
   probs = np.array([0.6, 0.3, 0.1])
   logits = jnp.log(jnp.asarray(np.tile(probs, (20000, 1)), jnp.float32))

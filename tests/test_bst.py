@@ -327,6 +327,56 @@ def test_candidate_score_is_the_backward_heads_likelihood_of_the_middle(make_con
 
 
 @pytest.mark.slow
+def test_scores_and_samples_of_a_batch_are_those_of_each_row(make_config):
+  """Rows of different middles and lengths score in a batch as they do alone; no suffix is
+  the empty one."""
+  obj, net = make(make_config)
+  eos, pad = tokenizers.EOS, tokenizers.PAD
+  prompt = jnp.asarray([[tokenizers.BOS, 40, 41], [tokenizers.BOS, 50, 51]], jnp.int32)
+  middle = jnp.asarray([[70, 71, 72, eos], [80, eos, pad, pad]], jnp.int32)
+  suffix = jnp.asarray([[60, 61], [62, 63]], jnp.int32)
+  lengths = jnp.asarray([2, 1])
+  backward = jax.jit(lambda *a: obj.middle_log_likelihood(net, *a))
+  completed = jax.jit(lambda *a: obj.completed_log_likelihood(net, *a))
+  both = backward(prompt, middle, suffix)
+  done = completed(prompt, middle, suffix, lengths)
+  for r in range(2):
+    one = lambda fn, *a: float(fn(prompt[r:r + 1], middle[r:r + 1], suffix[r:r + 1], *a)[0])
+    np.testing.assert_allclose(float(both[r]), one(backward), rtol=1e-5)
+    np.testing.assert_allclose(float(done[r]), one(completed, lengths[r:r + 1]), rtol=1e-5)
+  gen = jax.jit(lambda s: obj.generate(net, prompt, jax.random.key(3), max_new_tokens=3,
+                                       suffix_BxS=s))
+  np.testing.assert_array_equal(gen(None), gen(jnp.zeros((2, 0), jnp.int32)))
+
+
+@pytest.mark.slow
+def test_completed_text_likelihood_is_the_forward_likelihood_of_each_length(make_config):
+  """completed_log_likelihood(L) = the forward log-likelihood of m[:L] + suffix after the
+  prefix: -nll(prefix + m[:L] + suffix) + nll(prefix), for every L."""
+  obj, net = make(make_config)
+  prompt = np.asarray([tokenizers.BOS, 40, 41], np.int32)
+  middle = np.asarray([70, 71, 72, 73], np.int32)
+  suffix = np.asarray([60, 61], np.int32)
+  l = len(middle)
+  got = obj.completed_log_likelihood(net, jnp.asarray(np.tile(prompt, (l + 1, 1))),
+                                     jnp.asarray(np.tile(middle, (l + 1, 1))),
+                                     jnp.asarray(np.tile(suffix, (l + 1, 1))),
+                                     jnp.arange(l + 1))
+  width = len(prompt) + l + len(suffix)
+  eval_nll = jax.jit(lambda x, seg: obj.eval_sums(
+      net, {"inputs": x, "segment_ids": seg, "positions": jnp.arange(width)[None]},
+      jax.random.key(0))["nll"])
+
+  def nll(row):   # one compiled width: the row, then padding in no document
+    x = np.full((1, width), tokenizers.PAD, np.int32)
+    x[0, :len(row)] = row
+    return float(eval_nll(jnp.asarray(x), jnp.asarray(x != tokenizers.PAD, jnp.int32)))
+  for n in range(l + 1):
+    want = nll(prompt) - nll(np.concatenate([prompt, middle[:n], suffix]))
+    np.testing.assert_allclose(float(got[n]), want, rtol=1e-5)
+
+
+@pytest.mark.slow
 def test_candidates_are_ranked_by_the_backward_score(make_config):
   obj, net = make(make_config)
   prompt = jnp.full((1, 1), tokenizers.BOS, jnp.int32)
