@@ -317,6 +317,7 @@ def test_sampler_defaults_are_the_documented_ones(setup, monkeypatch, name, defa
   x0 = jnp.asarray(np.concatenate([[tokenizers.BOS, 40], [MASK] * 10])[None], jnp.int32)
   run = lambda **o: np.asarray(ds.run(name, obj, None, x0, jax.random.key(4), steps=4, **o)[0])
   np.testing.assert_array_equal(run(), run(**defaults))
+  assert ds.run(name, obj, None, x0, jax.random.key(4), steps=4)[1]["history"] is None
 
 
 @pytest.mark.parametrize("name", ["ancestral", "confidence", "llada"])
@@ -381,6 +382,60 @@ def test_dual_cache_window_after_a_refresh_is_the_full_pass(setup):
     win = slice(int(start[r]), int(start[r]) + 4)
     np.testing.assert_allclose(got[r, win], full[r, win], atol=1e-5)
     assert not np.any(np.asarray(got[r, :int(start[r])]))   # only the window is written
+
+
+def llada_schedule(masks_per_block, steps):
+  """The masks a row has left after each step: the steps shared evenly among its blocks
+  (steps // blocks each, at least 1), each step committing ceil(masks left in the current
+  block / steps left for it); a block done, the next one gets its own share."""
+  per_block = max(steps // len(masks_per_block), 1)
+  left_in, spent, out = list(masks_per_block), 0, []
+  for _ in range(steps):
+    cur = next((i for i, m in enumerate(left_in) if m), None)
+    if cur is not None:
+      left_in[cur] -= -(-left_in[cur] // max(per_block - spent, 1))
+      spent = 0 if left_in[cur] == 0 else spent + 1
+    out.append(sum(left_in))
+  return out
+
+
+@pytest.mark.parametrize("steps", [3, 4, 5, 7])
+def test_llada_shares_each_rows_steps_among_its_blocks(setup, steps):
+  """Rows with 6 and 3 masks in blocks of 3 (two blocks and one): the masks left after each
+  step follow each row's own schedule."""
+  obj, model = setup
+  x0 = np.full((2, 8), tokenizers.PAD, np.int32)
+  x0[:, :2] = [tokenizers.BOS, 40]
+  x0[0, 2:8] = MASK
+  x0[1, 2:5] = MASK
+  _, info = ds.llada(obj, model, jnp.asarray(x0), jax.random.key(0), steps=steps,
+                     block_length=3, temperature=1.0, snapshots=steps)
+  left = (np.asarray(info["history"]) == MASK).sum(-1)        # (steps, rows)
+  np.testing.assert_array_equal(left[:, 0], llada_schedule([3, 3], steps))
+  np.testing.assert_array_equal(left[:, 1], llada_schedule([3], steps))
+  with pytest.raises(ValueError, match="threshold=1.0"):
+    ds.llada(obj, model, jnp.asarray(x0), jax.random.key(0), steps=steps, threshold=1.0)
+
+
+def test_llada_dual_cache_windows_the_current_block(setup, monkeypatch):
+  """Between refreshes the window starts at each row's current block: its first MASK plus
+  the finished blocks."""
+  obj, model = setup
+  starts = []
+  window = ds.DualCache.window
+
+  def spy(self, x, start_b, logits, cache):
+    jax.debug.callback(lambda s: starts.append(np.asarray(s).tolist()), start_b, ordered=True)
+    return window(self, x, start_b, logits, cache)
+  monkeypatch.setattr(ds.DualCache, "window", spy)
+  x0 = np.full((2, 15), MASK, np.int32)
+  x0[:, 0] = tokenizers.BOS
+  x0[0, 1:3] = [40, 41]                    # row 0's blocks start at 3, 7, 11; row 1's at 1, 5, 9
+  x0[1, 13:] = [50, 51]                    # (a suffix: both rows hold 3 blocks, 4 steps each)
+  ds.llada(obj, model, jnp.asarray(x0), jax.random.key(2), steps=12, block_length=4,
+           temperature=1.0, kv_cache="dual")
+  # lax.cond traces both branches but runs one: 3 windows after each of the 3 refreshes
+  assert starts == [[3, 1]] * 3 + [[7, 5]] * 3 + [[11, 9]] * 3, starts
 
 
 def test_llada_dual_cache(setup):
