@@ -1,7 +1,8 @@
 """Mutation score of the samplers, the bounds and the standard errors (mutmut; not in CI).
 
   pip install -e '.[test,mutation]'
-  python tools/mutation_score.py                  # run (resumable), then report
+  python tools/mutation_score.py                  # run every sampled mutant, then report
+  python tools/mutation_score.py --pending        # only those not run yet or that survived
   python tools/mutation_score.py --report_only    # report what mutants/ holds
 
 mutmut mutates the files `[tool.mutmut] only_mutate` names (pyproject.toml) and runs, for each
@@ -12,7 +13,10 @@ mutants numbered 5, 10, 15, ... of each function: a systematic one-in-five sampl
 over every line of every function, so the score estimates the whole group's at a fifth of
 the cost (about 10 s a mutant on 2 cores). The report gives killed / run per group, with
 timeouts (the mutant made a test run past mutmut's CPU limit, e.g. an endless loop) counted
-as killed and listed apart, and writes the survivors to --output for review.
+as killed and listed apart, and writes the survivors to --output for review. mutmut reruns
+every mutant it is given by name, so a plain run redoes the whole sample; `--pending` (after
+a first run, e.g. once tests were added) names only the sampled mutants without a result or
+that survived, as mutants/ records them.
 """
 from __future__ import annotations
 
@@ -71,6 +75,13 @@ def exit_codes() -> dict[str, int | None]:
   return codes
 
 
+def pending(codes: dict[str, int | None]) -> list[str]:
+  """The sampled mutants of every group not run yet or that survived."""
+  return sorted(n for n, code in codes.items()
+                if (code is None or code in SURVIVED)
+                and any(in_group(n, every, patterns) for every, patterns in GROUPS.values()))
+
+
 def in_group(name: str, every: int, patterns: list[str]) -> bool:
   base, _, number = name.rpartition("__mutmut_")
   return (any(fnmatch.fnmatchcase(base, p) for p in patterns)
@@ -101,12 +112,18 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--max_children", type=int, default=os.cpu_count() or 2)
   ap.add_argument("--report_only", action="store_true")
+  ap.add_argument("--pending", action="store_true",
+                  help="run only the sampled mutants not run yet or that survived")
   ap.add_argument("--output", default=os.path.join(ROOT, "mutants", "score.json"))
   args = ap.parse_args()
   if not args.report_only:
-    cmd = [os.path.join(os.path.dirname(sys.executable), "mutmut"), "run",
-           "--max-children", str(args.max_children), *run_patterns()]
-    subprocess.run(cmd, cwd=ROOT, check=False)
+    names = pending(exit_codes()) if args.pending else run_patterns()
+    if args.pending and not names:
+      print("no pending mutants")
+    else:
+      cmd = [os.path.join(os.path.dirname(sys.executable), "mutmut"), "run",
+             "--max-children", str(args.max_children), *names]
+      subprocess.run(cmd, cwd=ROOT, check=False)
   codes = exit_codes()
   if not codes:
     sys.exit("no mutants/ records: run without --report_only first")
