@@ -156,6 +156,15 @@ def test_insertion_train_sample_between_prefix_and_suffix_and_evaluate(tmp_path,
                            "--sampler=insertion_parallel", "--sample_len=16", "--sample_batch=2",
                            "--sample_repeats=1"]).stdout.strip().splitlines()[-1])
   assert timing["network_calls"] >= 1 and 0 <= timing["tokens"] <= 2 * 16
+  # validation rows of one document, filled between their edges (seq_len 32: 30 words each)
+  timing = json.loads(run(["tools/bench.py", f"--workdir={wd}", "--sampler=insertion_parallel",
+                           "--insertion_start=validation", "--sample_batch=2",
+                           "--sample_repeats=1"]).stdout.strip().splitlines()[-1])
+  assert timing["length"] == 30 and len(timing["per_row_tokens_and_steps"]) == 2, timing
+  assert all(0 <= m <= 30 and c >= 1 for m, c in timing["per_row_tokens_and_steps"]), timing
+  p = run(["tools/bench.py", "--config=configs/insertion.py:tiny",
+           "--sampler=insertion_parallel", "--insertion_start=validation"], check=False)
+  assert p.returncode != 0 and "--workdir=DIR" in p.stderr, p.stderr[-500:]
 
 
 @pytest.mark.slow

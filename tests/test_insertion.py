@@ -567,8 +567,8 @@ def exact_fill(obj, net, tokens, regions, t, decoding, slot_final, temperature):
   region <= 1 and the next of region >= 1; `parallel` draws every open slot's word or
   end-of-slot independently and inserts the leftmost words that fit; `sequential` draws one
   (slot, word) from the joint (slot finalization: among the slots whose best is not
-  end-of-slot, words only); a step inserting nothing ends the row. A new token's FPE vector
-  is `between` its old neighbours'."""
+  end-of-slot, words only); a step inserting nothing, or filling the row, ends it. A new
+  token's FPE vector is `between` its old neighbours'."""
   logp_fn = jax.jit(lambda tok, u, open_: ins.action_logprobs(
       net, {"inputs": tok, "segment_ids": (tok != PAD).astype(jnp.int32)},
       obj.opts.distribution, u, open_))
@@ -581,6 +581,9 @@ def exact_fill(obj, net, tokens, regions, t, decoding, slot_final, temperature):
 
   def walk(tok, reg, u, p, steps):
     n = len(tok)
+    if n == t:  # a full row: the loop stops without another call
+      end(tok, p, steps)
+      return
     pad = lambda x: np.asarray(list(x) + [PAD] * (t - n))[None]
     opened = [i for i in range(n - 1) if reg[i] <= 1 and reg[i + 1] >= 1]
     open_ = np.zeros((1, t), bool)

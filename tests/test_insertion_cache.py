@@ -15,6 +15,7 @@ from helpers import packed_batch
 from mdlm_jax import objectives
 from mdlm_jax import tokenizers
 from mdlm_jax.objectives import insertion as ins
+from mdlm_jax.objectives import insertion_canvas as canvas_lib
 from mdlm_jax.objectives import insertion_history as hist
 
 BOS, EOS, PAD = tokenizers.BOS, tokenizers.EOS, tokenizers.PAD
@@ -290,7 +291,8 @@ def test_one_pass_bound_averages_to_the_order_bound(make_config, distribution, m
 def test_decoders_pass_every_filter_and_stop_when_nothing_is_inserted(make_config, monkeypatch,
                                                                       encoder, decoding):
   """Every draw gets the user's temperature and filters; a model that ends every slot at once
-  makes one call."""
+  makes one call; one that never ends a slot stops when the row is full, without another
+  call (parallel: open slots 1, 2, 4, then the one place left; sequential: one per place)."""
   obj, net = make(make_config, encoder=encoder)
   from mdlm_jax.objectives import insertion_decoding as dec
   got = []
@@ -311,3 +313,31 @@ def test_decoders_pass_every_filter_and_stop_when_nothing_is_inserted(make_confi
   out, _, info = obj.fill(net, canvas, region, jax.random.key(0), decoding=decoding)
   np.testing.assert_array_equal(out, canvas)
   assert int(info["calls"]) == 1
+  monkeypatch.setattr(type(net.backbone), "logits",
+                      lambda self, h: jnp.zeros(h.shape[:-1] + (v,)).at[..., EOS].set(-30.0))
+  out, _, info = obj.fill(net, canvas, region, jax.random.key(0), decoding=decoding)
+  assert (np.asarray(out) != PAD).all()
+  assert int(info["calls"]) == (4 if decoding == "parallel" else 8)
+
+
+def test_edge_canvases_keep_the_edges_of_rows_one_document_fills():
+  """bench's --insertion_start=validation: rows with a document boundary, a second segment or
+  padding are passed over, and no batch past the one that completes the rows is read."""
+  x = lambda *v: np.asarray(v, np.int32)
+  first = {"inputs": np.stack([x(BOS, 70, 71, 72), x(70, 71, 72, 73), x(70, 71, EOS, 80),
+                               x(PAD, PAD, PAD, PAD), x(74, 75, 76, 77)]),
+           "segment_ids": np.stack([x(1, 1, 1, 1), x(1, 1, 2, 2), x(1, 1, 1, 1),
+                                    x(0, 0, 0, 0), x(1, 1, 1, 1)])}
+  second = {"inputs": np.stack([x(80, 81, 82, PAD), x(90, 91, 92, 93)]),
+            "segment_ids": np.stack([x(1, 1, 1, 0), x(3, 3, 3, 3)])}
+
+  def batches():
+    yield first
+    yield second
+    raise AssertionError("read past the rows asked for")
+
+  canvas, region = canvas_lib.edge_canvases(batches(), 2)
+  np.testing.assert_array_equal(canvas, [[74, 77, PAD, PAD], [90, 93, PAD, PAD]])
+  np.testing.assert_array_equal(region, [[0, 2, 0, 0], [0, 2, 0, 0]])
+  with pytest.raises(ValueError, match="3 rows asked for, but only 2"):
+    canvas_lib.edge_canvases(iter([first, second]), 3)

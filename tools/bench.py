@@ -24,6 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 from mdlm_jax import cli  # noqa: E402
@@ -52,6 +53,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "With --sampler: the trained par
                                "workdir (its config) instead of random ones; insertion samplers "
                                "then also report each row's tokens and decoding steps.")
 _SAMPLE_REPEATS = flags.DEFINE_integer("sample_repeats", 3, "Timed runs (the median is kept).")
+_START = flags.DEFINE_enum(
+    "insertion_start", "empty", ["empty", "validation"],
+    "insertion samplers: grow [BOS] [EOS] by up to --sample_len words (empty), or, with "
+    "--workdir, fill validation rows of one document between their first and last token, the "
+    "canvas training gives a segment cut by the row's edges (seq_len - 2 words each).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "insertion samplers: the draw's "
+                                  "temperature (0: each slot's argmax, Stern et al.'s greedy "
+                                  "parallel decoding).")
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Trace --profile_steps more steps "
                                    "there and summarise the device time per step.")
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "Steps traced with --profile_dir.")
@@ -103,11 +112,16 @@ def bench_sampler(config):
                               jnp.full((b, n), tokenizers.PAD, jnp.int32)], axis=1)
     region = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.full((b, 1), 2, jnp.int32),
                               jnp.zeros((b, n), jnp.int32)], axis=1)
+    if _START.value == "validation":
+      from mdlm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+      from mdlm_jax.objectives import insertion_canvas  # pylint: disable=g-import-not-at-top
+      canvas, region = map(jnp.asarray, insertion_canvas.edge_canvases(
+          pipeline.eval_dataset(setup.config, setup.tokenizer), b))
     decoding = name.split("_", 1)[1]
 
     def fn(p, r):
       out, _, info = setup.objective.fill(nnx.merge(setup.graphdef, p), canvas, region, r,
-                                          decoding=decoding)
+                                          decoding=decoding, temperature=_TEMPERATURE.value)
       return out, info
   elif name.startswith("bd3lm"):
     rule = "threshold" if _THRESHOLD.value > 0 else _RULE.value
@@ -149,11 +163,14 @@ def bench_sampler(config):
   per_row = None
   if name.startswith("insertion_") and _WORKDIR.value:  # each row decoded on its own
     one = lambda r, c, g: setup.objective.fill(nnx.merge(setup.graphdef, params), c[None],
-                                               g[None], r, decoding=decoding)
+                                               g[None], r, decoding=decoding,
+                                               temperature=_TEMPERATURE.value)
     out, _, info = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(9), b), canvas, region)
     made_rows = np.asarray(jnp.sum(out[:, 0] != tokenizers.PAD, axis=1)) - 2
     per_row = [[int(m), int(c)] for m, c in zip(made_rows, np.asarray(info["calls"]))]
   config = setup.config  # (with --workdir: the trained run's)
+  if _START.value == "validation":
+    n = canvas.shape[1] - 2
   out = {"objective": config.objective.name, "sampler": name, "batch": b, "length": n,
          "steps": None if name == "ar" or grows else _SAMPLE_STEPS.value,
          "network_calls": calls, "tokens": made, "seconds": dt, "tokens_per_s": made / dt,
@@ -303,6 +320,11 @@ def compare_guard(config, *, rounds: int, steps: int, warmup: int, doc_len: int)
 
 def main(argv):
   del argv
+  if _START.value == "validation" and not (
+      _WORKDIR.value and (_SAMPLER.value or "").startswith("insertion_")):
+    raise app.UsageError("--insertion_start=validation fills validation rows with a trained "
+                         "model: pass --sampler=insertion_parallel or insertion_sequential "
+                         "and --workdir=DIR.")
   distributed.initialize()
   if _SAMPLER.value:
     print(json.dumps(bench_sampler(_CONFIG.value)))

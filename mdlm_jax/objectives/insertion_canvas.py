@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mdlm_jax import attention
 from mdlm_jax import tokenizers
@@ -21,6 +22,30 @@ def tree_positions(segment_ids_BxT):
   start = key % t
   length = blm.per_segment(jnp.ones_like(key), key)
   return jnp.arange(t, dtype=jnp.int32) - start, length
+
+
+def edge_canvases(batches, rows: int):
+  """(canvas, region) numpy (rows, T): the first and last token of the first `rows` rows of
+  `batches` (an iterator of packed batches) that one document fills with no BOS or EOS, the
+  canvas training gives a segment cut by both edges of its row, PAD between; the first token
+  is given (region 0), the last closes the row (region 2)."""
+  picked = []
+  for batch in batches:
+    for x, seg in zip(np.asarray(batch["inputs"]), np.asarray(batch["segment_ids"])):
+      if (seg[0] > 0 and (seg == seg[0]).all()
+          and not np.isin(x, [tokenizers.BOS, tokenizers.EOS]).any()):
+        picked.append(x)
+    if len(picked) >= rows:
+      break
+  if len(picked) < rows:
+    raise ValueError(f"{rows} rows asked for, but only {len(picked)} rows of the split are "
+                     "filled by one document: ask for fewer.")
+  x = np.stack(picked[:rows])
+  canvas = np.full_like(x, tokenizers.PAD)
+  canvas[:, 0], canvas[:, 1] = x[:, 0], x[:, -1]
+  region = np.zeros_like(x)
+  region[:, 1] = 2
+  return canvas, region
 
 
 def fpe_vectors(net, segment_ids_BxT):

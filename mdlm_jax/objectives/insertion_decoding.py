@@ -88,7 +88,8 @@ def fill(model, canvas_BxT, region_BxT, rng, logprobs_fn, decoding: str, slot_fi
       ins, w = sequential_action(k_draw, logp, open_, room, slot_final=slot_final, **draw)
     ins = ins & ~done[:, None] & jnp.any(open_, axis=1, keepdims=True)
     canvas, u, region = insert(model, canvas, u, region, ins, w)
-    return canvas, u, region, done | ~jnp.any(ins, axis=1), key, i + 1
+    full = jnp.sum(canvas != tokenizers.PAD, axis=1) >= t   # no further call can insert
+    return canvas, u, region, done | ~jnp.any(ins, axis=1) | full, key, i + 1
 
   def cond(state):
     return ~jnp.all(state[3]) & (state[5] < t)
@@ -236,7 +237,8 @@ def fill_placed(model, canvas_BxT, region_BxT, rng, distribution: str, decoding:
       hl, hr, cache, width = encode_new(tok, u, hl, hr, count, m, cache)
     else:
       (hl, hr, _), width = encode_all(tok, u, steps), t
-    return (tok, u, steps, hl, hr, cache, region, order, count + m, done | (m == 0), key,
+    return (tok, u, steps, hl, hr, cache, region, order, count + m,
+            done | (m == 0) | (count + m >= t), key,
             i + 1, logp, encoded + width)
 
   def cond(state):
