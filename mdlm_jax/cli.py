@@ -45,6 +45,23 @@ def define_threshold_flags():
   return threshold, fallback
 
 
+def define_block_cache_flags():
+  """--dual_cache and --prefix_cache (Fast-dLLM's block caches of the llada sampler); returns
+  a function giving the chosen kind (None, 'prefix' or 'dual')."""
+  dual = flags.DEFINE_bool("dual_cache", False, "llada with --block_length: Fast-dLLM's dual "
+                           "KV cache (the canvas encoded whole once per block, then the block "
+                           "alone; an approximation).")
+  prefix = flags.DEFINE_bool("prefix_cache", False, "llada with --block_length: Fast-dLLM's "
+                             "prefix KV cache (the finished blocks cached, the block and "
+                             "everything after it encoded at every step; an approximation).")
+
+  def kind():
+    if dual.value and prefix.value:
+      raise app.UsageError("--dual_cache and --prefix_cache: choose one.")
+    return "dual" if dual.value else "prefix" if prefix.value else None
+  return kind
+
+
 def _verbose() -> bool:
   if os.environ.get("MDLM_JAX_VERBOSE", "") not in ("", "0"):
     return True

@@ -59,7 +59,13 @@ def test_train_sample_evaluate(tmp_path, corpus, data_dir):
   shown = [l for l in sample.splitlines() if l.startswith("[")]
   assert len(shown) == 4 and shown[0].count("_") > shown[-1].count("_") == 0, sample
   assert sample.strip().splitlines()[-1].startswith("def f(")
+  sample = run(["tools/sample.py", f"--workdir={wd}", "--template=def f(<mask:5>): <mask:3>",
+                "--num_samples=1", "--sampler=llada", "--steps=8", "--block_length=4",
+                "--prefix_cache"]).stdout
+  assert sample.strip().splitlines()[-1].startswith("def f(") and "<mask" not in sample
   for bad, msg in ((["--template=<mask:40>"], "data.seq_len=32"),
+                   (["--sampler=llada", "--block_length=4", "--dual_cache", "--prefix_cache"],
+                    "choose one"),
                    (["--template=x", "--prefix=y"], "either --template"),
                    (["--template=no spans"], "no <mask:N>"),
                    (["--sampler=ddim"], "--sampler='ddim' is unknown"),

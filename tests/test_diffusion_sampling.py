@@ -368,20 +368,26 @@ def test_llada_threshold_commits_exactly_the_positions_above_it(setup, monkeypat
   np.testing.assert_array_equal(np.asarray(out)[0, 1:], 40 + np.arange(5))
 
 
-def test_dual_cache_window_after_a_refresh_is_the_full_pass(setup):
+def test_block_cache_window_after_a_refresh_is_the_full_pass(setup):
   obj, model = setup
   x = canvas()
   b, t = x.shape
-  dual = ds.DualCache(model, b, t, 4)
-  logits, cache = dual.refresh(x, dual.init())
   full = ds.network(obj, model)(x)[0]
-  np.testing.assert_allclose(logits, full, atol=1e-5)
-  start = jnp.array([4, 2, 9])
-  got, _ = dual.window(x, start, jnp.zeros_like(logits), cache)
-  for r in range(b):
-    win = slice(int(start[r]), int(start[r]) + 4)
-    np.testing.assert_allclose(got[r, win], full[r, win], atol=1e-5)
-    assert not np.any(np.asarray(got[r, :int(start[r])]))   # only the window is written
+  # prefix windows compile at widths 4, 8, 16, 24 (t): the narrowest reaching every row's end
+  for kind, start, width in (("dual", [4, 2, 9], 4), ("prefix", [4, 2, 9], 24),
+                             ("prefix", [17, 20, 21], 8)):
+    start = jnp.asarray(start)
+    cache_ = ds.BlockCache(model, b, t, 4, kind)
+    logits, cache = cache_.refresh(x, cache_.init())
+    np.testing.assert_allclose(logits, full, atol=1e-5)
+    got, _, used = cache_.window(x, start, jnp.zeros_like(logits), cache)
+    assert int(used) == width
+    for r in range(b):
+      end = int(start[r]) + 4 if kind == "dual" else t
+      np.testing.assert_allclose(got[r, int(start[r]):end], full[r, int(start[r]):end],
+                                 atol=1e-5)
+      assert not np.any(np.asarray(got[r, :int(start[r])]))   # only the window is written
+      assert not np.any(np.asarray(got[r, end:]))
 
 
 def llada_schedule(masks_per_block, steps):
@@ -422,12 +428,12 @@ def test_llada_dual_cache_windows_the_current_block(setup, monkeypatch):
   the finished blocks."""
   obj, model = setup
   starts = []
-  window = ds.DualCache.window
+  window = ds.BlockCache.window
 
   def spy(self, x, start_b, logits, cache):
     jax.debug.callback(lambda s: starts.append(np.asarray(s).tolist()), start_b, ordered=True)
     return window(self, x, start_b, logits, cache)
-  monkeypatch.setattr(ds.DualCache, "window", spy)
+  monkeypatch.setattr(ds.BlockCache, "window", spy)
   x0 = np.full((2, 15), MASK, np.int32)
   x0[:, 0] = tokenizers.BOS
   x0[0, 1:3] = [40, 41]                    # row 0's blocks start at 3, 7, 11; row 1's at 1, 5, 9
@@ -453,6 +459,10 @@ def test_llada_dual_cache(setup):
   out, info = run(12, "dual")
   assert int(info["calls"]) == 12 and int(info["encoded"]) == 3 * 15 + 9 * 4
   assert not np.any(np.asarray(out) == MASK)
+  # prefix: the windows reach the row's end, at widths 15 (from 3), 8 (from 7), 4 (from 11)
+  out, info = run(12, "prefix")
+  assert int(info["calls"]) == 12 and int(info["encoded"]) == 3 * 15 + 3 * (15 + 8 + 4)
+  assert not np.any(np.asarray(out) == MASK)
   with pytest.raises(ValueError, match="kv_cache='dual' needs"):
     ds.llada(obj, model, x0, jax.random.key(0), steps=4, block_length=4, cfg_scale=1.0,
              kv_cache="dual")
@@ -472,9 +482,53 @@ def test_dual_cache_window_rewrites_its_own_keys(corpus, data_dir):
   start = jnp.array([4, 2, 9])
   inside = (jnp.arange(t)[None] >= start[:, None]) & (jnp.arange(t)[None] < start[:, None] + 4)
   x_b = jnp.where(inside, 77, x_a)
-  dual = ds.DualCache(model, b, t, 4)
+  dual = ds.BlockCache(model, b, t, 4, "dual")
   _, cache = dual.refresh(x_a, dual.init())
-  got, _ = dual.window(x_b, start, jnp.zeros((b, t, obj.vocab_size)), cache)
+  got, _, _ = dual.window(x_b, start, jnp.zeros((b, t, obj.vocab_size)), cache)
   full = ds.network(obj, model)(x_b)[0]
   np.testing.assert_allclose(np.where(inside[..., None], got, 0.0),
                              np.where(inside[..., None], full, 0.0), atol=1e-4)
+
+
+@pytest.fixture
+def one_layer(corpus, data_dir):
+  """A one-layer mdlm network: a position's keys and values depend on its own token only."""
+  from helpers import tiny_config
+  cfg = tiny_config(corpus, data_dir, {"objective.name": "mdlm", "model.num_layers": 1,
+                                       "model.init_std": 0.5})
+  obj = objectives.create(cfg, tokenizers.get_tokenizer("bytes"))
+  return obj, obj.build(nnx.Rngs(1))
+
+
+def test_prefix_cache_window_recomputes_the_row_to_its_end(one_layer):
+  """After a refresh on one canvas, a window over another that differs from `start` to the
+  row's end gives that canvas's full-pass logits there with the prefix cache (the prefix's
+  keys are still right in one layer); the dual cache, keeping the stale keys after its
+  block, does not."""
+  obj, model = one_layer
+  x_a = canvas()
+  b, t = x_a.shape
+  start = jnp.array([4, 2, 9])
+  after = jnp.arange(t)[None] >= start[:, None]
+  x_b = jnp.where(after, 77, x_a)
+  full = ds.network(obj, model)(x_b)[0]
+  err = {}
+  for kind in ds.BlockCache.KINDS:
+    cache_ = ds.BlockCache(model, b, t, 4, kind)
+    _, cache = cache_.refresh(x_a, cache_.init())
+    got, _, _ = cache_.window(x_b, start, jnp.zeros((b, t, obj.vocab_size)), cache)
+    diff = np.where(after[..., None] & np.isfinite(full), got - full, 0.0)  # MASK: -inf
+    err[kind] = np.abs(diff).max()
+  assert err["prefix"] < 1e-4 < err["dual"], err
+
+
+def test_llada_prefix_cache_is_exact_in_one_layer(one_layer):
+  """One layer, four steps per block: the finished blocks' keys never go stale, so the
+  prefix-cached sampler writes what the uncached one writes."""
+  obj, model = one_layer
+  x0 = jnp.asarray(np.concatenate([[tokenizers.BOS, 40, 41], [MASK] * 12])[None].repeat(3, 0),
+                   jnp.int32)
+  for key in range(3):
+    run = lambda cache: ds.llada(obj, model, x0, jax.random.key(key), steps=12, block_length=4,
+                                 temperature=1.0, kv_cache=cache)[0]
+    np.testing.assert_array_equal(run("prefix"), run(None))

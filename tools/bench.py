@@ -40,13 +40,14 @@ _SAMPLER = flags.DEFINE_string("sampler", None, "Time a sampler instead of the t
                                "ar (KV cache), ancestral, ancestral_nocache, ancestral_unsynced, "
                                "confidence, llada, blm, insertion_parallel, "
                                "insertion_sequential, bd3lm (block sampler, KV cache), "
-                               "bd3lm_nocache, llada_dual (Fast-dLLM's dual cache).")
+                               "bd3lm_nocache, llada_dual, llada_prefix (Fast-dLLM's dual "
+                               "and prefix caches).")
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 256, "Denoising steps of the sampler.")
 _SAMPLE_LEN = flags.DEFINE_integer("sample_len", 256, "Tokens to generate per row.")
 _RULE = flags.DEFINE_string("rule", "random", "bd3lm without --threshold: its step rule "
                             "(random: one token per call with --sample_steps = block size).")
-_BLOCK = flags.DEFINE_integer("block_length", 0, "llada, llada_dual: the block (0: one; "
-                              "llada_dual needs one).")
+_BLOCK = flags.DEFINE_integer("block_length", 0, "llada, llada_dual, llada_prefix: the "
+                              "block (0: one; the caches need one).")
 _THRESHOLD, _FALLBACK = cli.define_threshold_flags()
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 8, "Rows sampled at once.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "With --sampler: the trained params of this "
@@ -138,7 +139,8 @@ def bench_sampler(config):
       sampler, extra = "ancestral", {"sync_rows": False}
     elif name.startswith("llada"):
       sampler, extra = "llada", {"block_length": _BLOCK.value,
-                                 "kv_cache": "dual" if name == "llada_dual" else None}
+                                 "kv_cache": {"llada_dual": "dual",
+                                              "llada_prefix": "prefix"}.get(name)}
       if _THRESHOLD.value > 0:
         extra["threshold"] = _THRESHOLD.value
     fn = lambda p, r: setup.objective.sample(nnx.merge(setup.graphdef, p), canvas, r,
@@ -176,7 +178,7 @@ def bench_sampler(config):
          "network_calls": calls, "tokens": made, "seconds": dt, "tokens_per_s": made / dt,
          "compile_time_s": compile_s, "device": jax.devices()[0].device_kind,
          "outputs_sha1": digest.hexdigest()}
-  if name == "llada_dual":   # per row: whole-canvas refreshes and block windows
+  if name in ("llada_dual", "llada_prefix"):   # per row: refreshes and windows
     out.update(encoded_positions=encoded, block_length=_BLOCK.value)
   if stops:
     out.update(threshold=_THRESHOLD.value, rule=rule, fallback=_FALLBACK.value,

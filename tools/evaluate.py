@@ -58,8 +58,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "gen_ppl: sampling seed.")
 _BLOCK = flags.DEFINE_integer("block_length", 0, "gen_ppl with --sampler=llada: its block.")
 _REMASKING = flags.DEFINE_string("remasking", None, "gen_ppl with --sampler=llada: "
                                  "low_confidence (its default) or random.")
-_DUAL = flags.DEFINE_bool("dual_cache", False, "gen_ppl with --sampler=llada: Fast-dLLM's dual "
-                          "KV cache.")
+_BLOCK_CACHE = cli.define_block_cache_flags()
 _EXAMPLES = flags.DEFINE_integer("examples", 200, "star_graph / infill: problems to score "
                                  "(-1: every star-graph problem of the split).")
 _SPAN = flags.DEFINE_integer("infill_span", 16, "infill: tokens removed and regenerated.")
@@ -92,8 +91,8 @@ def main(argv):
           options[key] = value
       if _BLOCK.value:
         options["block_length"] = _BLOCK.value
-      if _DUAL.value:
-        options["kv_cache"] = "dual"
+      if _BLOCK_CACHE():
+        options["kv_cache"] = _BLOCK_CACHE()
       if _REMASKING.value:
         options["remasking"] = _REMASKING.value
       if _THRESHOLD.value > 0:

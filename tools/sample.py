@@ -54,8 +54,7 @@ _SAMPLER = flags.DEFINE_string("sampler", None, "mdlm: ancestral (default), conf
 _THRESHOLD, _FALLBACK = cli.define_threshold_flags()
 _STEPS = flags.DEFINE_integer("steps", None, "mdlm: denoising steps (default: masked count).")
 _BLOCK = flags.DEFINE_integer("block_length", 0, "llada: semi-autoregressive block (0: one).")
-_DUAL = flags.DEFINE_bool("dual_cache", False, "llada: Fast-dLLM's dual KV cache (the canvas "
-                          "encoded whole once per block; an approximation).")
+_BLOCK_CACHE = cli.define_block_cache_flags()
 _CFG = flags.DEFINE_float("cfg_scale", 0.0, "llada: classifier-free guidance scale w.")
 _REMASKING = flags.DEFINE_string("remasking", "low_confidence", "llada: low_confidence|random.")
 _GRID = flags.DEFINE_string("grid", "uniform", "ancestral: time grid, uniform|cosine.")
@@ -244,7 +243,7 @@ def sample_canvas(setup, params, step):
                  min_p=_MIN_P.value, snapshots=min(_SHOW.value, steps))
   if sampler == "llada":
     options.update(block_length=_BLOCK.value, cfg_scale=_CFG.value, remasking=_REMASKING.value,
-                   threshold=_THRESHOLD.value, kv_cache="dual" if _DUAL.value else None)
+                   threshold=_THRESHOLD.value, kv_cache=_BLOCK_CACHE())
   elif sampler == "ancestral":
     options.update(grid=_GRID.value)
   else:

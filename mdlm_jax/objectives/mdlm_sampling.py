@@ -183,17 +183,27 @@ def guided(net, x, fixed, cfg_scale: float, cond=None, time=None):
   return u + (cfg_scale + 1.0) * (c - u), (next_c, next_u)
 
 
-class DualCache:
-  """Fast-dLLM's dual cache for a bidirectional network decoding in blocks (an
-  approximation): `refresh` encodes the whole canvas and keeps every position's keys and
-  values; `window` then encodes only each row's current block (B, L positions from `start_B`)
-  against that cache, its own keys rewritten, the rest of the canvas as it was at the last
-  refresh. Right after a refresh a window's logits are the full pass's (tested); they drift
-  from it as the block's tokens change. Logits are SUBS (MASK never predicted)."""
+class BlockCache:
+  """Fast-dLLM's block caches for a bidirectional network decoding in blocks (approximations):
+  `refresh` encodes the whole canvas and keeps every position's keys and values; `window`
+  then encodes, against that cache, each row's current block (B, L positions from `start_B`)
+  alone (`kind='dual'`: the canvas after it kept as it was at the last refresh too), or the
+  block and everything after it (`kind='prefix'`: only the finished prefix is cached), the
+  positions it encodes having their keys rewritten. Right after a refresh a window's logits
+  are the full pass's (tested); they drift from it as the block's tokens change (in a
+  one-layer network the prefix window stays exact). Logits are SUBS (MASK never predicted)."""
 
-  def __init__(self, model, batch: int, width: int, size: int):
-    self.model, self.width, self.size = model, width, size
+  KINDS = ("prefix", "dual")
+
+  def __init__(self, model, batch: int, width: int, size: int, kind: str = "dual"):
+    if kind not in self.KINDS:
+      raise ValueError(f"kv_cache={kind!r} must be None or one of {self.KINDS}.")
+    self.model, self.width, self.size, self.kind = model, width, size, kind
     self.rows = jnp.arange(batch)[:, None]
+    # prefix windows reach the row's end: compiled at widths size, 2 size, 4 size, ... width
+    self.widths = [size]
+    while kind == "prefix" and self.widths[-1] < width:
+      self.widths.append(min(2 * self.widths[-1], width))
 
   def init(self):
     return self.model.init_cache(self.rows.shape[0], self.width)
@@ -207,16 +217,24 @@ class DualCache:
     h, cache = self.model.decode_hidden(x, cache, block=self.width)
     return self._subs(h), cache
 
-  def window(self, x, start_B, logits, cache):
-    """`logits` with each row's block [start, start + L) recomputed, and the cache."""
+  def _encode(self, x, start_B, logits, cache, size: int):
     cfg = self.model.cfg
-    idx = start_B[:, None] + jnp.arange(self.size)
+    idx = start_B[:, None] + jnp.arange(size)
     safe = jnp.minimum(idx, self.width - 1)
     rope = model_lib.rope_tables(safe, cfg.head_dim, cfg.rope_base, cfg.max_seq_len)
-    mask = jnp.ones((idx.shape[0], 1, self.size, self.width), bool)
+    mask = jnp.ones((idx.shape[0], 1, size, self.width), bool)
     x_w = self.model.embed_tokens(jnp.take_along_axis(x, safe, axis=1))
     h, cache = self.model._cached_blocks(x_w, rope, mask, cache, idx)  # pylint: disable=protected-access
     return logits.at[self.rows, idx].set(self._subs(h), mode="drop"), cache
+
+  def window(self, x, start_B, logits, cache):
+    """(`logits` with each row's window from `start` recomputed, cache, the positions each
+    row encoded: the narrowest compiled width that reaches every row's end for `prefix`)."""
+    need = jnp.max(self.width - start_B) if self.kind == "prefix" else self.size
+    branch = jnp.searchsorted(jnp.asarray(self.widths), need)
+    fns = [lambda x, s, lg, c, w=w: self._encode(x, s, lg, c, w) for w in self.widths]
+    return (*jax.lax.switch(branch, fns, x, start_B, logits, cache),
+            jnp.asarray(self.widths)[branch])
 
 
 def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top_p=1.0,
@@ -230,16 +248,17 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
   commits instead every position of the current block whose drawn token's probability
   exceeds the threshold, and at least the most confident one; `steps` is then a cap, and the
   loop ends as soon as nothing is masked. Committed tokens never change.
-  `kv_cache='dual'` (Fast-dLLM's dual cache, `DualCache`): the canvas is encoded whole only at
-  the first step and after any row finishes a block; other steps encode each row's current
-  block alone against the cached keys of the rest. An approximation for this bidirectional
-  network; info["encoded"] counts the positions encoded per row."""
-  if kv_cache not in (None, "dual"):
-    raise ValueError(f"kv_cache={kv_cache!r} must be None or 'dual'.")
-  if kv_cache == "dual" and (cfg_scale > 0 or block_length <= 0
-                             or not isinstance(model, model_lib.Transformer)):
-    raise ValueError("kv_cache='dual' needs block_length > 0, cfg_scale=0 and a model without "
-                     "self-conditioning, critic or time conditioning.")
+  `kv_cache` (Fast-dLLM's block caches, `BlockCache`): the canvas is encoded whole only at the
+  first step and after any row finishes a block; other steps encode each row's current block
+  alone against the cached keys of the rest ('dual'), or the block and everything after it
+  against the cached keys of the finished prefix ('prefix'). Approximations for this
+  bidirectional network; info["encoded"] counts the positions encoded per row."""
+  if kv_cache not in (None, *BlockCache.KINDS):
+    raise ValueError(f"kv_cache={kv_cache!r} must be None or one of {BlockCache.KINDS}.")
+  if kv_cache and (cfg_scale > 0 or block_length <= 0
+                   or not isinstance(model, model_lib.Transformer)):
+    raise ValueError(f"kv_cache={kv_cache!r} needs block_length > 0, cfg_scale=0 and a model "
+                     "without self-conditioning, critic or time conditioning.")
   if remasking not in ("low_confidence", "random"):
     raise ValueError(f"remasking={remasking!r} must be 'low_confidence' or 'random'.")
   if not 0.0 <= threshold < 1.0:
@@ -256,21 +275,21 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
   per_block = jnp.maximum(steps // jnp.maximum(n_blocks, 1), 1)
   calls_per_step = 2 if cfg_scale > 0 else 1
 
-  dual = DualCache(model, b, t, size) if kv_cache == "dual" else None
+  blocks = BlockCache(model, b, t, size, kv_cache) if kv_cache else None
 
   def body(k, carry):
     x, spent, cond, history, _, kv = carry
     masked = x == tokenizers.MASK
     current = jnp.min(jnp.where(masked, block, t), axis=1)          # leftmost unfinished block
     in_block = masked & (block == current[:, None])
-    if dual is None:
+    if blocks is None:
       logits, cond = guided(net, x, fixed, cfg_scale, cond, 1.0 - k / steps)
     else:
       cache, logits, refresh, encoded = kv
-      logits, cache = jax.lax.cond(
-          refresh, lambda: dual.refresh(x, cache),
-          lambda: dual.window(x, first + jnp.minimum(current, t) * size, logits, cache))
-      encoded = encoded + jnp.where(refresh, t, size)
+      logits, cache, width = jax.lax.cond(
+          refresh, lambda: (*blocks.refresh(x, cache), jnp.asarray(t, jnp.int32)),
+          lambda: blocks.window(x, first + jnp.minimum(current, t) * size, logits, cache))
+      encoded = encoded + width
     k_tok, k_rand = jax.random.split(jax.random.fold_in(rng, k))
     tok, logp = sampling.draw(k_tok, logits, temperature, top_k, top_p, min_p)
     if remasking == "low_confidence":
@@ -288,12 +307,12 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
     x = jnp.where(commit, tok, x)
     done_block = ~jnp.any(in_block & ~commit, axis=1)
     spent = jnp.where(done_block, 0, spent + 1)
-    if dual is not None:   # a row starts a new block: encode the canvas whole again
+    if blocks is not None:   # a row starts a new block: encode the canvas whole again
       kv = (cache, logits, jnp.any(done_block), encoded)
     return x, spent, cond, _record(history, x, k, steps), k + 1, kv
 
   cond0 = initial_condition(objective, model, canvas)
-  kv0 = None if dual is None else (dual.init(), jnp.zeros((b, t, objective.vocab_size),
+  kv0 = None if blocks is None else (blocks.init(), jnp.zeros((b, t, objective.vocab_size),
                                                           jnp.float32), jnp.array(True),
                                    jnp.zeros((), jnp.int32))
   carry = (canvas, jnp.zeros((b,), jnp.int32), (cond0, cond0) if cfg_scale > 0 else cond0,
@@ -315,7 +334,7 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
   x = jax.lax.cond(jnp.any(left), finish, lambda: x)
   calls = (used + jnp.any(left).astype(jnp.int32)) * calls_per_step
   info = {"calls": calls, "history": history}
-  if dual is not None:
+  if blocks is not None:
     info["encoded"] = kv[3] + jnp.any(left).astype(jnp.int32) * t
   return x, info
 
