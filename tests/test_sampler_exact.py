@@ -79,6 +79,58 @@ class TimedTableNet(mdlm.DiffusionNet):
     return self.inner.table(x, time_B), None
 
 
+class CriticTableNet(TimedTableNet):
+  """TimedTableNet with a critic: the score of a candidate token v at position i is
+  S[i, code(v)] (its logit that the token is wrong), so which positions the confidence
+  sampler keeps depends on the drawn tokens and on the critic's noise."""
+
+  def __init__(self, vocab, seed=0):
+    super().__init__(vocab, seed)
+    self.critic_kind = "self"
+    self.s = np.random.default_rng(seed + 100).normal(size=(T, 3))
+
+  def critic(self, tokens, positions, segment_ids):
+    del positions, segment_ids
+    codes = jnp.where(tokens == REAL[0], 1, jnp.where(tokens == REAL[1], 2, 0))
+    return jnp.asarray(self.s, jnp.float32)[jnp.arange(T)[None], codes]
+
+
+def lowest_with_gumbel(scores, scale):
+  """{i: P(i has the lowest scores[i] + scale * g_i)}, g_i iid standard Gumbel, by
+  quadrature: P(j) = integral of f(x) prod_{i != j} P(g_i > x + (b_j - b_i) / scale) dx."""
+  from scipy import integrate
+  keys = list(scores)
+  if scale == 0:
+    best = min(keys, key=lambda i: (scores[i], i))
+    return {i: float(i == best) for i in keys}
+  out = {}
+  for j in keys:
+    def f(x, j=j):
+      dens = math.exp(-x - math.exp(-x))
+      for i in keys:
+        if i != j:
+          dens *= 1.0 - math.exp(-math.exp(-(x + (scores[j] - scores[i]) / scale)))
+      return dens
+    out[j] = integrate.quad(f, -10, 40, limit=200)[0]
+  return out
+
+
+def critic_reference(net, steps, temperature, critic_noise):
+  """The confidence sampler with critic scores, one position revealed per step (3 masks, 3
+  steps): the kept position has the lowest critic score plus Gumbel noise of scale
+  critic_noise * frac."""
+  def step(k, canvas):
+    frac = 1.0 - (k + 1) / steps
+    out = []
+    for chosen, prob, _ in joint_draws(net, canvas, temperature * frac, 1.0 - k / steps):
+      assert len(chosen) - math.floor((T - 1) * frac + 1e-4) == 1   # one kept per step
+      scores = {i: net.s[i, 1 + c] for i, c in chosen.items()}
+      for i, q in lowest_with_gumbel(scores, critic_noise * frac).items():
+        out.append((commit(canvas, {i: chosen[i]}), prob * q))
+    return out
+  return step
+
+
 def softmax(z):
   e = np.exp(z - z.max(-1, keepdims=True))
   return e / e.sum(-1, keepdims=True)
@@ -264,6 +316,20 @@ def test_llada_matches_its_exact_reference(make_config, temperature, steps, rema
   ref = run_reference(START, steps, llada_reference(net, steps, temperature, remasking, timed))
   check(empirical(obj, net, "llada", steps, calls=steps, temperature=temperature,
                   remasking=remasking), ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("critic_noise", [1.0, 3.0])
+def test_confidence_with_critic_matches_its_exact_reference(make_config, critic_noise):
+  """Critic scores of the drawn tokens plus Gumbel noise annealed with the step choose the
+  position kept; the critic runs once per step (two calls)."""
+  obj = make_objective(make_config, time_conditioning=True)
+  net = CriticTableNet(obj.vocab_size, 3)
+  ref = run_reference(START, 3, critic_reference(net, 3, 1.0, critic_noise))
+  quiet = run_reference(START, 3, critic_reference(net, 3, 1.0, 0.3 * critic_noise))
+  assert total_variation(ref, quiet) > 0.08   # the noise's scale shows
+  check(empirical(obj, net, "confidence", 3, calls=6, temperature=1.0, critic=True,
+                  critic_noise=critic_noise), ref)
 
 
 def test_the_references_tell_the_rules_apart(make_config):
