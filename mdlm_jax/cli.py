@@ -37,7 +37,7 @@ def define_threshold_flags():
   in every tool."""
   threshold = flags.DEFINE_float(
       "threshold", 0.0, "llada and bd3lm: commit every masked position (of the current block) "
-      "whose drawn token's probability exceeds it, at least one per call (Fast-dLLM); 0: off.")
+      "whose top probability exceeds it, at least one per call (Fast-dLLM); 0: off.")
   fallback = flags.DEFINE_enum(
       "threshold_fallback", "confident", ["confident", "random"], "bd3lm with --threshold: the "
       "one position committed when none passes (the most confident, Fast-dLLM's; or one "

@@ -243,7 +243,7 @@ def draw_samples(setup, params, count: int, max_new_tokens: int, seed: int, batc
                  **options) -> list[np.ndarray]:
   """`count` unconditional samples (token ids after BOS, up to and including the first EOS)
   of the objective's prompt sampler with `options` (temperature, sampler, steps, threshold,
-  ...); also the total network calls, where the sampler reports them."""
+  ...), drawn `batch` rows at a time (`tools/bench.py` counts the network calls)."""
   obj, graphdef = setup.objective, setup.graphdef
   prompt = jnp.full((batch, 1), tokenizers.BOS, jnp.int32)
   run = jax.jit(lambda p, r: obj.generate(nnx.merge(graphdef, p), prompt, r,

@@ -176,6 +176,10 @@ def test_commit_rules():
                     for s in range(400)])
   assert np.all(picks.sum(1) == 1) and not picks[:, 2].any()
   np.testing.assert_allclose(picks[:, [0, 1, 3, 4]].mean(0), 0.25, atol=0.07)
+  for s in range(20):   # the fallback only when nothing passes: no extra random position
+    got = bd3lm_sampling.commit("threshold", 0, 5, masked, conf, jax.random.key(s),
+                                threshold=0.9, fallback="random")
+    np.testing.assert_array_equal(got, [[True, False, False, True, False]])
   got = bd3lm_sampling.commit("confidence", 1, 3, masked, conf, key, threshold=0.9)
   np.testing.assert_array_equal(got, [[True, False, False, True, False]])  # ceil(4 / 2)
   got = bd3lm_sampling.commit("confidence", 2, 3, masked, conf, key, threshold=0.9)
@@ -218,6 +222,44 @@ class EndsAt:
 
   def logits(self, h):
     return self.model.logits(h).at[..., EOS].add(self.bias)
+
+
+class Fixed:
+  """A model whose logits are `logits_V` at every position, the wrapped model's cache apart."""
+
+  def __init__(self, model, logits_V):
+    self.model, self.logits_V = model, logits_V
+
+  def __getattr__(self, name):
+    return getattr(self.model, name)
+
+  def logits(self, h):
+    return jnp.broadcast_to(self.logits_V, h.shape[:-1] + self.logits_V.shape)
+
+
+def test_threshold_gates_on_the_top_probability_not_on_the_draw(make_config):
+  """Every position puts 0.95 on token 40 and 0.05 on token 50. At threshold 0.9 the first
+  call commits the block's 3 masked positions whatever was drawn there, so the committed
+  tokens keep the model's 5% of 50s (a gate on the drawn token's probability would hold the
+  50s back and re-draw them); at 0.96 nothing passes and one position a call is committed."""
+  obj, model = make(make_config, block_size=4)
+  v = obj.vocab_size
+  probs = np.full(v, 1e-30)
+  probs[40], probs[50] = 0.95, 0.05
+  fixed = Fixed(model, jnp.asarray(np.log(probs), jnp.float32))
+  prompt = jnp.full((400, 1), BOS, jnp.int32)
+  run = lambda thr, fallback="confident": obj.generate_blocks(
+      fixed, prompt, jax.random.key(1), max_new_tokens=3, steps=4, sampler="threshold",
+      temperature=1.0, threshold=thr, fallback=fallback)
+  out, info = run(0.9)
+  assert int(info["calls"]) == 1   # the prompt's call gives the first logits; nothing more
+  made = np.asarray(out)[:, 1:]
+  assert set(np.unique(made)) == {40, 50}
+  np.testing.assert_allclose(np.mean(made == 50), 0.05, atol=0.02)   # 1200 draws
+  for fallback in ("confident", "random"):
+    out, info = run(0.96, fallback)
+    assert int(info["calls"]) == 3
+    np.testing.assert_allclose(np.mean(np.asarray(out)[:, 1:] == 50), 0.05, atol=0.02)
 
 
 def test_sampler_stops_at_eos_and_pads_after_it(make_config):

@@ -368,6 +368,39 @@ def test_llada_threshold_commits_exactly_the_positions_above_it(setup, monkeypat
   np.testing.assert_array_equal(np.asarray(out)[0, 1:], 40 + np.arange(5))
 
 
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+def test_llada_threshold_gates_on_the_top_probability_at_temperature_one(setup, monkeypatch,
+                                                                         remasking):
+  """At temperature 1 the first step commits exactly the positions whose top probability
+  passes (0.95, 0.95, 0.99 of 0.95, 0.5, 0.95, 0.99, 0.3), in every row, whatever was drawn
+  there: the committed tokens keep the model's share of the second token (a gate on the
+  drawn token's probability would hold those back); no extra fallback position is added."""
+  obj, _ = setup
+  v = obj.vocab_size
+  top = np.array([0.95, 0.5, 0.95, 0.99, 0.3])
+  probs = np.full((5, v), 1e-30)
+  probs[np.arange(5), 40 + np.arange(5)] = top
+  probs[np.arange(5), 50 + np.arange(5)] = 1 - top
+  logits = jnp.asarray(np.log(np.concatenate([np.ones((1, v)) / v, probs])), jnp.float32)
+  monkeypatch.setattr(ds, "network", lambda objective, model: (
+      lambda x, cond=None, time=None: (jnp.broadcast_to(logits, x.shape + (v,)), cond)))
+  rows = 500
+  x0 = jnp.asarray(np.tile(np.concatenate([[tokenizers.BOS], [MASK] * 5]), (rows, 1)), jnp.int32)
+  first = np.asarray(ds.run("llada", obj, None, x0, jax.random.key(0), steps=1, threshold=0.9,
+                            temperature=1.0, remasking=remasking,
+                            snapshots=1)[1]["history"][0, :, 1:])
+  np.testing.assert_array_equal(first[:, [1, 4]], MASK)
+  placed = first[:, [0, 2, 3]]
+  assert np.all(placed != MASK)
+  np.testing.assert_allclose(np.mean(placed >= 50, axis=0), 1 - top[[0, 2, 3]], atol=0.025)
+  if remasking == "low_confidence":   # none passes 0.995: the top probability's best, 0.99
+    first = np.asarray(ds.run("llada", obj, None, x0, jax.random.key(0), steps=1,
+                              threshold=0.995, temperature=1.0,
+                              snapshots=1)[1]["history"][0, :, 1:])
+    np.testing.assert_array_equal(first[:, [0, 1, 2, 4]], MASK)
+    assert np.all(first[:, 3] != MASK) and np.any(first[:, 3] == 53)   # 53: drawn at 1%
+
+
 def test_block_cache_window_after_a_refresh_is_the_full_pass(setup):
   obj, model = setup
   x = canvas()

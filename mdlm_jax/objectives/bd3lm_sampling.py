@@ -17,10 +17,14 @@ and top-k / top-p / min-p filtering, with `sampling.draw`):
   sampled exactly, one position at a time).
 - `confidence`: commit the ceil(masked / steps left) most confident (probability of the
   drawn token).
-- `threshold` (Fast-dLLM): commit every position whose drawn token has probability above
-  `threshold`, and at least the most confident one (`fallback='random'`: at least one chosen
-  uniformly, which keeps a weak model from filling blocks in its most-confident order, the
-  order that degenerates into repeated tokens).
+- `threshold` (Fast-dLLM): commit every position whose top probability (at temperature 1,
+  over the tokens the filters keep) is above `threshold`, and at least the most confident one
+  (`fallback='random'`: at least one chosen uniformly, which keeps a weak model from filling
+  blocks in its most-confident order, the order that degenerates into repeated tokens). The
+  token committed is the one drawn. The gate never looks at the draw, so a committed token
+  follows the model's distribution at any temperature; gating on the drawn token's own
+  probability would re-draw the unlikely draws and lower the samples' entropy. At
+  temperature 0 the two gates are the same.
 The last allowed step commits whatever is left, so a block never ends with a MASK.
 Generation stops when every row has produced EOS (the output length is free; the tokens
 after a row's EOS are PAD) or at `max_new_tokens`.
@@ -41,8 +45,9 @@ RULES = ("ancestral", "random", "confidence", "threshold")
 
 def commit(rule: str, k, steps: int, masked_BxL, conf_BxL, key, *, threshold: float,
            schedule: str = "linear", fallback: str = "confident"):
-  """Which masked positions a step commits (B, L) bool, given the drawn tokens' log
-  probabilities `conf_BxL`; step k of at most `steps` (the last commits all)."""
+  """Which masked positions a step commits (B, L) bool, given the log confidences `conf_BxL`
+  (the drawn tokens' probabilities; the top probabilities for `threshold`); step k of at
+  most `steps` (the last commits all)."""
   conf = jnp.where(masked_BxL, conf_BxL, -jnp.inf)
   rank = base.rank_in_row(-conf)
   if rule in ("confidence", "random"):
@@ -55,7 +60,8 @@ def commit(rule: str, k, steps: int, masked_BxL, conf_BxL, key, *, threshold: fl
     if fallback == "random":   # the one committed when none passes: uniform, not the best
       rank = base.rank_in_row(jnp.where(masked_BxL, jax.random.uniform(key, masked_BxL.shape),
                                         jnp.inf))
-    chosen = (conf > jnp.log(threshold)) | (rank == 0)
+    passing = conf > jnp.log(threshold)
+    chosen = passing | ((rank == 0) & ~jnp.any(passing & masked_BxL, axis=1, keepdims=True))
   elif rule == "ancestral":
     t, s = 1.0 - k / steps, 1.0 - (k + 1) / steps
     m_t = mdlm_schedule.mask_fraction(schedule, jnp.asarray(t, jnp.float32))[0]
@@ -134,7 +140,8 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
       tok, logp = sampling.draw(k_tok, logits, temperature, top_k, top_p, min_p)
       xb = block_of(x, blk)
       masked = xb == tokenizers.MASK
-      conf = jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0]
+      conf = (jnp.max(logp, axis=-1) if rule == "threshold"
+              else jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0])
       chosen = commit(rule, k, steps, masked, conf, k_rule, threshold=threshold,
                       schedule=schedule, fallback=fallback)
       x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(chosen, tok, xb), blk * size, axis=1)
@@ -157,8 +164,9 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
       nxt, cache_ = step_logits(x, blk + 1, cache)
       return nxt, cache_, calls + 1
 
-    go_on = (blk + 1 < n_blocks) & ~jnp.all(done)
-    logits, cache, calls = jax.lax.cond(go_on, next_block, lambda: (logits, cache, calls))
+    if n_blocks > 1:   # (one block: nothing follows, and two blocks would not fit)
+      go_on = (blk + 1 < n_blocks) & ~jnp.all(done)
+      logits, cache, calls = jax.lax.cond(go_on, next_block, lambda: (logits, cache, calls))
     return blk + 1, x, cache, logits, done, calls
 
   carry = (jnp.asarray(first, jnp.int32), canvas, cache, logits, jnp.zeros((b,), bool),

@@ -245,9 +245,11 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
   among the blocks that hold masks, and each step commits ceil(masked in block / steps left
   for the block) positions of the current block: the most confident (`low_confidence`) or
   random ones (`random`). With `threshold` > 0 (Fast-dLLM's parallel decoding) a step
-  commits instead every position of the current block whose drawn token's probability
-  exceeds the threshold, and at least the most confident one; `steps` is then a cap, and the
-  loop ends as soon as nothing is masked. Committed tokens never change.
+  commits instead every position of the current block whose top probability (temperature 1)
+  exceeds the threshold, and at least one more: the most confident (`low_confidence`) or one
+  chosen uniformly (`random`); the gate never looks at the draw, so committed tokens follow
+  the model at any temperature. `steps` is then a cap, and the loop ends as soon as nothing
+  is masked. Committed tokens never change.
   `kv_cache` (Fast-dLLM's block caches, `BlockCache`): the canvas is encoded whole only at the
   first step and after any row finishes a block; other steps encode each row's current block
   alone against the cached keys of the rest ('dual'), or the block and everything after it
@@ -292,8 +294,9 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
       encoded = encoded + width
     k_tok, k_rand = jax.random.split(jax.random.fold_in(rng, k))
     tok, logp = sampling.draw(k_tok, logits, temperature, top_k, top_p, min_p)
+    top = jnp.max(logp, axis=-1)
     if remasking == "low_confidence":
-      conf = jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0]
+      conf = top if threshold > 0 else jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0]
     else:
       conf = jax.random.uniform(k_rand, x.shape)
     conf = jnp.where(in_block, conf, -jnp.inf)
@@ -301,7 +304,8 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
     count = -(-jnp.sum(in_block, axis=1) // left)                    # ceil division
     rank = base.rank_in_row(-conf)
     if threshold > 0:
-      commit = in_block & ((conf > jnp.log(threshold)) | (rank == 0))
+      passing = in_block & (top > jnp.log(threshold))
+      commit = passing | (in_block & (rank == 0) & ~jnp.any(passing, axis=1, keepdims=True))
     else:
       commit = in_block & (rank < count[:, None])
     x = jnp.where(commit, tok, x)
