@@ -18,8 +18,8 @@ and top-k / top-p / min-p filtering, with `sampling.draw`):
 - `confidence`: commit the ceil(masked / steps left) most confident (probability of the
   drawn token).
 - `threshold` (Fast-dLLM): commit every position whose top probability (at temperature 1,
-  over the tokens the filters keep) is above `threshold`, and at least the most confident one
-  (`fallback='random'`: at least one chosen uniformly, which keeps a weak model from filling
+  over the tokens the filters keep) is above `threshold`; when none is, the most confident
+  one (`fallback='random'`: one chosen uniformly, which keeps a weak model from filling
   blocks in its most-confident order, the order that degenerates into repeated tokens). The
   token committed is the one drawn. The gate never looks at the draw, so a committed token
   follows the model's distribution at any temperature; gating on the drawn token's own

@@ -246,8 +246,8 @@ def llada(objective, model, canvas, rng, *, steps, temperature=0.0, top_k=0, top
   for the block) positions of the current block: the most confident (`low_confidence`) or
   random ones (`random`). With `threshold` > 0 (Fast-dLLM's parallel decoding) a step
   commits instead every position of the current block whose top probability (temperature 1)
-  exceeds the threshold, and at least one more: the most confident (`low_confidence`) or one
-  chosen uniformly (`random`); the gate never looks at the draw, so committed tokens follow
+  exceeds the threshold; when none does, one: the most confident (`low_confidence`) or one
+  chosen uniformly (`random`). The gate never looks at the draw, so committed tokens follow
   the model at any temperature. `steps` is then a cap, and the loop ends as soon as nothing
   is masked. Committed tokens never change.
   `kv_cache` (Fast-dLLM's block caches, `BlockCache`): the canvas is encoded whole only at the
