@@ -211,30 +211,27 @@ def test_cached_sampler_equals_reencoding(make_config, rule):
   assert int(ia["blocks"]) >= 1
 
 
-class EndsAt:
-  """A model whose logits favour EOS by `bias` and are the wrapped model's otherwise."""
+class Logits:
+  """The wrapped model (its cache and layers) with its logits replaced by `fn(model, h)`."""
 
-  def __init__(self, model, bias):
-    self.model, self.bias = model, bias
-
-  def __getattr__(self, name):
-    return getattr(self.model, name)
-
-  def logits(self, h):
-    return self.model.logits(h).at[..., EOS].add(self.bias)
-
-
-class Fixed:
-  """A model whose logits are `logits_V` at every position, the wrapped model's cache apart."""
-
-  def __init__(self, model, logits_V):
-    self.model, self.logits_V = model, logits_V
+  def __init__(self, model, fn):
+    self.model, self.fn = model, fn
 
   def __getattr__(self, name):
     return getattr(self.model, name)
 
   def logits(self, h):
-    return jnp.broadcast_to(self.logits_V, h.shape[:-1] + self.logits_V.shape)
+    return self.fn(self.model, h)
+
+
+def ends_at(model, bias):
+  """The model's logits with EOS favoured by `bias`."""
+  return Logits(model, lambda m, h: m.logits(h).at[..., EOS].add(bias))
+
+
+def fixed(model, logits_V):
+  """`logits_V` at every position."""
+  return Logits(model, lambda m, h: jnp.broadcast_to(logits_V, h.shape[:-1] + logits_V.shape))
 
 
 def test_threshold_gates_on_the_top_probability_not_on_the_draw(make_config):
@@ -246,10 +243,10 @@ def test_threshold_gates_on_the_top_probability_not_on_the_draw(make_config):
   v = obj.vocab_size
   probs = np.full(v, 1e-30)
   probs[40], probs[50] = 0.95, 0.05
-  fixed = Fixed(model, jnp.asarray(np.log(probs), jnp.float32))
+  fixed_model = fixed(model, jnp.asarray(np.log(probs), jnp.float32))
   prompt = jnp.full((400, 1), BOS, jnp.int32)
   run = lambda thr, fallback="confident": obj.generate_blocks(
-      fixed, prompt, jax.random.key(1), max_new_tokens=3, steps=4, sampler="threshold",
+      fixed_model, prompt, jax.random.key(1), max_new_tokens=3, steps=4, sampler="threshold",
       temperature=1.0, threshold=thr, fallback=fallback)
   out, info = run(0.9)
   assert int(info["calls"]) == 1   # the prompt's call gives the first logits; nothing more
@@ -265,11 +262,11 @@ def test_threshold_gates_on_the_top_probability_not_on_the_draw(make_config):
 def test_sampler_stops_at_eos_and_pads_after_it(make_config):
   obj, model = make(make_config, block_size=4)
   prompt = jnp.full((2, 1), BOS, jnp.int32)
-  out, info = obj.generate_blocks(EndsAt(model, 100.0), prompt, jax.random.key(0),
+  out, info = obj.generate_blocks(ends_at(model, 100.0), prompt, jax.random.key(0),
                                   max_new_tokens=40, steps=4, sampler="random")
   assert int(info["blocks"]) == 1
   assert int(info["calls"]) == 3   # the block's 3 masks (BOS is given), one per call
   assert np.all(np.asarray(out[:, 1]) == EOS) and np.all(np.asarray(out[:, 2:]) == PAD)
-  out, info = obj.generate_blocks(EndsAt(model, -100.0), prompt, jax.random.key(0),
+  out, info = obj.generate_blocks(ends_at(model, -100.0), prompt, jax.random.key(0),
                                   max_new_tokens=40, steps=4, sampler="random")
   assert int(info["blocks"]) == 11 and not np.any(np.asarray(out) == PAD)
