@@ -61,7 +61,7 @@ def commit(rule: str, k, steps: int, masked_BxL, conf_BxL, key, *, threshold: fl
       rank = base.rank_in_row(jnp.where(masked_BxL, jax.random.uniform(key, masked_BxL.shape),
                                         jnp.inf))
     passing = conf > jnp.log(threshold)
-    chosen = passing | ((rank == 0) & ~jnp.any(passing & masked_BxL, axis=1, keepdims=True))
+    chosen = passing | ((rank == 0) & ~jnp.any(passing, axis=1, keepdims=True))
   elif rule == "ancestral":
     t, s = 1.0 - k / steps, 1.0 - (k + 1) / steps
     m_t = mdlm_schedule.mask_fraction(schedule, jnp.asarray(t, jnp.float32))[0]
