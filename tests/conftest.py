@@ -1,11 +1,20 @@
 """Tests run on CPU with 8 simulated devices (meshes up to data 2 x fsdp 2 x tensor 2)."""
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache for the whole run: the pytest process that loads this first makes
+# it (xdist's workers and the tests' subprocesses inherit the variable) and removes it at the
+# end. Most of the suite's time is compiling the same tiny programs again in new processes.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mdlm_jax_test_xla_")
+  os.environ["MDLM_JAX_TEST_XLA_CACHE_OWNER"] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,3 +51,21 @@ def data_dir(tmp_path_factory):
 @pytest.fixture
 def make_config(corpus, data_dir):
   return lambda overrides=None: tiny_config(corpus, data_dir, overrides)
+
+
+def pytest_unconfigure(config):
+  if os.environ.get("MDLM_JAX_TEST_XLA_CACHE_OWNER") == str(os.getpid()):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture
+def uncached_compilation():
+  """XLA compiles the test's programs itself, for tests that read what it prints while
+  compiling (an executable from the run's cache was compiled, and printed, elsewhere)."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update("jax_enable_compilation_cache", True)
+  compilation_cache.reset_cache()

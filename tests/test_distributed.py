@@ -51,10 +51,10 @@ def test_two_processes_match_one(tmp_path, corpus, data_dir):
   assert multi["train"]["eval/tokens"] > 0
   rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
-  # the straggler (process 1 waits 0.2 s more for every batch) is named at every log
+  # the straggler (process 1 waits 1.5 s more for every batch) is named at every log
   logged = [r for r in rows if "train/loss" in r]
   assert [r["perf/slowest_host"] for r in logged] == [1, 1, 1]
-  assert all(r["perf/slowest_host_input_time_s"] >= 0.2 for r in logged)
+  assert all(r["perf/slowest_host_input_time_s"] >= 1.5 for r in logged)
   # process 0's own wait, after the first batch (which holds the pipeline's start-up)
   assert all(r["perf/input_time_s"] < 0.2 for r in logged[1:])
 

@@ -117,7 +117,8 @@ def test_profile_window_is_traced_inside_the_run_and_hosts_are_timed(tmp_path, m
 @pytest.mark.parametrize("objective,scan", [("ar", False), ("mdlm", False), ("mdlm", True),
                                             ("bd3lm", False)])
 def test_a_2x2x2_mesh_compiles_without_involuntary_rematerialization(make_config, objective,
-                                                                     scan, capfd):
+                                                                     scan, capfd,
+                                                                     uncached_compilation):
   """Activations are constrained to their batch sharding at block boundaries and the embedding
   table is gathered whole over fsdp before the lookup, so XLA never falls back to replicating
   an activation to reshard it (with gradient accumulation, scanned layers too)."""
