@@ -64,8 +64,9 @@ def uncached_compilation():
   compiling (an executable from the run's cache was compiled, and printed, elsewhere)."""
   import jax
   from jax.experimental.compilation_cache import compilation_cache
+  before = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
   compilation_cache.reset_cache()
   yield
-  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_enable_compilation_cache", before)
   compilation_cache.reset_cache()

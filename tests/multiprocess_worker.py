@@ -62,8 +62,10 @@ def main():
     local = {k: v[rows] for k, v in batch.items()}
     state, m = step(state, pipeline.to_global(local, setup.batch_sharding))
     losses.append(float(m["train/loss"]))
-  if pid == 1:  # a straggler: this host's input takes 1.5 s longer per batch (more than the
-    to_global = pipeline.to_global   # ~1 s the first batch's pipeline start-up varies by)
+  # a straggler: process 1's input takes 1.5 s longer per batch, more than the first batch's
+  # pipeline start-up (about 1 s) differs by between the processes
+  if pid == 1:
+    to_global = pipeline.to_global
     pipeline.to_global = lambda *a: (time.sleep(1.5), to_global(*a))[1]
   last = trainer.train(cfg, workdir, log=lambda _: None)
   if pid == 0:
