@@ -153,12 +153,37 @@ def test_options_are_checked(make_config):
     objectives.validate_options(opts)
 
   check(noise_min=0.3, noise_max=0.8)
+  check(noise_min=0.5, noise_max=0.5)   # one fixed rate
+  check(schedule="cosine")   # unclipped: any schedule
+  check(eps=0.0, t_min=0.0, time_sampling="iid", eval_time_samples=1)   # the inclusive ends
+  for name, value in [("eps", 1.0), ("t_min", 1.0), ("time_sampling", "stratified"),
+                      ("eval_time_samples", 0), ("noise_max", 0.0)]:
+    with pytest.raises(ValueError, match=f"objective.{name}="):
+      check(**{name: value})
   with pytest.raises(ValueError, match="noise_min=0.9 and objective.noise_max=0.3"):
     check(noise_min=0.9, noise_max=0.3)
   with pytest.raises(ValueError, match="clipped schedule"):
     check(noise_min=0.3, noise_max=0.8, schedule="cosine")
   with pytest.raises(ValueError, match="block_size=0 must be >= 1"):
     check(block_size=0)
+
+
+def test_clipped_schedule_draws_each_blocks_rate_in_its_interval(make_config):
+  """BD3-LM's clipped schedule: one mask rate per (row, block), uniform in [noise_min,
+  noise_max], masking that fraction of the block, with the weight 1 / rate."""
+  obj, _ = make(make_config, seq_len=512, block_size=256, noise_min=0.3, noise_max=0.8)
+  eligible = jnp.ones((200, 512), bool)
+  masked, w = obj._noise(jax.random.key(0), jax.random.key(1), eligible, True, 1e-3, None,
+                         obj.clipped)
+  masked, w = np.asarray(masked).reshape(400, 256), np.asarray(w).reshape(400, 256)
+  assert np.all(w == w[:, :1])   # one weight per block
+  rate = 1.0 / w[:, 0]
+  assert 0.3 <= rate.min() < 0.31 and 0.79 < rate.max() <= 0.8
+  np.testing.assert_allclose(np.histogram(rate, bins=5, range=(0.3, 0.8))[0] / 400, 0.2,
+                             atol=0.06)
+  frac = masked.mean(1)   # 256 Bernoulli(rate) a block: sd <= 0.032
+  assert np.max(np.abs(frac - rate)) < 0.15
+  np.testing.assert_allclose(np.mean(frac - rate), 0.0, atol=0.01)
 
 
 # ---------------------------------------------------------------- sampling
@@ -234,11 +259,80 @@ def fixed(model, logits_V):
   return Logits(model, lambda m, h: jnp.broadcast_to(logits_V, h.shape[:-1] + logits_V.shape))
 
 
+@pytest.mark.slow
+def test_generate_passes_every_option_to_the_block_sampler(make_config):
+  """`generate` (what tools/sample.py and the gen-PPL task call) is the block sampler's
+  tokens for the same options and defaults."""
+  obj, model = make(make_config, block_size=4, init_std=0.5)
+  prompt = jnp.asarray(np.array([[BOS, 40, 41], [BOS, 50, 61]], np.int32))
+  kw = {"temperature": 0.5, "steps": 2}   # the filters at their defaults
+  want = obj.generate_blocks(model, prompt, jax.random.key(2), max_new_tokens=9, **kw)[0]
+  got = obj.generate(model, prompt, jax.random.key(2), max_new_tokens=9, **kw)
+  np.testing.assert_array_equal(got, want)
+  assert got.shape == (2, 12)
+
+
+def test_sampler_options_are_checked(make_config):
+  obj, model = make(make_config, block_size=4)
+  prompt = jnp.full((1, 1), BOS, jnp.int32)
+  run = lambda **kw: bd3lm_sampling.generate(
+      model, prompt, jax.random.key(0), **{"block_size": 4, "rule": "random", "steps": 4,
+                                           "max_new_tokens": 4, **kw})
+  for kw, message in [({"rule": "greedy"}, "--sampler='greedy' is unknown for bd3lm"),
+                      ({"steps": 0}, "steps=0 must be >= 1"),
+                      ({"fallback": "best"}, "fallback='best' must be 'confident' or 'random'"),
+                      ({"threshold": 0.0}, r"--threshold=0.0 must be in \(0, 1\]"),
+                      ({"threshold": 1.5}, r"--threshold=1.5 must be in \(0, 1\]")]:
+    with pytest.raises(ValueError, match=message):
+      run(**kw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_cache,p,new", [(True, 6, 18), (False, 6, 18), (True, 2, 6)])
+def test_greedy_sampler_reads_the_training_conditionals(make_config, kv_cache, p, new):
+  """Greedy `confidence` decoding, two steps a block, replayed with the training forward
+  (`noised_logits` on x_t ⊕ x_0, the block-causal mask): each step's tokens and order are the
+  argmax and the confidence ranking of the logits training gives the block's noised state
+  after the clean blocks before it. A sampler that read a different context (a shifted
+  position, a block's own clean keys, a later block, the other row) than the loss trains on
+  would decode other tokens. Two blocks in all (p=2, new=6): the second block's first logits
+  come from the call that writes the first."""
+  obj, model = make(make_config, block_size=4, init_std=0.5)
+  model = ends_at(model, -100.0)    # no EOS: every block is decoded
+  size, steps = 4, 2
+  prompt = jnp.asarray(np.array([[BOS, 40, 41, 42, 43, 44], [BOS, 50, 61, 52, 63, 54]],
+                                np.int32)[:, :p])
+  out, info = obj.generate_blocks(model, prompt, jax.random.key(0), sampler="confidence",
+                                  steps=steps, max_new_tokens=new, temperature=0.0,
+                                  kv_cache=kv_cache)
+  out = np.asarray(out)
+  width = p + new
+  batch = {"inputs": jnp.asarray(out), "positions": jnp.broadcast_to(jnp.arange(width),
+                                                                        out.shape),
+           "segment_ids": jnp.ones(out.shape, jnp.int32)}
+  made = np.arange(width) >= p
+  x_t = np.where(made, MASK, out)
+  for blk in range(p // size, width // size):
+    cols = slice(blk * size, (blk + 1) * size)
+    for k in range(steps):
+      logp = jax.nn.log_softmax(obj.noised_logits(model, batch, jnp.asarray(x_t))[:, cols])
+      tok, conf = np.asarray(jnp.argmax(logp, -1)), np.asarray(jnp.max(logp, -1))
+      masked = x_t[:, cols] == MASK
+      count = -(-masked.sum(1) // (steps - k))
+      rank = np.argsort(np.argsort(-np.where(masked, conf, -np.inf), axis=1), axis=1)
+      chosen = masked & (rank < count[:, None])
+      x_t[:, cols] = np.where(chosen, tok, x_t[:, cols])
+    np.testing.assert_array_equal(x_t[:, cols], out[:, cols], err_msg=f"block {blk}")
+  assert int(info["calls"]) == steps * (width // size - p // size)
+  assert len(np.unique(out[:, p:])) > 4   # not one token repeated: the test can tell
+
+
 def test_threshold_gates_on_the_top_probability_not_on_the_draw(make_config):
   """Every position puts 0.95 on token 40 and 0.05 on token 50. At threshold 0.9 the first
   call commits the block's 3 masked positions whatever was drawn there, so the committed
   tokens keep the model's 5% of 50s (a gate on the drawn token's probability would hold the
-  50s back and re-draw them); at 0.96 nothing passes and one position a call is committed."""
+  50s back and re-draw them); at 0.96 and at 1 nothing passes, and one position a call is
+  committed."""
   obj, model = make(make_config, block_size=4)
   v = obj.vocab_size
   probs = np.full(v, 1e-30)
@@ -253,8 +347,8 @@ def test_threshold_gates_on_the_top_probability_not_on_the_draw(make_config):
   made = np.asarray(out)[:, 1:]
   assert set(np.unique(made)) == {40, 50}
   np.testing.assert_allclose(np.mean(made == 50), 0.05, atol=0.02)   # 1200 draws
-  for fallback in ("confident", "random"):
-    out, info = run(0.96, fallback)
+  for thr, fallback in [(0.96, "confident"), (0.96, "random"), (1.0, "confident")]:
+    out, info = run(thr, fallback)
     assert int(info["calls"]) == 3
     np.testing.assert_allclose(np.mean(np.asarray(out)[:, 1:] == 50), 0.05, atol=0.02)
 
@@ -270,3 +364,35 @@ def test_sampler_stops_at_eos_and_pads_after_it(make_config):
   out, info = obj.generate_blocks(ends_at(model, -100.0), prompt, jax.random.key(0),
                                   max_new_tokens=40, steps=4, sampler="random")
   assert int(info["blocks"]) == 11 and not np.any(np.asarray(out) == PAD)
+  # a whole block of prompt: the EOS written at the next block's first position ends it
+  prompt = jnp.asarray(np.array([[BOS, 40, 41, 42]] * 2, np.int32))
+  out, info = obj.generate_blocks(ends_at(model, 100.0), prompt, jax.random.key(0),
+                                  max_new_tokens=40, steps=4, sampler="random")
+  assert int(info["blocks"]) == 1
+  assert np.all(np.asarray(out[:, 4]) == EOS) and np.all(np.asarray(out[:, 5:]) == PAD)
+  # an EOS inside the prompt is the user's text: it neither stops nor truncates the row
+  prompt = jnp.asarray(np.array([[BOS, 40, 41, 42, 43, EOS]] * 2, np.int32))
+  out, info = obj.generate_blocks(ends_at(model, -100.0), prompt, jax.random.key(0),
+                                  max_new_tokens=10, steps=4, sampler="random")
+  assert int(info["blocks"]) == 3
+  np.testing.assert_array_equal(out[:, :6], prompt)
+  assert not np.any(np.asarray(out) == PAD)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_threshold_one_is_one_position_a_call_by_the_fallback(make_config, temperature):
+  """At threshold 1 nothing passes, so each call commits the fallback's one position: the
+  uniformly chosen one is the `random` rule with one step a position, token for token (the
+  same keys); the most confident one, greedily, is the greedy `confidence` rule's."""
+  obj, model = make(make_config, block_size=4, init_std=0.5)
+  prompt = jnp.asarray(np.array([[BOS, 40, 41], [BOS, 50, 61]], np.int32))
+  run = lambda rule, **kw: np.asarray(obj.generate_blocks(
+      model, prompt, jax.random.key(5), sampler=rule, steps=4, max_new_tokens=13,
+      temperature=temperature, **kw)[0])
+  by_random = run("threshold", threshold=1.0, fallback="random")
+  np.testing.assert_array_equal(by_random, run("random"))
+  if temperature == 0.0:
+    by_confidence = run("threshold", threshold=1.0, fallback="confident")
+    np.testing.assert_array_equal(by_confidence, run("confidence"))
+    assert np.any(by_confidence != by_random)   # the two orders differ, so does the text

@@ -40,7 +40,8 @@ def widest_input(obj, model, p, s, n):
 
 
 @pytest.mark.parametrize("name,over", [("blm", {}), ("insertion", {"objective.fpe": False}),
-                                       ("ar", {}), ("ar", {"objective.fim_rate": 0.5})])
+                                       ("ar", {}), ("ar", {"objective.fim_rate": 0.5}),
+                                       ("bd3lm", {"objective.block_size": 16})])
 def test_canvas_width_is_the_widest_row_generate_reads(make_config, name, over):
   cfg = make_config({"objective.name": name, **over})
   obj = objectives.create(cfg, tokenizers.get_tokenizer("bytes"))

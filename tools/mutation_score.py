@@ -11,7 +11,7 @@ GROUPS below names the functions scored, by mutmut's mutant names (`module.x_fun
 `module.xǁClassǁmethod`). A group with `every=1` runs all its mutants; `every=5` runs the
 mutants numbered 5, 10, 15, ... of each function: a systematic one-in-five sample, spread
 over every line of every function, so the score estimates the whole group's at a fifth of
-the cost (about 10 s a mutant on 2 cores). The report gives killed / run per group, with
+the cost (about 6 to 10 s a mutant on 2 cores). The report gives killed / run per group, with
 timeouts (the mutant made a test run past mutmut's CPU limit, e.g. an endless loop) counted
 as killed and listed apart, and writes the survivors to --output for review. mutmut reruns
 every mutant it is given by name, so a plain run redoes the whole sample; `--pending` (after
@@ -51,6 +51,8 @@ GROUPS = {
                                           O + "bst.xǁBSTǁcompleted_log_likelihood",
                                           O + "bst.x__until_eos", O + "bst.xǁ_ForwardHeadǁ*"]),
     "blm sampler": (5, [O + "blm.xǁBLMǁgenerate", O + "blm.xǁBLMǁfill", O + "blm.x_one_blank"]),
+    "block diffusion loss and sampler": (5, [O + "bd3lm.x_*", O + "bd3lm.xǁBD3LMǁ*",
+                                             O + "bd3lm_sampling.x_*"]),
 }
 KILLED, SURVIVED, TIMEOUT = {1, 3}, {0}, {36, 24, -24, 152, 255}
 
@@ -123,7 +125,11 @@ def main():
     else:
       cmd = [os.path.join(os.path.dirname(sys.executable), "mutmut"), "run",
              "--max-children", str(args.max_children), *names]
-      subprocess.run(cmd, cwd=ROOT, check=False)
+      # every mutant's tests compile mostly the programs the others did: one persistent XLA
+      # cache for the run (a mutated function traces to a different program, a new key)
+      env = dict(os.environ)
+      env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, "mutants", "xla_cache"))
+      subprocess.run(cmd, cwd=ROOT, check=False, env=env)
   codes = exit_codes()
   if not codes:
     sys.exit("no mutants/ records: run without --report_only first")
