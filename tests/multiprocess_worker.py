@@ -62,8 +62,9 @@ def main():
     local = {k: v[rows] for k, v in batch.items()}
     state, m = step(state, pipeline.to_global(local, setup.batch_sharding))
     losses.append(float(m["train/loss"]))
-  # a straggler: process 1's input takes 1.5 s longer per batch, more than the first batch's
-  # pipeline start-up (about 1 s) differs by between the processes
+  # a straggler: process 1's input takes 1.5 s longer per batch, far more than a warm
+  # pipeline's wait (the first batch's also holds the pipeline's start-up, which can differ
+  # between the processes by as much)
   if pid == 1:
     to_global = pipeline.to_global
     pipeline.to_global = lambda *a: (time.sleep(1.5), to_global(*a))[1]

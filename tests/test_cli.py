@@ -7,9 +7,11 @@ import sys
 
 import pytest
 
+from helpers import COMPILE_FAST
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "XLA_FLAGS": COMPILE_FAST, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
 def tiny_flags(corpus, data_dir, **kw):
@@ -23,7 +25,7 @@ def tiny_flags(corpus, data_dir, **kw):
   return [f"--config.{k}={v}" for k, v in flags.items()]
 
 
-def run(args, check=True, timeout=300):
+def run(args, check=True, timeout=900):
   p = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True,
                      text=True, timeout=timeout)
   if check and p.returncode != 0:
@@ -233,7 +235,7 @@ def test_sigterm_saves_and_the_resumed_run_matches(tmp_path, corpus, data_dir, w
     if line.startswith("step 3/"):
       os.killpg(proc.pid, signal.SIGTERM)
       break
-  out, err = proc.communicate(timeout=120)
+  out, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-2000:]
   assert "SIGTERM: saved step" in out
   saved = [int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()]

@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
+from helpers import COMPILE_FAST
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+ENV = {**os.environ, "XLA_FLAGS": COMPILE_FAST, "JAX_PLATFORMS": "cpu"}
 
 
 def free_port():
@@ -17,7 +19,7 @@ def free_port():
     return s.getsockname()[1]
 
 
-def run_workers(worker, args, nproc, after=(), timeout=300):
+def run_workers(worker, args, nproc, after=(), timeout=900):
   """Runs `nproc` processes of `worker` with `args`, the process count, the id, a free port
   and `after`; returns their stdouts once every one exited 0."""
   port = str(free_port())
@@ -51,9 +53,11 @@ def test_two_processes_match_one(tmp_path, corpus, data_dir):
   assert multi["train"]["eval/tokens"] > 0
   rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
-  # the straggler (process 1 waits 1.5 s more for every batch) is named at every log
+  # the straggler (process 1 waits 1.5 s more for every batch) is named at every log after
+  # the first, whose window also holds each process's pipeline start-up: how long that takes
+  # differs between the processes by more than 1.5 s on a loaded host
   logged = [r for r in rows if "train/loss" in r]
-  assert [r["perf/slowest_host"] for r in logged] == [1, 1, 1]
+  assert [r["perf/slowest_host"] for r in logged[1:]] == [1, 1]
   assert all(r["perf/slowest_host_input_time_s"] >= 1.5 for r in logged)
   # process 0's own wait, after the first batch (which holds the pipeline's start-up)
   assert all(r["perf/input_time_s"] < 0.2 for r in logged[1:])
@@ -89,14 +93,14 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_saved_step(tmp_path, 
   procs = [subprocess.Popen([sys.executable, worker, corpus, data_dir, wd, "2", str(i), port,
                              progress], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
-  deadline = time.time() + 240
+  deadline = time.time() + 900
   while time.time() < deadline:
     if os.path.exists(progress) and len(open(progress).read().split()) >= 3:
       break
     assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-2000:]
     time.sleep(0.2)
   procs[1].send_signal(signal.SIGTERM)
-  outs = [p.communicate(timeout=240) for p in procs]
+  outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   stopped = {json.loads(out.strip().splitlines()[-1])["step"] for out, _ in outs}
@@ -145,7 +149,7 @@ def test_a_slurm_job_starts_through_jax_own_cluster_detection():
     procs = [subprocess.Popen([sys.executable, cluster], env=dict(env, SLURM_PROCID=str(i)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(ntasks)]
-    outs = [p.communicate(timeout=120) for p in procs]
+    outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
       assert p.returncode == 0, err[-3000:]
     return sorted(out.split() for out, _ in outs)

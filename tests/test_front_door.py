@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from helpers import COMPILE_FAST
+
 from mdlm_jax.objectives import mdlm_sampling
 from mdlm_jax import metrics
 from mdlm_jax import objectives
@@ -15,13 +17,13 @@ from mdlm_jax import tasks
 from mdlm_jax import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "XLA_FLAGS": COMPILE_FAST, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
 def run_elsewhere(tmp_path, *args, env=None):
   """A command run from another directory than the repository's."""
   return subprocess.run([sys.executable, *args], cwd=tmp_path, env={**ENV, **(env or {})},
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.parametrize("args,says", [

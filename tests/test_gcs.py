@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from helpers import COMPILE_FAST
 from test_cli import ROOT, tiny_flags
 
 # gcsfs's experimental bucket-type probe (gRPC, TLS) cannot reach an emulator: off before import
@@ -25,7 +26,7 @@ def bucket(tmp_path_factory):
   # once the pipe is full
   threading.Thread(target=lambda: [None for _ in iter(
       lambda: server._process.stderr.read(1 << 16), b"")], daemon=True).start()  # pylint: disable=protected-access
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+  env = {**os.environ, "XLA_FLAGS": COMPILE_FAST, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
          "STORAGE_EMULATOR_HOST": server.url, "TENSORSTORE_GCS_HTTP_URL": server.url,
          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
   old = {k: os.environ.get(k) for k in env}
@@ -43,7 +44,7 @@ def bucket(tmp_path_factory):
 
 def run(args, env, cwd):
   p = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                     timeout=600)
+                     timeout=900)
   assert p.returncode == 0, f"{args}:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
   return p.stdout
 
@@ -102,5 +103,7 @@ def test_the_workdir_lock_on_gs(bucket):
   fs.pipe_file("runs/locked/lock.json", json.dumps(held).encode())
   with pytest.warns(UserWarning, match="taking over"):
     third = storage.Lock("gs://runs/locked", timeout_s=60).acquire()
+  assert json.loads(fs.cat("runs/locked/lock.json"))["token"] == third.token
+  second.release()  # the holder that lost its lock stops beating and leaves the new one's file
   assert json.loads(fs.cat("runs/locked/lock.json"))["token"] == third.token
   third.release()
