@@ -3,10 +3,6 @@ import json
 import os
 import random
 
-# Every process of the suite compiles with LLVM's optimizations off: the tests' programs are
-# tiny and compiled once or twice each, so compiling, not running, is most of the suite's time
-COMPILE_FAST = "--xla_backend_optimization_level=0"
-
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
          "rho sigma tau upsilon phi chi psi omega def return class import for while if else")
 

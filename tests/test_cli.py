@@ -7,11 +7,9 @@ import sys
 
 import pytest
 
-from helpers import COMPILE_FAST
-
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "XLA_FLAGS": COMPILE_FAST, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
 def tiny_flags(corpus, data_dir, **kw):

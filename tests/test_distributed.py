@@ -7,10 +7,8 @@ import sys
 
 import pytest
 
-from helpers import COMPILE_FAST
-
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
-ENV = {**os.environ, "XLA_FLAGS": COMPILE_FAST, "JAX_PLATFORMS": "cpu"}
+ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
 
 
 def free_port():

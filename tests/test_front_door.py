@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-from helpers import COMPILE_FAST
-
 from mdlm_jax.objectives import mdlm_sampling
 from mdlm_jax import metrics
 from mdlm_jax import objectives
@@ -17,7 +15,7 @@ from mdlm_jax import tasks
 from mdlm_jax import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "XLA_FLAGS": COMPILE_FAST, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
 def run_elsewhere(tmp_path, *args, env=None):

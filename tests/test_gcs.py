@@ -9,7 +9,6 @@ import threading
 
 import pytest
 
-from helpers import COMPILE_FAST
 from test_cli import ROOT, tiny_flags
 
 # gcsfs's experimental bucket-type probe (gRPC, TLS) cannot reach an emulator: off before import
@@ -26,7 +25,7 @@ def bucket(tmp_path_factory):
   # once the pipe is full
   threading.Thread(target=lambda: [None for _ in iter(
       lambda: server._process.stderr.read(1 << 16), b"")], daemon=True).start()  # pylint: disable=protected-access
-  env = {**os.environ, "XLA_FLAGS": COMPILE_FAST, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
          "STORAGE_EMULATOR_HOST": server.url, "TENSORSTORE_GCS_HTTP_URL": server.url,
          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
   old = {k: os.environ.get(k) for k in env}
