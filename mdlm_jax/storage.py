@@ -1,10 +1,11 @@
 """The one path layer: every file the project writes or reads goes through etils `epath`, so a
 workdir may be a local directory or any URL epath serves (`gs://bucket/run`, through gcsfs).
 
-Object stores cannot append or rename atomically, so this module gives the three primitives
-the trainer needs in a form that works on both: `append_lines` (rewrites the object), a
-create-if-absent `create_exclusive` (O_EXCL locally, a `ifGenerationMatch=0` upload on GCS),
-and `Lock`, the one-writer-per-directory lock built on it.
+Object stores cannot append or rename atomically, so this module gives the primitives the
+trainer needs in a form that works on both: `write_text` (a whole-file replace: temporary file
+and `os.replace` locally, one upload on an object store), `LineFile` (appends; rewrites the
+object), a create-if-absent `create_exclusive` (O_EXCL locally, a `ifGenerationMatch=0` upload
+on GCS), and `Lock`, the one-writer-per-directory lock built on them.
 """
 from __future__ import annotations
 
@@ -38,10 +39,27 @@ def read_json(p, default=None):
   return json.loads(p.read_text())
 
 
-def write_json(p, value) -> None:
+def write_text(p, text: str) -> None:
+  """Replaces `p` whole: a reader (or a restart after a kill) sees the old text or the new,
+  never a cut one. Locally through a temporary file and `os.replace`; an object store's
+  upload is already all or nothing."""
   p = path(p)
   p.parent.mkdir(parents=True, exist_ok=True)
-  p.write_text(json.dumps(value, indent=2, sort_keys=True))
+  if is_url(p):
+    p.write_text(text)
+    return
+  tmp = os.fspath(p.parent / f".{p.name}.{uuid.uuid4().hex}.tmp")
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, os.fspath(p))
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def write_json(p, value) -> None:
+  write_text(p, json.dumps(value, indent=2, sort_keys=True))
 
 
 class LineFile:
@@ -136,12 +154,14 @@ class Lock:
     return f"host {held.get('host')}, pid {held.get('pid')}, since {since}"
 
   def _read(self) -> dict | None:
-    try:
-      return json.loads(self.file.read_text())
-    except FileNotFoundError:
-      return None
-    except (json.JSONDecodeError, ValueError):  # a torn write: treat as long dead
-      return {"heartbeat": 0}
+    for _ in range(20):
+      try:
+        return json.loads(self.file.read_text())
+      except FileNotFoundError:
+        return None
+      except ValueError:  # created but not yet written (O_EXCL, then write): look again
+        time.sleep(0.05)
+    return {"heartbeat": 0}  # still unreadable after a second: a holder that died mid-write
 
   def acquire(self) -> "Lock":
     for _ in range(5):
@@ -187,7 +207,7 @@ class Lock:
       while not self._stop.wait(self.heartbeat_s):
         try:
           if (self._read() or {}).get("token") == self.token:
-            self.file.write_text(json.dumps(self._record()))
+            write_text(self.file, json.dumps(self._record()))
         except Exception:  # pylint: disable=broad-except  (a transient store error: retry)
           pass
     self._thread = threading.Thread(target=beat, daemon=True, name="lock-heartbeat")

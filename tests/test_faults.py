@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -280,6 +281,45 @@ def test_a_lock_without_heartbeat_is_stale_on_another_host(tmp_path):
     time.sleep(0.05)
   lock.release()
   assert not os.path.exists(os.path.join(d, storage.Lock.NAME))
+
+
+def test_a_reader_never_sees_a_half_written_lock(tmp_path):
+  """The heartbeat replaces lock.json whole: another host reading it mid-beat sees the old or
+  the new record, never an empty or cut one (which it would have to treat as a dead holder)."""
+  d = str(tmp_path)
+  lock = storage.Lock(d, heartbeat_s=0.0002).acquire()
+  f = os.path.join(d, storage.Lock.NAME)
+  try:
+    beats, t0 = set(), time.time()
+    while time.time() - t0 < 2.0 or len(beats) < 20:
+      assert time.time() - t0 < 60, "the heartbeat was not renewed"
+      with open(f) as fh:
+        text = fh.read()
+      assert json.loads(text)["token"] == lock.token, f"a torn read: {text!r}"
+      beats.add(json.loads(text)["heartbeat"])
+    with pytest.raises(storage.LockHeld, match="in use by another run"):
+      storage.Lock(d, timeout_s=60).acquire()
+  finally:
+    lock.release()
+  assert not os.path.exists(f) and not [n for n in os.listdir(d) if n != "lock.json"]
+
+
+def test_a_lock_file_being_created_is_waited_for_and_a_dead_empty_one_taken_over(tmp_path):
+  """Another host's acquire creates lock.json (O_EXCL) and then writes it: a reader in between
+  must wait for the record, not take the empty file for a dead holder's."""
+  d, held = str(tmp_path), {"host": "elsewhere", "pid": 1, "since": 0,
+                            "heartbeat": time.time(), "token": "x"}
+  f = os.path.join(d, storage.Lock.NAME)
+  open(f, "w").close()
+  writer = threading.Timer(0.3, lambda: open(f, "w").write(json.dumps(held)))
+  writer.start()
+  with pytest.raises(storage.LockHeld, match="host elsewhere, pid 1"):
+    storage.Lock(d, timeout_s=60).acquire()
+  writer.join()
+  open(f, "w").close()  # a holder that died between creating and writing: taken over
+  with pytest.warns(UserWarning, match="heartbeat is [0-9]+s old"):
+    storage.Lock(d, timeout_s=60).acquire().release()
+  assert not os.path.exists(f)
 
 
 # ----------------------------------------------------------------------- exact accumulation
