@@ -304,18 +304,27 @@ def test_a_reader_never_sees_a_half_written_lock(tmp_path):
   assert not os.path.exists(f) and not [n for n in os.listdir(d) if n != "lock.json"]
 
 
-def test_a_lock_file_being_created_is_waited_for_and_a_dead_empty_one_taken_over(tmp_path):
+def test_a_lock_file_being_created_is_waited_for_and_a_dead_empty_one_taken_over(
+    tmp_path, monkeypatch):
   """Another host's acquire creates lock.json (O_EXCL) and then writes it: a reader in between
   must wait for the record, not take the empty file for a dead holder's."""
   d, held = str(tmp_path), {"host": "elsewhere", "pid": 1, "since": 0,
                             "heartbeat": time.time(), "token": "x"}
   f = os.path.join(d, storage.Lock.NAME)
   open(f, "w").close()
-  writer = threading.Timer(0.3, lambda: open(f, "w").write(json.dumps(held)))
-  writer.start()
+  sleep, waits, reader = time.sleep, [], threading.get_ident()
+
+  def writes_while_the_reader_waits(s):  # the other host's write lands in the 10th wait
+    if threading.get_ident() == reader:  # (time.sleep is patched for every thread)
+      waits.append(s)
+      if len(waits) == 10:
+        open(f, "w").write(json.dumps(held))
+    sleep(s)
+  monkeypatch.setattr(storage.time, "sleep", writes_while_the_reader_waits)
   with pytest.raises(storage.LockHeld, match="host elsewhere, pid 1"):
     storage.Lock(d, timeout_s=60).acquire()
-  writer.join()
+  assert len(waits) == 10  # half a second
+  monkeypatch.undo()
   open(f, "w").close()  # a holder that died between creating and writing: taken over
   with pytest.warns(UserWarning, match="heartbeat is [0-9]+s old"):
     storage.Lock(d, timeout_s=60).acquire().release()
