@@ -295,8 +295,9 @@ def test_a_reader_never_sees_a_half_written_lock(tmp_path):
       assert time.time() - t0 < 60, "the heartbeat was not renewed"
       with open(f) as fh:
         text = fh.read()
-      assert json.loads(text)["token"] == lock.token, f"a torn read: {text!r}"
-      beats.add(json.loads(text)["heartbeat"])
+      record = json.loads(text)
+      assert record["token"] == lock.token, f"a torn read: {text!r}"
+      beats.add(record["heartbeat"])
     with pytest.raises(storage.LockHeld, match="in use by another run"):
       storage.Lock(d, timeout_s=60).acquire()
   finally:
