@@ -45,6 +45,22 @@ def define_threshold_flags():
   return threshold, fallback
 
 
+def define_draw_flags(temperature: float = 1.0):
+  """--temperature, --top_k, --top_p and --min_p (every sampler's draw, `sampling.draw`), the
+  same in every tool; returns a function giving them, checked, as the samplers' keywords."""
+  temp = flags.DEFINE_float("temperature", temperature, "Sampling temperature (0: greedy).")
+  top_k = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: off).")
+  top_p = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
+  min_p = flags.DEFINE_float("min_p", 0.0, "Keep tokens with prob >= min_p * max prob (0: off).")
+
+  def options() -> dict:
+    if temp.value < 0 or not 0 < top_p.value <= 1 or not 0 <= min_p.value < 1 or top_k.value < 0:
+      raise app.UsageError("need --temperature >= 0, 0 < --top_p <= 1, 0 <= --min_p < 1, "
+                           "--top_k >= 0.")
+    return dict(temperature=temp.value, top_k=top_k.value, top_p=top_p.value, min_p=min_p.value)
+  return options
+
+
 def define_block_cache_flags():
   """--dual_cache and --prefix_cache (Fast-dLLM's block caches of the llada sampler); returns
   a function giving the chosen kind (None, 'prefix' or 'dual')."""

@@ -259,24 +259,35 @@ def test_bd3lm_train_sample_gen_ppl_and_frontier(tmp_path, corpus, data_dir):
   sample = run(["tools/sample.py", f"--workdir={bd}", "--prefix=def ", "--num_samples=2",
                 "--max_new_tokens=20", "--sampler=bd3lm", "--threshold=0.5"]).stdout
   assert sample.count("--- sample") == 2 and sample.count("def ") >= 2
-  lines = []
-  for temperature in ("1.0", "0.5"):
+  lines, rows = [], []
+  # top-k 1 draws each position's argmax, whatever the seed: the two last rows are equal
+  for flags in (["--temperature=1.0"], ["--temperature=0.5", "--top_k=1"],
+                ["--temperature=0.5", "--top_k=1", "--seed=1"]):
     ev = run(["tools/evaluate.py", f"--workdir={bd}", "--task=gen_ppl", f"--scorer={ar}",
-              "--examples=4", "--max_new_tokens=24", f"--temperature={temperature}",
-              "--threshold=0.3"]).stdout
+              "--examples=4", "--max_new_tokens=24", "--threshold=0.3", *flags]).stdout
     row = json.loads(ev.strip().splitlines()[-1])
     assert row["samples"] == 4 and row["gen_ppl"] > 1 and 0 <= row["entropy"] <= 3.2
     assert row["sampler"] == "threshold" and row["objective"] == "bd3lm"
     lines.append(ev.strip().splitlines()[-1])
+    rows.append(row)
+  assert rows[1]["top_k"] == 1 and rows[1]["temperature"] == 0.5
+  assert {k: rows[1][k] for k in ("gen_ppl", "entropy", "mean_length")} == {
+      k: rows[2][k] for k in ("gen_ppl", "entropy", "mean_length")}, rows
   results = tmp_path / "bd3lm.jsonl"
-  results.write_text("\n".join(lines) + "\n")
+  results.write_text("\n".join(lines[:2]) + "\n")
   png = str(tmp_path / "frontier.png")
   assert "wrote" in run(["tools/plot.py", "--frontier", f"--output={png}", str(results)]).stdout
   p = run(["tools/evaluate.py", f"--workdir={bd}", "--task=gen_ppl", f"--scorer={bd}",
            "--examples=2"], check=False)
   assert p.returncode != 0 and "--scorer must be an ar workdir" in p.stderr
+  # top-k 1 keeps one token of probability 1: the gate passes every masked position, so each
+  # block of 16 takes one call (BOS and 16 new tokens: two blocks, one if EOS comes first)
   timing = json.loads(run(["tools/bench.py", "--config=configs/bd3lm.py:tiny",
                            "--sampler=bd3lm", "--sample_len=16", "--sample_batch=2",
-                           "--sample_repeats=1", "--threshold=0.5"]).stdout.strip()
-                      .splitlines()[-1])
-  assert timing["network_calls"] >= 1 and timing["tokens_per_s"] > 0
+                           "--sample_repeats=1", "--threshold=0.5", "--top_k=1"]).stdout
+                      .strip().splitlines()[-1])
+  assert 1 <= timing["network_calls"] <= 2 and timing["tokens_per_s"] > 0, timing
+  assert timing["top_k"] == 1 and timing["temperature"] == 1.0
+  p = run(["tools/bench.py", "--config=configs/bd3lm.py:tiny", "--sampler=bd3lm",
+           "--min_p=1"], check=False)
+  assert p.returncode != 0 and "0 <= --min_p < 1" in p.stderr, p.stderr[-500:]

@@ -5,6 +5,7 @@
 Synthetic batches (random tokens, packed rows of several segments) so the figure is the step's
 own. With --sampler=NAME it times a sampler instead (generated tokens/s and network calls):
   python tools/bench.py --config=configs/default.py --sampler=ancestral --sample_steps=1000
+(every sampler draws with --temperature, --top_k, --top_p and --min_p, echoed in its line).
 With --compare_guard=ROUNDS it times the step with and without the non-finite guard, alternated
 in one process, and the save-time checksum.
 
@@ -59,9 +60,7 @@ _START = flags.DEFINE_enum(
     "insertion samplers: grow [BOS] [EOS] by up to --sample_len words (empty), or, with "
     "--workdir, fill validation rows of one document between their first and last token, the "
     "canvas training gives a segment cut by the row's edges (seq_len - 2 words each).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "insertion samplers: the draw's "
-                                  "temperature (0: each slot's argmax, Stern et al.'s greedy "
-                                  "parallel decoding).")
+_DRAW = cli.define_draw_flags()  # every sampler's (insertion at 0: Stern et al.'s greedy)
 _PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Trace --profile_steps more steps "
                                    "there and summarise the device time per step.")
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 3, "Steps traced with --profile_dir.")
@@ -84,9 +83,9 @@ def pipeline_tokens_per_s(config, tokenizer, batches: int) -> float:
   return rate
 
 
-def bench_sampler(config):
+def bench_sampler(config, draw: dict):
   """Generated tokens/s of one sampler from random params (or a workdir's trained ones), after
-  compiling, and the network calls it made."""
+  compiling, and the network calls it made; `draw`: the temperature and filters."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -103,11 +102,12 @@ def bench_sampler(config):
   prompt = jnp.full((b, 1), tokenizers.BOS, jnp.int32)
   if name == "ar":
     fn = lambda p, r: (setup.objective.generate(nnx.merge(setup.graphdef, p), prompt, r,
-                                                max_new_tokens=n), {"calls": jnp.asarray(n)})
+                                                max_new_tokens=n, **draw),
+                             {"calls": jnp.asarray(n)})
   elif name == "blm":  # one blank grown to n tokens, one insertion per network call
     from mdlm_jax.objectives import blm  # pylint: disable=g-import-not-at-top
     canvas = blm.one_blank(prompt, n)
-    fn = lambda p, r: setup.objective.fill(nnx.merge(setup.graphdef, p), canvas, r)
+    fn = lambda p, r: setup.objective.fill(nnx.merge(setup.graphdef, p), canvas, r, **draw)
   elif name.startswith("insertion_"):  # [BOS] [EOS] grown by up to n insertions
     canvas = jnp.concatenate([prompt, jnp.full((b, 1), tokenizers.EOS, jnp.int32),
                               jnp.full((b, n), tokenizers.PAD, jnp.int32)], axis=1)
@@ -122,14 +122,14 @@ def bench_sampler(config):
 
     def fn(p, r):
       out, _, info = setup.objective.fill(nnx.merge(setup.graphdef, p), canvas, region, r,
-                                          decoding=decoding, temperature=_TEMPERATURE.value)
+                                          decoding=decoding, **draw)
       return out, info
   elif name.startswith("bd3lm"):
     rule = "threshold" if _THRESHOLD.value > 0 else _RULE.value
     fn = lambda p, r: setup.objective.generate_blocks(
         nnx.merge(setup.graphdef, p), prompt, r, sampler=rule, steps=_SAMPLE_STEPS.value,
         max_new_tokens=n, threshold=_THRESHOLD.value or 0.9, kv_cache=name == "bd3lm",
-        fallback=_FALLBACK.value)
+        fallback=_FALLBACK.value, **draw)
   else:
     canvas = jnp.concatenate([prompt, jnp.full((b, n), tokenizers.MASK, jnp.int32)], axis=1)
     sampler, extra = name, {}
@@ -144,7 +144,8 @@ def bench_sampler(config):
       if _THRESHOLD.value > 0:
         extra["threshold"] = _THRESHOLD.value
     fn = lambda p, r: setup.objective.sample(nnx.merge(setup.graphdef, p), canvas, r,
-                                             sampler=sampler, steps=_SAMPLE_STEPS.value, **extra)
+                                             sampler=sampler, steps=_SAMPLE_STEPS.value, **extra,
+                                             **draw)
   grows = name == "blm" or name.startswith("insertion_")
   stops = name.startswith("bd3lm")   # at every row's EOS: count what it wrote
   run = jax.jit(fn)
@@ -165,8 +166,7 @@ def bench_sampler(config):
   per_row = None
   if name.startswith("insertion_") and _WORKDIR.value:  # each row decoded on its own
     one = lambda r, c, g: setup.objective.fill(nnx.merge(setup.graphdef, params), c[None],
-                                               g[None], r, decoding=decoding,
-                                               temperature=_TEMPERATURE.value)
+                                               g[None], r, decoding=decoding, **draw)
     out, _, info = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(9), b), canvas, region)
     made_rows = np.asarray(jnp.sum(out[:, 0] != tokenizers.PAD, axis=1)) - 2
     per_row = [[int(m), int(c)] for m, c in zip(made_rows, np.asarray(info["calls"]))]
@@ -177,7 +177,7 @@ def bench_sampler(config):
          "steps": None if name == "ar" or grows else _SAMPLE_STEPS.value,
          "network_calls": calls, "tokens": made, "seconds": dt, "tokens_per_s": made / dt,
          "compile_time_s": compile_s, "device": jax.devices()[0].device_kind,
-         "outputs_sha1": digest.hexdigest()}
+         "outputs_sha1": digest.hexdigest(), **draw}
   if name in ("llada_dual", "llada_prefix"):   # per row: refreshes and windows
     out.update(encoded_positions=encoded, block_length=_BLOCK.value)
   if stops:
@@ -327,9 +327,10 @@ def main(argv):
     raise app.UsageError("--insertion_start=validation fills validation rows with a trained "
                          "model: pass --sampler=insertion_parallel or insertion_sequential "
                          "and --workdir=DIR.")
+  draw = _DRAW()
   distributed.initialize()
   if _SAMPLER.value:
-    print(json.dumps(bench_sampler(_CONFIG.value)))
+    print(json.dumps(bench_sampler(_CONFIG.value, draw)))
     return
   config = _CONFIG.value
   if _COMPARE_GUARD.value:

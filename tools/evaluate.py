@@ -12,9 +12,9 @@ For `insertion` it is the one-pass bound over uniform insertion orders, or with 
 importance-sampled -log p(x) (M * seq_len network passes per batch).
 
 --task=gen_ppl --scorer=AR_WORKDIR: --examples unconditional samples of --max_new_tokens
-tokens at most from this workdir's sampler (--sampler, --steps, --temperature, --top_p,
---threshold), scored by the ar checkpoint: generative perplexity and the samples' mean
-unigram entropy (nats), reported together.
+tokens at most from this workdir's sampler (--sampler, --steps, --temperature, --top_k,
+--top_p, --min_p, --threshold), scored by the ar checkpoint: generative perplexity and the
+samples' mean unigram entropy (nats), reported together.
 --task=star_graph: exact path accuracy on the star-graph problems the model was trained on.
 --task=infill: spans of --infill_span tokens cut from held-out documents between
 --infill_context tokens each side, filled greedily; exact match and per-token accuracy
@@ -51,8 +51,7 @@ _SAMPLER = flags.DEFINE_string("sampler", None, "gen_ppl: the objective's sample
                                "confidence, threshold).")
 _SAMPLE_STEPS = flags.DEFINE_integer("steps", None, "gen_ppl: sampler steps (mdlm: in all; "
                                      "bd3lm: per block).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "gen_ppl: sampling temperature.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "gen_ppl: nucleus mass (1: off).")
+_DRAW = cli.define_draw_flags()  # gen_ppl's
 _THRESHOLD, _FALLBACK = cli.define_threshold_flags()
 _SEED = flags.DEFINE_integer("seed", 0, "gen_ppl: sampling seed.")
 _BLOCK = flags.DEFINE_integer("block_length", 0, "gen_ppl with --sampler=llada: its block.")
@@ -85,7 +84,7 @@ def main(argv):
         raise flags.ValidationError("--task=gen_ppl needs --scorer=AR_WORKDIR.")
       scorer, scorer_params, _ = restore.load(_SCORER.value, use_ema=_EMA.value,
                                               mesh_overrides={"data": -1, "tensor": 1})
-      options = dict(temperature=_TEMPERATURE.value, top_p=_TOP_P.value)
+      options = _DRAW()
       for key, value in (("sampler", _SAMPLER.value), ("steps", _SAMPLE_STEPS.value)):
         if value is not None:
           options[key] = value

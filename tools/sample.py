@@ -64,10 +64,7 @@ _CRITIC_NOISE = flags.DEFINE_float("critic_noise", 1.0, "confidence: annealed Gu
 _SHOW = flags.DEFINE_integer("show_steps", 0, "mdlm: print the canvas at this many steps.")
 _NUM = flags.DEFINE_integer("num_samples", 2, "Samples to draw.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate at most.")
-_TEMP = flags.DEFINE_float("temperature", 0.8, "0 is greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: off).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
-_MIN_P = flags.DEFINE_float("min_p", 0.0, "Keep tokens with prob >= min_p * max prob (0: off).")
+_DRAW = cli.define_draw_flags(temperature=0.8)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _EMA = flags.DEFINE_bool("use_ema", True, "Use the EMA params when the run kept them.")
@@ -76,9 +73,7 @@ _EMA = flags.DEFINE_bool("use_ema", True, "Use the EMA params when the run kept 
 def check_sampling_flags():
   if _NUM.value < 1 or _MAX_NEW.value < 1:
     raise app.UsageError("--num_samples and --max_new_tokens must be >= 1.")
-  if _TEMP.value < 0 or not 0 < _TOP_P.value <= 1 or not 0 <= _MIN_P.value < 1 or _TOP_K.value < 0:
-    raise app.UsageError("need --temperature >= 0, 0 < --top_p <= 1, 0 <= --min_p < 1, "
-                         "--top_k >= 0.")
+  _DRAW()
 
 
 def main(argv):
@@ -134,8 +129,7 @@ def main(argv):
                          f"positions, over the model's limit model.max_seq_len={limit}; shorten "
                          "them.")
   prompts = np.tile(prompt, (_NUM.value, 1))
-  options = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMP.value, top_k=_TOP_K.value,
-                 top_p=_TOP_P.value, min_p=_MIN_P.value)
+  options = dict(max_new_tokens=_MAX_NEW.value, **_DRAW())
   if _SUFFIX.value is not None:
     options["suffix_BxS"] = np.tile(suffix, (_NUM.value, 1))
   if name == "bst":
@@ -200,9 +194,7 @@ def fill_blanks(setup, params, step):
 
   @jax.jit
   def run(params, rows, rng):
-    return setup.objective.fill(nnx.merge(setup.graphdef, params), rows, rng,
-                                temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                                min_p=_MIN_P.value)
+    return setup.objective.fill(nnx.merge(setup.graphdef, params), rows, rng, **_DRAW())
 
   out, info = jax.device_get(run(params, rows, jax.random.key(_SEED.value)))
   print(f"# {setup.config.objective.name} model from {_WORKDIR.value}, step {step}; "
@@ -239,8 +231,7 @@ def sample_canvas(setup, params, step):
   steps = masks if _STEPS.value is None else _STEPS.value
   if steps < 1:
     raise app.UsageError(f"--steps={steps} must be >= 1.")
-  options = dict(temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                 min_p=_MIN_P.value, snapshots=min(_SHOW.value, steps))
+  options = dict(_DRAW(), snapshots=min(_SHOW.value, steps))
   if sampler == "llada":
     options.update(block_length=_BLOCK.value, cfg_scale=_CFG.value, remasking=_REMASKING.value,
                    threshold=_THRESHOLD.value, kv_cache=_BLOCK_CACHE())
