@@ -209,6 +209,13 @@ def test_commit_rules():
   np.testing.assert_array_equal(got, [[True, False, False, True, False]])  # ceil(4 / 2)
   got = bd3lm_sampling.commit("confidence", 2, 3, masked, conf, key, threshold=0.9)
   np.testing.assert_array_equal(got, masked)   # the last step commits what is left
+  got = bd3lm_sampling.commit("left_to_right", 1, 3, masked, conf, key, threshold=0.9)
+  np.testing.assert_array_equal(got, [[True, True, False, False, False]])  # leftmost two
+  later = jnp.array([[False, True, True, False, True]])
+  got = bd3lm_sampling.commit("left_to_right", 0, 5, later, conf, key, threshold=0.9)
+  np.testing.assert_array_equal(got, [[False, True, False, False, False]])
+  got = bd3lm_sampling.commit("left_to_right", 1, 3, later, conf, key, threshold=0.9)
+  np.testing.assert_array_equal(got, [[False, True, True, False, False]])
   picks = np.array([np.asarray(bd3lm_sampling.commit("random", 1, 3, masked, conf,
                                                      jax.random.key(s), threshold=0.9))[0]
                     for s in range(400)])
@@ -220,7 +227,8 @@ def test_commit_rules():
   np.testing.assert_allclose(reveal, (0.75 - 0.5) / 0.75, atol=0.02)
 
 
-@pytest.mark.parametrize("rule", ["confidence", "threshold", "ancestral", "random"])
+@pytest.mark.parametrize("rule", ["confidence", "threshold", "ancestral", "random",
+                                  "left_to_right"])
 def test_cached_sampler_equals_reencoding(make_config, rule):
   """Token for token (a large init makes every draw depend on what the network reads)."""
   obj, model = make(make_config, block_size=4, init_std=0.5)
@@ -288,21 +296,24 @@ def test_sampler_options_are_checked(make_config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kv_cache,p,new", [(True, 6, 18), (False, 6, 18), (True, 2, 6)])
-def test_greedy_sampler_reads_the_training_conditionals(make_config, kv_cache, p, new):
-  """Greedy `confidence` decoding, two steps a block, replayed with the training forward
-  (`noised_logits` on x_t ⊕ x_0, the block-causal mask): each step's tokens and order are the
-  argmax and the confidence ranking of the logits training gives the block's noised state
-  after the clean blocks before it. A sampler that read a different context (a shifted
-  position, a block's own clean keys, a later block, the other row) than the loss trains on
-  would decode other tokens. Two blocks in all (p=2, new=6): the second block's first logits
-  come from the call that writes the first."""
+@pytest.mark.parametrize("kv_cache,p,new,rule", [(True, 6, 18, "confidence"),
+                                                 (False, 6, 18, "confidence"),
+                                                 (True, 2, 6, "confidence"),
+                                                 (True, 6, 6, "left_to_right")])
+def test_greedy_sampler_reads_the_training_conditionals(make_config, kv_cache, p, new, rule):
+  """Greedy decoding, two steps a block, replayed with the training forward (`noised_logits`
+  on x_t ⊕ x_0, the block-causal mask): each step's tokens are the argmax of the logits
+  training gives the block's noised state after the clean blocks before it, and its positions
+  the most confident (`confidence`) or the leftmost (`left_to_right`) masked ones. A sampler
+  that read a different context (a shifted position, a block's own clean keys, a later block,
+  the other row) than the loss trains on would decode other tokens. Two blocks in all (p=2,
+  new=6): the second block's first logits come from the call that writes the first."""
   obj, model = make(make_config, block_size=4, init_std=0.5)
   model = ends_at(model, -100.0)    # no EOS: every block is decoded
   size, steps = 4, 2
   prompt = jnp.asarray(np.array([[BOS, 40, 41, 42, 43, 44], [BOS, 50, 61, 52, 63, 54]],
                                 np.int32)[:, :p])
-  out, info = obj.generate_blocks(model, prompt, jax.random.key(0), sampler="confidence",
+  out, info = obj.generate_blocks(model, prompt, jax.random.key(0), sampler=rule,
                                   steps=steps, max_new_tokens=new, temperature=0.0,
                                   kv_cache=kv_cache)
   out = np.asarray(out)
@@ -319,7 +330,8 @@ def test_greedy_sampler_reads_the_training_conditionals(make_config, kv_cache, p
       tok, conf = np.asarray(jnp.argmax(logp, -1)), np.asarray(jnp.max(logp, -1))
       masked = x_t[:, cols] == MASK
       count = -(-masked.sum(1) // (steps - k))
-      rank = np.argsort(np.argsort(-np.where(masked, conf, -np.inf), axis=1), axis=1)
+      score = -conf if rule == "confidence" else np.arange(size) + 0 * conf
+      rank = np.argsort(np.argsort(np.where(masked, score, np.inf), axis=1), axis=1)
       chosen = masked & (rank < count[:, None])
       x_t[:, cols] = np.where(chosen, tok, x_t[:, cols])
     np.testing.assert_array_equal(x_t[:, cols], out[:, cols], err_msg=f"block {blk}")

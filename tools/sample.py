@@ -17,8 +17,8 @@ the objective's sampler.
 - `bd3lm`: continues --prefix block by block with the finished blocks' keys and values
   cached, up to --max_new_tokens (EOS ends a sample earlier), --steps calls per block at most
   (default: the block size); --sampler=ancestral (the default), random (one uniformly chosen
-  token per call), confidence, or threshold (with --threshold; also --sampler=bd3lm
-  --threshold=0.9).
+  token per call), left_to_right (the leftmost), confidence, or threshold (with --threshold;
+  also --sampler=bd3lm --threshold=0.9).
 - `insertion`: inserts tokens between --prefix and --suffix, --sampler=parallel (every open
   slot at once; the default after objective.finalization=slot) or sequential (one insertion
   per step; the default after finalization=sequence, which trains no per-slot end).
@@ -50,7 +50,7 @@ _TEMPLATE = flags.DEFINE_string("template", None, "Text with <mask:N> spans to f
                                 "or with <blank>s each filled with any number of tokens (blm).")
 _SAMPLER = flags.DEFINE_string("sampler", None, "mdlm: ancestral (default), confidence, llada; "
                                "insertion: parallel (default), sequential; bd3lm: ancestral "
-                               "(default), random, confidence, threshold.")
+                               "(default), random, left_to_right, confidence, threshold.")
 _THRESHOLD, _FALLBACK = cli.define_threshold_flags()
 _STEPS = flags.DEFINE_integer("steps", None, "mdlm: denoising steps (default: masked count).")
 _BLOCK = flags.DEFINE_integer("block_length", 0, "llada: semi-autoregressive block (0: one).")

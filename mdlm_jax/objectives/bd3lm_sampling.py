@@ -15,6 +15,8 @@ and top-k / top-p / min-p filtering, with `sampling.draw`):
 - `random`: commit ceil(masked / steps left) positions chosen uniformly; with steps = L'
   exactly one token per call, in a uniformly random order (the model's own factorisation
   sampled exactly, one position at a time).
+- `left_to_right`: commit the ceil(masked / steps left) leftmost; with steps = L' one token
+  per call in reading order (the block-causal model read as a left-to-right one).
 - `confidence`: commit the ceil(masked / steps left) most confident (probability of the
   drawn token).
 - `threshold` (Fast-dLLM): commit every position whose top probability (at temperature 1,
@@ -40,7 +42,7 @@ from mdlm_jax import tokenizers
 from mdlm_jax.objectives import base
 from mdlm_jax.objectives import mdlm_schedule
 
-RULES = ("ancestral", "random", "confidence", "threshold")
+RULES = ("ancestral", "random", "left_to_right", "confidence", "threshold")
 
 
 def commit(rule: str, k, steps: int, masked_BxL, conf_BxL, key, *, threshold: float,
@@ -50,10 +52,13 @@ def commit(rule: str, k, steps: int, masked_BxL, conf_BxL, key, *, threshold: fl
   most `steps` (the last commits all)."""
   conf = jnp.where(masked_BxL, conf_BxL, -jnp.inf)
   rank = base.rank_in_row(-conf)
-  if rule in ("confidence", "random"):
+  if rule in ("confidence", "random", "left_to_right"):
     if rule == "random":
       rank = base.rank_in_row(jnp.where(masked_BxL, jax.random.uniform(key, masked_BxL.shape),
                                         jnp.inf))
+    elif rule == "left_to_right":
+      rank = base.rank_in_row(jnp.where(masked_BxL, jnp.arange(masked_BxL.shape[1]),
+                                        masked_BxL.shape[1]))
     count = -(-jnp.sum(masked_BxL, axis=1) // (steps - k))   # ceil division
     chosen = rank < count[:, None]
   elif rule == "threshold":
