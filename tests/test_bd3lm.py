@@ -216,6 +216,16 @@ def test_commit_rules():
   np.testing.assert_array_equal(got, [[False, True, False, False, False]])
   got = bd3lm_sampling.commit("left_to_right", 1, 3, later, conf, key, threshold=0.9)
   np.testing.assert_array_equal(got, [[False, True, True, False, False]])
+  # dilated over 5 places: 0, 4, 2, 6, 1 (bits of 4 reversed), so the order is 0, 4, 2, 1, 3
+  got = bd3lm_sampling.commit("dilated", 1, 3, masked, conf, key, threshold=0.9)
+  np.testing.assert_array_equal(got, [[True, False, False, False, True]])   # 0 and 4
+  got = bd3lm_sampling.commit("dilated", 0, 5, later, conf, key, threshold=0.9)
+  np.testing.assert_array_equal(got, [[False, False, False, False, True]])
+  got = bd3lm_sampling.commit("dilated", 1, 3, later, conf, key, threshold=0.9)
+  np.testing.assert_array_equal(got, [[False, False, True, False, True]])
+  one = jnp.arange(6)[None] == 3   # place 6 in a block of 6: still before the unmasked
+  got = bd3lm_sampling.commit("dilated", 0, 4, one, jnp.zeros((1, 6)), key, threshold=0.9)
+  np.testing.assert_array_equal(got, one)
   picks = np.array([np.asarray(bd3lm_sampling.commit("random", 1, 3, masked, conf,
                                                      jax.random.key(s), threshold=0.9))[0]
                     for s in range(400)])
@@ -227,8 +237,20 @@ def test_commit_rules():
   np.testing.assert_allclose(reveal, (0.75 - 0.5) / 0.75, atol=0.02)
 
 
+def test_dilated_order_is_coarse_to_fine():
+  """In a block of 2^m, the first 2^j places of the order hold exactly the multiples of
+  2^(m - j): each step's positions lie as far apart as the count allows."""
+  for m in range(5):
+    n = 2 ** m
+    place = np.asarray(bd3lm_sampling.dilated_order(n))
+    np.testing.assert_array_equal(np.sort(place), np.arange(n))
+    for j in range(m + 1):
+      np.testing.assert_array_equal(np.flatnonzero(place < 2 ** j),
+                                    np.arange(0, n, n >> j), err_msg=f"n={n}, j={j}")
+
+
 @pytest.mark.parametrize("rule", ["confidence", "threshold", "ancestral", "random",
-                                  "left_to_right"])
+                                  "left_to_right", "dilated"])
 def test_cached_sampler_equals_reencoding(make_config, rule):
   """Token for token (a large init makes every draw depend on what the network reads)."""
   obj, model = make(make_config, block_size=4, init_std=0.5)
@@ -299,12 +321,14 @@ def test_sampler_options_are_checked(make_config):
 @pytest.mark.parametrize("kv_cache,p,new,rule", [(True, 6, 18, "confidence"),
                                                  (False, 6, 18, "confidence"),
                                                  (True, 2, 6, "confidence"),
-                                                 (True, 6, 6, "left_to_right")])
+                                                 (True, 6, 6, "left_to_right"),
+                                                 (True, 2, 10, "dilated")])
 def test_greedy_sampler_reads_the_training_conditionals(make_config, kv_cache, p, new, rule):
   """Greedy decoding, two steps a block, replayed with the training forward (`noised_logits`
   on x_t ⊕ x_0, the block-causal mask): each step's tokens are the argmax of the logits
   training gives the block's noised state after the clean blocks before it, and its positions
-  the most confident (`confidence`) or the leftmost (`left_to_right`) masked ones. A sampler
+  the most confident (`confidence`), the leftmost (`left_to_right`) or the first in the order
+  0, 2, 1, 3 (`dilated`) masked ones. A sampler
   that read a different context (a shifted position, a block's own clean keys, a later block,
   the other row) than the loss trains on would decode other tokens. Two blocks in all (p=2,
   new=6): the second block's first logits come from the call that writes the first."""
@@ -330,7 +354,8 @@ def test_greedy_sampler_reads_the_training_conditionals(make_config, kv_cache, p
       tok, conf = np.asarray(jnp.argmax(logp, -1)), np.asarray(jnp.max(logp, -1))
       masked = x_t[:, cols] == MASK
       count = -(-masked.sum(1) // (steps - k))
-      score = -conf if rule == "confidence" else np.arange(size) + 0 * conf
+      score = {"confidence": -conf, "left_to_right": np.arange(size) + 0 * conf,
+               "dilated": np.array([0, 2, 1, 3]) + 0 * conf}[rule]   # places of 0, 1, 2, 3
       rank = np.argsort(np.argsort(np.where(masked, score, np.inf), axis=1), axis=1)
       chosen = masked & (rank < count[:, None])
       x_t[:, cols] = np.where(chosen, tok, x_t[:, cols])

@@ -46,8 +46,8 @@ _SAMPLER = flags.DEFINE_string("sampler", None, "Time a sampler instead of the t
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 256, "Denoising steps of the sampler.")
 _SAMPLE_LEN = flags.DEFINE_integer("sample_len", 256, "Tokens to generate per row.")
 _RULE = flags.DEFINE_string("rule", "random", "bd3lm without --threshold: its step rule "
-                            "(random or left_to_right: one token per call with "
-                            "--sample_steps = block size).")
+                            "(random, left_to_right or dilated; one token per call "
+                            "with --sample_steps = block size).")
 _BLOCK = flags.DEFINE_integer("block_length", 0, "llada, llada_dual, llada_prefix: the "
                               "block (0: one; the caches need one).")
 _THRESHOLD, _FALLBACK = cli.define_threshold_flags()

@@ -48,7 +48,7 @@ _SCORER = flags.DEFINE_string("scorer", None, "gen_ppl: the ar workdir that scor
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "gen_ppl: tokens per sample at most.")
 _SAMPLER = flags.DEFINE_string("sampler", None, "gen_ppl: the objective's sampler (mdlm: "
                                "ancestral, confidence, llada; bd3lm: ancestral, random, "
-                               "left_to_right, confidence, threshold).")
+                               "left_to_right, dilated, confidence, threshold).")
 _SAMPLE_STEPS = flags.DEFINE_integer("steps", None, "gen_ppl: sampler steps (mdlm: in all; "
                                      "bd3lm: per block).")
 _DRAW = cli.define_draw_flags()  # gen_ppl's

@@ -17,7 +17,8 @@ the objective's sampler.
 - `bd3lm`: continues --prefix block by block with the finished blocks' keys and values
   cached, up to --max_new_tokens (EOS ends a sample earlier), --steps calls per block at most
   (default: the block size); --sampler=ancestral (the default), random (one uniformly chosen
-  token per call), left_to_right (the leftmost), confidence, or threshold (with --threshold;
+  token per call), left_to_right (the leftmost), dilated (far-apart positions together: 0, 2,
+  then 1, 3 in a block of 4), confidence, or threshold (with --threshold;
   also --sampler=bd3lm --threshold=0.9).
 - `insertion`: inserts tokens between --prefix and --suffix, --sampler=parallel (every open
   slot at once; the default after objective.finalization=slot) or sequential (one insertion
@@ -50,7 +51,8 @@ _TEMPLATE = flags.DEFINE_string("template", None, "Text with <mask:N> spans to f
                                 "or with <blank>s each filled with any number of tokens (blm).")
 _SAMPLER = flags.DEFINE_string("sampler", None, "mdlm: ancestral (default), confidence, llada; "
                                "insertion: parallel (default), sequential; bd3lm: ancestral "
-                               "(default), random, left_to_right, confidence, threshold.")
+                               "(default), random, left_to_right, dilated, confidence, "
+                               "threshold.")
 _THRESHOLD, _FALLBACK = cli.define_threshold_flags()
 _STEPS = flags.DEFINE_integer("steps", None, "mdlm: denoising steps (default: masked count).")
 _BLOCK = flags.DEFINE_integer("block_length", 0, "llada: semi-autoregressive block (0: one).")

@@ -17,6 +17,10 @@ and top-k / top-p / min-p filtering, with `sampling.draw`):
   sampled exactly, one position at a time).
 - `left_to_right`: commit the ceil(masked / steps left) leftmost; with steps = L' one token
   per call in reading order (the block-causal model read as a left-to-right one).
+- `dilated`: commit the ceil(masked / steps left) first in a coarse-to-fine order, the
+  bit-reversed position (blocks of 4: 0, 2, 1, 3; of 8: 0, 4, 2, 6, 1, 5, 3, 7), so the
+  positions a call commits together lie far apart, where their joint depends least on
+  drawing them independently (dilated unmasking; 2 steps a block of 4: {0, 2}, then {1, 3}).
 - `confidence`: commit the ceil(masked / steps left) most confident (probability of the
   drawn token).
 - `threshold` (Fast-dLLM): commit every position whose top probability (at temperature 1,
@@ -42,7 +46,14 @@ from mdlm_jax import tokenizers
 from mdlm_jax.objectives import base
 from mdlm_jax.objectives import mdlm_schedule
 
-RULES = ("ancestral", "random", "left_to_right", "confidence", "threshold")
+RULES = ("ancestral", "random", "left_to_right", "dilated", "confidence", "threshold")
+
+
+def dilated_order(n: int):
+  """(n,) int32: each position's place in the coarse-to-fine order, its index with the bits
+  reversed (over the bits of n - 1; distinct, so a ranking)."""
+  bits = max(1, (n - 1).bit_length())
+  return jnp.asarray([int(format(i, f"0{bits}b")[::-1], 2) for i in range(n)], jnp.int32)
 
 
 def commit(rule: str, k, steps: int, masked_BxL, conf_BxL, key, *, threshold: float,
@@ -52,13 +63,14 @@ def commit(rule: str, k, steps: int, masked_BxL, conf_BxL, key, *, threshold: fl
   most `steps` (the last commits all)."""
   conf = jnp.where(masked_BxL, conf_BxL, -jnp.inf)
   rank = base.rank_in_row(-conf)
-  if rule in ("confidence", "random", "left_to_right"):
+  if rule in ("confidence", "random", "left_to_right", "dilated"):
     if rule == "random":
       rank = base.rank_in_row(jnp.where(masked_BxL, jax.random.uniform(key, masked_BxL.shape),
                                         jnp.inf))
-    elif rule == "left_to_right":
-      rank = base.rank_in_row(jnp.where(masked_BxL, jnp.arange(masked_BxL.shape[1]),
-                                        masked_BxL.shape[1]))
+    elif rule in ("left_to_right", "dilated"):
+      n = masked_BxL.shape[1]
+      order = jnp.arange(n) if rule == "left_to_right" else dilated_order(n)
+      rank = base.rank_in_row(jnp.where(masked_BxL, order, 2 * n))   # beyond every place
     count = -(-jnp.sum(masked_BxL, axis=1) // (steps - k))   # ceil division
     chosen = rank < count[:, None]
   elif rule == "threshold":
