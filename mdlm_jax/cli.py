@@ -39,9 +39,10 @@ def define_threshold_flags():
       "threshold", 0.0, "llada and bd3lm: commit every masked position (of the current block) "
       "whose top probability exceeds it, at least one per call (Fast-dLLM); 0: off.")
   fallback = flags.DEFINE_enum(
-      "threshold_fallback", "confident", ["confident", "random"], "bd3lm with --threshold: the "
-      "one position committed when none passes (the most confident, Fast-dLLM's; or one "
-      "chosen uniformly).")
+      "threshold_fallback", "confident", ["confident", "random", "left_to_right", "dilated"],
+      "bd3lm with --threshold: the order that tops a call up to ceil(masked / steps left) "
+      "positions when fewer pass (one when none passes, with steps = block size): the most "
+      "confident first (Fast-dLLM's), uniformly random, reading order, or the dilated order.")
   return threshold, fallback
 
 

@@ -231,6 +231,28 @@ def test_commit_rules():
                     for s in range(400)])
   assert np.all(picks.sum(1) == 2) and not picks[:, 2].any()   # ceil(4 / 2) masked ones
   np.testing.assert_allclose(picks[:, [0, 1, 3, 4]].mean(0), 0.5, atol=0.08)   # uniformly
+  # fewer steps than positions: the threshold's passing ones, topped up to ceil(masked /
+  # steps left) in the fallback's order; more passing than that: every one of them
+  top_up = lambda c, k, steps, fb: np.asarray(bd3lm_sampling.commit(
+      "threshold", k, steps, masked, jnp.log(jnp.array([c])), key, threshold=0.9,
+      fallback=fb))[0].tolist()
+  some = [0.3, 0.95, 0.99, 0.4, 0.5]   # 1 passes of the 4 masked (0, 1, 3, 4)
+  assert top_up(some, 0, 2, "confident") == [False, True, False, False, True]
+  assert top_up(some, 0, 2, "left_to_right") == [True, True, False, False, False]
+  assert top_up(some, 0, 2, "dilated") == [True, True, False, False, False]
+  assert top_up(some, 0, 1, "dilated") == [True, True, False, True, True]   # the last step
+  assert top_up(some, 0, 4, "dilated") == [False, True, False, False, False]   # 1 passes
+  assert top_up([0.3, 0.95, 0.99, 0.2, 0.1], 1, 4, "dilated") == [True, True, False, False,
+                                                                     False]   # ceil(4/3) = 2
+  other = [0.95, 0.3, 0.99, 0.4, 0.2]   # 0 passes; each order tops up a different one
+  assert top_up(other, 0, 2, "confident") == [True, False, False, True, False]
+  assert top_up(other, 0, 2, "left_to_right") == [True, True, False, False, False]
+  assert top_up(other, 0, 2, "dilated") == [True, False, False, False, True]
+  assert top_up([0.92, 0.95, 0.99, 0.91, 0.1], 0, 2, "dilated") == [True, True, False, True,
+                                                                     False]
+  nothing = [0.3, 0.5, 0.99, 0.4, 0.2]
+  assert top_up(nothing, 0, 2, "dilated") == [True, False, False, False, True]   # 0 and 4
+  assert top_up(nothing, 1, 3, "left_to_right") == [True, True, False, False, False]
   reveal = np.mean([np.asarray(bd3lm_sampling.commit(
       "ancestral", 1, 4, jnp.ones((1, 400), bool), jnp.zeros((1, 400)), jax.random.key(s),
       threshold=0.9)) for s in range(20)])
@@ -310,7 +332,7 @@ def test_sampler_options_are_checked(make_config):
                                            "max_new_tokens": 4, **kw})
   for kw, message in [({"rule": "greedy"}, "--sampler='greedy' is unknown for bd3lm"),
                       ({"steps": 0}, "steps=0 must be >= 1"),
-                      ({"fallback": "best"}, "fallback='best' must be 'confident' or 'random'"),
+                      ({"fallback": "best"}, "fallback='best' must be one of \\('confident'"),
                       ({"threshold": 0.0}, r"--threshold=0.0 must be in \(0, 1\]"),
                       ({"threshold": 1.5}, r"--threshold=1.5 must be in \(0, 1\]")]:
     with pytest.raises(ValueError, match=message):
@@ -388,6 +410,17 @@ def test_threshold_gates_on_the_top_probability_not_on_the_draw(make_config):
     out, info = run(thr, fallback)
     assert int(info["calls"]) == 3
     np.testing.assert_allclose(np.mean(np.asarray(out)[:, 1:] == 50), 0.05, atol=0.02)
+  # 2 steps for the 3 masks: nothing passes 0.96, the floor commits ceil(3 / 2), then the last
+  out, info = obj.generate_blocks(fixed_model, prompt, jax.random.key(1), max_new_tokens=3,
+                                  steps=2, sampler="threshold", threshold=0.96,
+                                  fallback="dilated")
+  assert int(info["calls"]) == 2
+  np.testing.assert_allclose(np.mean(np.asarray(out)[:, 1:] == 50), 0.05, atol=0.02)
+  # a cap that cuts a block: only its positions before the cap are drawn, one call for one
+  out, info = obj.generate_blocks(fixed_model, prompt, jax.random.key(1), max_new_tokens=4,
+                                  steps=4, sampler="random")
+  assert int(info["calls"]) == 4 and out.shape == (400, 5)
+  assert set(np.unique(np.asarray(out)[:, 1:])) == {40, 50}
 
 
 def test_sampler_stops_at_eos_and_pads_after_it(make_config):

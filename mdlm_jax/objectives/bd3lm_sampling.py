@@ -24,10 +24,14 @@ and top-k / top-p / min-p filtering, with `sampling.draw`):
 - `confidence`: commit the ceil(masked / steps left) most confident (probability of the
   drawn token).
 - `threshold` (Fast-dLLM): commit every position whose top probability (at temperature 1,
-  over the tokens the filters keep) is above `threshold`; when none is, the most confident
-  one (`fallback='random'`: one chosen uniformly, which keeps a weak model from filling
-  blocks in its most-confident order, the order that degenerates into repeated tokens). The
-  token committed is the one drawn. The gate never looks at the draw, so a committed token
+  over the tokens the filters keep) is above `threshold`, and at least ceil(masked / steps
+  left): when fewer pass, the rest are topped up in the `fallback` order, the most confident
+  first (Fast-dLLM's; with steps = L' that is one when none passes), or `random` (one chosen
+  uniformly, which keeps a weak model from filling blocks in its most-confident order, the
+  order that degenerates into repeated tokens), `left_to_right` or `dilated`. With fewer
+  steps than L' the steps set a floor of tokens a call and the threshold adds the easy ones
+  (2 steps a block of 4 with `dilated`: {0, 2} and whatever else passes, then the rest).
+  The token committed is the one drawn. The gate never looks at the draw, so a committed token
   follows the model's distribution at any temperature; gating on the drawn token's own
   probability would re-draw the unlikely draws and lower the samples' entropy. At
   temperature 0 the two gates are the same.
@@ -47,6 +51,7 @@ from mdlm_jax.objectives import base
 from mdlm_jax.objectives import mdlm_schedule
 
 RULES = ("ancestral", "random", "left_to_right", "dilated", "confidence", "threshold")
+FALLBACKS = ("confident", "random", "left_to_right", "dilated")   # the threshold rule's top-up
 
 
 def dilated_order(n: int):
@@ -62,23 +67,28 @@ def commit(rule: str, k, steps: int, masked_BxL, conf_BxL, key, *, threshold: fl
   (the drawn tokens' probabilities; the top probabilities for `threshold`); step k of at
   most `steps` (the last commits all)."""
   conf = jnp.where(masked_BxL, conf_BxL, -jnp.inf)
-  rank = base.rank_in_row(-conf)
+  count = -(-jnp.sum(masked_BxL, axis=1) // (steps - k))   # ceil(masked / steps left)
+
+  def first(order, candidates_BxL, how_many):
+    """The `how_many` (B,) candidates first in `order` ('confidence': the most confident)."""
+    n = candidates_BxL.shape[1]
+    if order == "confidence":
+      place = -conf
+    elif order == "random":
+      place = jax.random.uniform(key, candidates_BxL.shape)
+    else:
+      place = jnp.broadcast_to(jnp.arange(n) if order == "left_to_right" else dilated_order(n),
+                               candidates_BxL.shape).astype(jnp.float32)
+    rank = base.rank_in_row(jnp.where(candidates_BxL, place, jnp.inf))
+    return candidates_BxL & (rank < how_many[:, None])
+
   if rule in ("confidence", "random", "left_to_right", "dilated"):
-    if rule == "random":
-      rank = base.rank_in_row(jnp.where(masked_BxL, jax.random.uniform(key, masked_BxL.shape),
-                                        jnp.inf))
-    elif rule in ("left_to_right", "dilated"):
-      n = masked_BxL.shape[1]
-      order = jnp.arange(n) if rule == "left_to_right" else dilated_order(n)
-      rank = base.rank_in_row(jnp.where(masked_BxL, order, 2 * n))   # beyond every place
-    count = -(-jnp.sum(masked_BxL, axis=1) // (steps - k))   # ceil division
-    chosen = rank < count[:, None]
-  elif rule == "threshold":
-    if fallback == "random":   # the one committed when none passes: uniform, not the best
-      rank = base.rank_in_row(jnp.where(masked_BxL, jax.random.uniform(key, masked_BxL.shape),
-                                        jnp.inf))
-    passing = conf > jnp.log(threshold)
-    chosen = passing | ((rank == 0) & ~jnp.any(passing, axis=1, keepdims=True))
+    chosen = first(rule, masked_BxL, count)
+  elif rule == "threshold":   # the passing ones, topped up to the step's count by `fallback`
+    passing = masked_BxL & (conf > jnp.log(threshold))
+    short = jnp.maximum(count - jnp.sum(passing, axis=1), 0)
+    order = "confidence" if fallback == "confident" else fallback
+    chosen = passing | first(order, masked_BxL & ~passing, short)
   elif rule == "ancestral":
     t, s = 1.0 - k / steps, 1.0 - (k + 1) / steps
     m_t = mdlm_schedule.mask_fraction(schedule, jnp.asarray(t, jnp.float32))[0]
@@ -101,8 +111,8 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
     raise ValueError(f"--sampler={rule!r} is unknown for bd3lm; choose one of {RULES}.")
   if steps < 1:
     raise ValueError(f"steps={steps} must be >= 1.")
-  if fallback not in ("confident", "random"):
-    raise ValueError(f"fallback={fallback!r} must be 'confident' or 'random'.")
+  if fallback not in FALLBACKS:
+    raise ValueError(f"fallback={fallback!r} must be one of {FALLBACKS}.")
   if not 0.0 < threshold <= 1.0:
     raise ValueError(f"--threshold={threshold} must be in (0, 1].")
   size = block_size
@@ -113,6 +123,9 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
                             jnp.full((b, width - p), tokenizers.MASK, jnp.int32)], axis=1)
   idx = jnp.arange(width)
   block_of = lambda x, blk: jax.lax.dynamic_slice_in_dim(x, blk * size, size, axis=1)
+  # a last block the cap cuts: the positions past it stay MASK, never drawn nor waited for
+  wanted = jnp.broadcast_to(idx < p + max_new_tokens, (b, width))
+  to_draw = lambda x, blk: (block_of(x, blk) == tokenizers.MASK) & block_of(wanted, blk)
   subs = lambda h: model.logits(h).at[..., tokenizers.MASK].set(sampling.NEG_INF)
 
   if kv_cache:
@@ -156,19 +169,19 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
       k_tok, k_rule = jax.random.split(jax.random.fold_in(key, k))
       tok, logp = sampling.draw(k_tok, logits, temperature, top_k, top_p, min_p)
       xb = block_of(x, blk)
-      masked = xb == tokenizers.MASK
+      masked = to_draw(x, blk)
       conf = (jnp.max(logp, axis=-1) if rule == "threshold"
               else jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0])
       chosen = commit(rule, k, steps, masked, conf, k_rule, threshold=threshold,
                       schedule=schedule, fallback=fallback)
       x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(chosen, tok, xb), blk * size, axis=1)
-      more = jnp.any(block_of(x, blk) == tokenizers.MASK)
+      more = jnp.any(to_draw(x, blk))
       logits, cache, calls = jax.lax.cond(
           more, lambda: (*step_logits(x, blk, cache), calls + 1),
           lambda: (logits, cache, calls))
       return k + 1, x, logits, calls, cache
 
-    unfinished = lambda c: jnp.any(block_of(c[1], blk) == tokenizers.MASK)
+    unfinished = lambda c: jnp.any(to_draw(c[1], blk))
     _, x, logits, calls, cache = jax.lax.while_loop(
         unfinished, step, (jnp.zeros((), jnp.int32), x, logits, calls, cache))
     made = (blk * size + jnp.arange(size)) >= p
