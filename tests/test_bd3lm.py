@@ -216,13 +216,17 @@ def test_commit_rules():
   np.testing.assert_array_equal(got, [[False, True, False, False, False]])
   got = bd3lm_sampling.commit("left_to_right", 1, 3, later, conf, key, threshold=0.9)
   np.testing.assert_array_equal(got, [[False, True, True, False, False]])
-  # dilated over 5 places: 0, 4, 2, 6, 1 (bits of 4 reversed), so the order is 0, 4, 2, 1, 3
+  # dilated over the 4 open positions 0, 1, 3, 4 (ranks 0..3, places 0, 2, 1, 3): 0, 3, 1, 4
   got = bd3lm_sampling.commit("dilated", 1, 3, masked, conf, key, threshold=0.9)
-  np.testing.assert_array_equal(got, [[True, False, False, False, True]])   # 0 and 4
+  np.testing.assert_array_equal(got, [[True, False, False, True, False]])   # 0 and 3
   got = bd3lm_sampling.commit("dilated", 0, 5, later, conf, key, threshold=0.9)
-  np.testing.assert_array_equal(got, [[False, False, False, False, True]])
+  np.testing.assert_array_equal(got, [[False, True, False, False, False]])
   got = bd3lm_sampling.commit("dilated", 1, 3, later, conf, key, threshold=0.9)
-  np.testing.assert_array_equal(got, [[False, False, True, False, True]])
+  np.testing.assert_array_equal(got, [[False, True, False, False, True]])   # 1 and 4 of 1, 2, 4
+  # later in a block: the order stays the one over the positions open at its first step
+  got = bd3lm_sampling.commit("dilated", 1, 3, later, conf, key, threshold=0.9,
+                              open_BxL=jnp.ones((1, 5), bool))   # places 0, 4, 2, 6, 1
+  np.testing.assert_array_equal(got, [[False, False, True, False, True]])   # 4 and 2
   one = jnp.arange(6)[None] == 3   # place 6 in a block of 6: still before the unmasked
   got = bd3lm_sampling.commit("dilated", 0, 4, one, jnp.zeros((1, 6)), key, threshold=0.9)
   np.testing.assert_array_equal(got, one)
@@ -244,14 +248,14 @@ def test_commit_rules():
   assert top_up(some, 0, 4, "dilated") == [False, True, False, False, False]   # 1 passes
   assert top_up([0.3, 0.95, 0.99, 0.2, 0.1], 1, 4, "dilated") == [True, True, False, False,
                                                                      False]   # ceil(4/3) = 2
-  other = [0.95, 0.3, 0.99, 0.4, 0.2]   # 0 passes; each order tops up a different one
-  assert top_up(other, 0, 2, "confident") == [True, False, False, True, False]
+  other = [0.95, 0.3, 0.99, 0.2, 0.4]   # 0 passes; each order tops up a different one
+  assert top_up(other, 0, 2, "confident") == [True, False, False, False, True]
   assert top_up(other, 0, 2, "left_to_right") == [True, True, False, False, False]
-  assert top_up(other, 0, 2, "dilated") == [True, False, False, False, True]
+  assert top_up(other, 0, 2, "dilated") == [True, False, False, True, False]
   assert top_up([0.92, 0.95, 0.99, 0.91, 0.1], 0, 2, "dilated") == [True, True, False, True,
                                                                      False]
   nothing = [0.3, 0.5, 0.99, 0.4, 0.2]
-  assert top_up(nothing, 0, 2, "dilated") == [True, False, False, False, True]   # 0 and 4
+  assert top_up(nothing, 0, 2, "dilated") == [True, False, False, True, False]   # 0 and 3
   assert top_up(nothing, 1, 3, "left_to_right") == [True, True, False, False, False]
   reveal = np.mean([np.asarray(bd3lm_sampling.commit(
       "ancestral", 1, 4, jnp.ones((1, 400), bool), jnp.zeros((1, 400)), jax.random.key(s),
@@ -265,6 +269,10 @@ def test_dilated_order_is_coarse_to_fine():
   for m in range(5):
     n = 2 ** m
     place = np.asarray(bd3lm_sampling.dilated_order(n))
+    open_ = np.zeros((1, n + 3), bool)
+    open_[0, 3:] = True   # the same order over n open positions after 3 closed ones
+    np.testing.assert_array_equal(bd3lm_sampling.dilated_places(jnp.asarray(open_))[0, 3:],
+                                  place)
     np.testing.assert_array_equal(np.sort(place), np.arange(n))
     for j in range(m + 1):
       np.testing.assert_array_equal(np.flatnonzero(place < 2 ** j),
@@ -340,23 +348,23 @@ def test_sampler_options_are_checked(make_config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kv_cache,p,new,rule", [(True, 6, 18, "confidence"),
-                                                 (False, 6, 18, "confidence"),
-                                                 (True, 2, 6, "confidence"),
-                                                 (True, 6, 6, "left_to_right"),
-                                                 (True, 2, 10, "dilated")])
-def test_greedy_sampler_reads_the_training_conditionals(make_config, kv_cache, p, new, rule):
-  """Greedy decoding, two steps a block, replayed with the training forward (`noised_logits`
+@pytest.mark.parametrize("kv_cache,p,new,rule,size,steps", [
+    (True, 6, 18, "confidence", 4, 2), (False, 6, 18, "confidence", 4, 2),
+    (True, 2, 6, "confidence", 4, 2), (True, 6, 6, "left_to_right", 4, 2),
+    (True, 1, 11, "dilated", 4, 2), (True, 1, 15, "dilated", 8, 4)])
+def test_greedy_sampler_reads_the_training_conditionals(make_config, kv_cache, p, new, rule,
+                                                         size, steps):
+  """Greedy decoding, two steps a block of 4 (four a block of 8), replayed with the training forward (`noised_logits`
   on x_t ⊕ x_0, the block-causal mask): each step's tokens are the argmax of the logits
   training gives the block's noised state after the clean blocks before it, and its positions
   the most confident (`confidence`), the leftmost (`left_to_right`) or the first in the order
-  0, 2, 1, 3 (`dilated`) masked ones. A sampler
+  0, 2, 1, 3 (`dilated`; over the block's 3 open positions after BOS: 1, 3, 2; a block of 8
+  keeps the order of its first step's open positions) masked ones. A sampler
   that read a different context (a shifted position, a block's own clean keys, a later block,
   the other row) than the loss trains on would decode other tokens. Two blocks in all (p=2,
   new=6): the second block's first logits come from the call that writes the first."""
-  obj, model = make(make_config, block_size=4, init_std=0.5)
+  obj, model = make(make_config, block_size=size, init_std=0.5)
   model = ends_at(model, -100.0)    # no EOS: every block is decoded
-  size, steps = 4, 2
   prompt = jnp.asarray(np.array([[BOS, 40, 41, 42, 43, 44], [BOS, 50, 61, 52, 63, 54]],
                                 np.int32)[:, :p])
   out, info = obj.generate_blocks(model, prompt, jax.random.key(0), sampler=rule,
@@ -371,13 +379,17 @@ def test_greedy_sampler_reads_the_training_conditionals(make_config, kv_cache, p
   x_t = np.where(made, MASK, out)
   for blk in range(p // size, width // size):
     cols = slice(blk * size, (blk + 1) * size)
+    dilated = np.full((2, size), 99)   # each open position's place, by its rank among them
+    for row, opened in zip(dilated, x_t[:, cols] == MASK):
+      row[opened] = {8: [0, 4, 2, 6, 1, 5, 3, 7], 7: [0, 4, 2, 6, 1, 5, 3], 4: [0, 2, 1, 3],
+                     3: [0, 2, 1], 2: [0, 1], 1: [0], 0: []}[opened.sum()]
     for k in range(steps):
       logp = jax.nn.log_softmax(obj.noised_logits(model, batch, jnp.asarray(x_t))[:, cols])
       tok, conf = np.asarray(jnp.argmax(logp, -1)), np.asarray(jnp.max(logp, -1))
       masked = x_t[:, cols] == MASK
       count = -(-masked.sum(1) // (steps - k))
       score = {"confidence": -conf, "left_to_right": np.arange(size) + 0 * conf,
-               "dilated": np.array([0, 2, 1, 3]) + 0 * conf}[rule]   # places of 0, 1, 2, 3
+               "dilated": dilated + 0 * conf}[rule]
       rank = np.argsort(np.argsort(np.where(masked, score, np.inf), axis=1), axis=1)
       chosen = masked & (rank < count[:, None])
       x_t[:, cols] = np.where(chosen, tok, x_t[:, cols])

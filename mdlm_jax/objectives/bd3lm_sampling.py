@@ -21,6 +21,8 @@ and top-k / top-p / min-p filtering, with `sampling.draw`):
   bit-reversed position (blocks of 4: 0, 2, 1, 3; of 8: 0, 4, 2, 6, 1, 5, 3, 7), so the
   positions a call commits together lie far apart, where their joint depends least on
   drawing them independently (dilated unmasking; 2 steps a block of 4: {0, 2}, then {1, 3}).
+  The order is over the positions the block has to draw (its rank among them, bit-reversed
+  over their count): a block holding BOS draws 1 and 3, then 2.
 - `confidence`: commit the ceil(masked / steps left) most confident (probability of the
   drawn token).
 - `threshold` (Fast-dLLM): commit every position whose top probability (at temperature 1,
@@ -54,18 +56,29 @@ RULES = ("ancestral", "random", "left_to_right", "dilated", "confidence", "thres
 FALLBACKS = ("confident", "random", "left_to_right", "dilated")   # the threshold rule's top-up
 
 
-def dilated_order(n: int):
-  """(n,) int32: each position's place in the coarse-to-fine order, its index with the bits
+def dilated_order(n: int) -> list[int]:
+  """Each of n positions' place in the coarse-to-fine order, its index with the bits
   reversed (over the bits of n - 1; distinct, so a ranking)."""
   bits = max(1, (n - 1).bit_length())
-  return jnp.asarray([int(format(i, f"0{bits}b")[::-1], 2) for i in range(n)], jnp.int32)
+  return [int(format(i, f"0{bits}b")[::-1], 2) for i in range(n)]
+
+
+def dilated_places(open_BxL):
+  """(B, L) int32: each open position's place in the dilated order over the open ones (its
+  rank among them in reading order, as `dilated_order` of their count places it), so that a
+  block holding BOS (open: 1, 2, 3) commits 1 and 3 first, not the adjacent 2 and 1."""
+  n = open_BxL.shape[1]
+  table = jnp.asarray([dilated_order(m) + [n] * (n - m) for m in range(n + 1)], jnp.int32)
+  rank = jnp.maximum(jnp.cumsum(open_BxL, axis=1) - 1, 0)
+  return table[jnp.sum(open_BxL, axis=1, keepdims=True), rank]
 
 
 def commit(rule: str, k, steps: int, masked_BxL, conf_BxL, key, *, threshold: float,
-           schedule: str = "linear", fallback: str = "confident"):
+           schedule: str = "linear", fallback: str = "confident", open_BxL=None):
   """Which masked positions a step commits (B, L) bool, given the log confidences `conf_BxL`
   (the drawn tokens' probabilities; the top probabilities for `threshold`); step k of at
-  most `steps` (the last commits all)."""
+  most `steps` (the last commits all). `open_BxL`: the positions the block had to draw at
+  its first step (the dilated order is over them; default: the masked ones)."""
   conf = jnp.where(masked_BxL, conf_BxL, -jnp.inf)
   count = -(-jnp.sum(masked_BxL, axis=1) // (steps - k))   # ceil(masked / steps left)
 
@@ -77,8 +90,9 @@ def commit(rule: str, k, steps: int, masked_BxL, conf_BxL, key, *, threshold: fl
     elif order == "random":
       place = jax.random.uniform(key, candidates_BxL.shape)
     else:
-      place = jnp.broadcast_to(jnp.arange(n) if order == "left_to_right" else dilated_order(n),
-                               candidates_BxL.shape).astype(jnp.float32)
+      place = (jnp.broadcast_to(jnp.arange(n), candidates_BxL.shape) if order == "left_to_right"
+               else dilated_places(masked_BxL if open_BxL is None else open_BxL))
+      place = place.astype(jnp.float32)
     rank = base.rank_in_row(jnp.where(candidates_BxL, place, jnp.inf))
     return candidates_BxL & (rank < how_many[:, None])
 
@@ -163,6 +177,7 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
   def block_body(c):
     blk, x, cache, logits, done, calls = c
     key = jax.random.fold_in(rng, blk)
+    opened = to_draw(x, blk)   # what the block has to draw (the dilated order's positions)
 
     def step(c):
       k, x, logits, calls, cache = c
@@ -173,7 +188,7 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
       conf = (jnp.max(logp, axis=-1) if rule == "threshold"
               else jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0])
       chosen = commit(rule, k, steps, masked, conf, k_rule, threshold=threshold,
-                      schedule=schedule, fallback=fallback)
+                      schedule=schedule, fallback=fallback, open_BxL=opened)
       x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(chosen, tok, xb), blk * size, axis=1)
       more = jnp.any(to_draw(x, blk))
       logits, cache, calls = jax.lax.cond(
