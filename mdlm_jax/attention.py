@@ -133,6 +133,23 @@ def _packed_attention(q, k, v, segs: PackedSegments, causal: bool):
                       lambda: jax.checkpoint(masked)(q, k, v, segs.ids))
 
 
+def cached_attention(q, k_BxNxSxH, v_BxNxSxH, mask, impl: str):
+  """q (B, T, N, H) against a head-major cache k/v (B, N, S, H), mask (B, 1, T, S) -> (B, T, N,
+  H). The scores are one batched matmul over (B, N) as the cache lies (a (B, S, N, H) cache
+  is copied to head-major for every call, which made decoding's cost scale with the cache);
+  cuDNN, which reads (B, S, N, H), gets the keys transposed."""
+  if impl == "cudnn":
+    to_bsnh = lambda x: x.transpose(0, 2, 1, 3)
+    return dot_product_attention(q, to_bsnh(k_BxNxSxH), to_bsnh(v_BxNxSxH), mask, False, impl)
+  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  s = jnp.einsum("btnh,bnsh->bnts", q * scale, k_BxNxSxH, preferred_element_type=jnp.float32)
+  s = s + jnp.where(mask, 0.0, -1e30).astype(jnp.float32)
+  e = jnp.exp(s - s.max(axis=-1, keepdims=True))
+  o = jnp.einsum("bnts,bnsh->btnh", e.astype(v_BxNxSxH.dtype), v_BxNxSxH,
+                 preferred_element_type=jnp.float32)
+  return (o / e.sum(axis=-1)[..., None].transpose(0, 2, 1, 3)).astype(v_BxNxSxH.dtype)
+
+
 def dot_product_attention(q, k, v, mask, causal: bool, impl: str):
   """q (B, T, N, H), k/v (B, S, N, H), mask (B, 1, T, S) -> (B, T, N, H); for 'cudnn_packed'
   the mask is a `PackedSegments`, for 'splash' the segment ids (B, T) (self-attention, T == S)."""

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mdlm_jax import sharding
-from mdlm_jax.attention import (attention_impl, attention_mask, dense_mask_impl,
-                                dot_product_attention, packed_segments)
+from mdlm_jax.attention import (attention_impl, attention_mask, cached_attention,
+                                dense_mask_impl, dot_product_attention, packed_segments)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,18 +119,19 @@ class Attention(nnx.Module):
     impl = attention_impl(cfg.attention, cfg.dtype, x_BxTxD.shape[1])
     if cache is not None:
       # decoding: write the new keys/values at `index` (a scalar: T positions from there; a
-      # (B, T) array: each row's own positions, out-of-range ones dropped), attend per mask
+      # (B, T) array: each row's own positions, out-of-range ones dropped) of the head-major
+      # (B, N, S, H) cache, attend per mask
       index, rows = cache["index"], jnp.arange(k.shape[0])[:, None]
-      put = ((lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), index, 1))
-             if jnp.ndim(index) == 0 else
-             (lambda c, x: c.at[rows, index].set(x.astype(c.dtype), mode="drop")))
-      k, v = put(cache["k"], k), put(cache["v"], v)
-      cache = dict(k=k, v=v, index=index)
-    if cache is not None or (impl in ("splash", "cudnn_packed")
-                             and getattr(mask_Bx1xTxS, "ndim", 0) == 4):
+      put = ((lambda c, x: jax.lax.dynamic_update_slice_in_dim(
+          c, x.transpose(0, 2, 1, 3).astype(c.dtype), index, 2)) if jnp.ndim(index) == 0 else
+             (lambda c, x: c.at[rows, :, index].set(x.astype(c.dtype), mode="drop")))
+      cache = dict(k=put(cache["k"], k), v=put(cache["v"], v), index=index)
+      o = cached_attention(q, cache["k"], cache["v"], mask_Bx1xTxS, dense_mask_impl(impl))
+      return dense(o, self.wo[...], in_dims=2), cache
+    if impl in ("splash", "cudnn_packed") and getattr(mask_Bx1xTxS, "ndim", 0) == 4:
       impl = dense_mask_impl(impl)  # a mask these kernels cannot read
-    o = dot_product_attention(q, k, v, mask_Bx1xTxS, causal and cache is None, impl)
-    return dense(o, self.wo[...], in_dims=2), cache
+    o = dot_product_attention(q, k, v, mask_Bx1xTxS, causal, impl)
+    return dense(o, self.wo[...], in_dims=2), None
 
 
 class MLP(nnx.Module):
@@ -256,7 +257,7 @@ class Transformer(nnx.Module):
   # ---- incremental decoding with a KV cache (causal models) ----
   def init_cache(self, batch: int, length: int) -> list[dict[str, Any]]:
     cfg = self.cfg
-    shape = (batch, length, cfg.num_heads, cfg.head_dim)
+    shape = (batch, cfg.num_heads, length, cfg.head_dim)   # head-major: no copy to attend
     if cfg.scan_layers:  # one entry, the layers stacked (what the scan reads and writes)
       shape = (cfg.num_layers,) + shape
     zeros = lambda: jnp.zeros(shape, cfg.compute_dtype)
@@ -274,7 +275,7 @@ class Transformer(nnx.Module):
     `block` positions, counted from 0, and of the blocks before it)."""
     b, t = tokens_BxT.shape
     index = cache[0]["index"]
-    s = cache[0]["k"].shape[-3]
+    s = cache[0]["k"].shape[-2]
     q_idx = jnp.broadcast_to(index + jnp.arange(t), (b, t))
     k_idx = jnp.broadcast_to(jnp.arange(s), (b, s))
     mask = attention_mask(jnp.ones((b, t), jnp.int32), (k_idx < index + t).astype(jnp.int32),

@@ -275,7 +275,7 @@ def test_scanned_layers_compute_what_unrolled_layers_do(remat):
   np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
   chex.assert_trees_all_close(unstacked(grad_s, 3), grad_u, rtol=1e-5, atol=1e-8)
   cache = scanned.init_cache(2, 16)
-  assert len(cache) == 1 and cache[0]["k"].shape == (3, 2, 16, 2, 16)
+  assert len(cache) == 1 and cache[0]["k"].shape == (3, 2, 2, 16, 16)   # (L, B, N, S, H)
   prefill, cache = scanned.decode(tokens[:, :5], cache)
   nxt, cache = scanned.decode(tokens[:, 5:6], cache)
   full = unrolled(tokens, *row(16))
