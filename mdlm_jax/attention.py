@@ -136,9 +136,10 @@ def _packed_attention(q, k, v, segs: PackedSegments, causal: bool):
 def cached_attention(q, k_BxNxSxH, v_BxNxSxH, mask, impl: str):
   """q (B, T, N, H) against a head-major cache k/v (B, N, S, H), mask (B, 1, T, S) -> (B, T, N,
   H). The scores are one batched matmul over (B, N) as the cache lies (a (B, S, N, H) cache
-  would be copied to head-major on every call, a cost that grows with the cache); cuDNN,
-  which reads (B, S, N, H), gets the keys transposed."""
-  if impl == "cudnn":
+  would be copied to head-major on every call, a cost that grows with the cache). cuDNN,
+  which reads (B, S, N, H), is used only for 128 queries or more (a prompt, a full refresh),
+  where one transpose of the keys is small beside the attention it saves."""
+  if impl == "cudnn" and q.shape[1] >= 128:
     to_bsnh = lambda x: x.transpose(0, 2, 1, 3)
     return dot_product_attention(q, to_bsnh(k_BxNxSxH), to_bsnh(v_BxNxSxH), mask, False, impl)
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
