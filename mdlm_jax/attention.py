@@ -39,15 +39,20 @@ def _chunked_attention(q, k, v, mask, causal: bool, chunk: int = 64):
   for i in range(nb):
     lo, hi = i * size, (i + 1) * size
     kv_end = hi if causal and nb > 1 else k.shape[2]
-    s = jnp.einsum("bnth,bnsh->bnts", q[i], k[:, :, :kv_end],
-                   preferred_element_type=jnp.float32) + bias[:, :, lo:hi, :kv_end]
-    # softmax normalised after the value product: one (T, H) division instead of a (T, S) one
-    e = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True)))
-    o = jnp.einsum("bnts,bnsh->bnth", e.astype(v.dtype), v[:, :, :kv_end],
-                   preferred_element_type=jnp.float32)
-    outs.append((o / e.sum(axis=-1, keepdims=True)).astype(v.dtype))
+    outs.append(_head_major_attention(q[i], k[:, :, :kv_end], v[:, :, :kv_end],
+                                      bias[:, :, lo:hi, :kv_end]))
   o = jnp.stack(outs)                                # (nb, B, N, size, H)
   return o.transpose(1, 0, 3, 2, 4).reshape(b, t, n, h)
+
+
+def _head_major_attention(q, k, v, bias):
+  """Scaled q (B, N, T, H), k/v (B, N, S, H), additive float32 bias (B, 1, T, S) -> (B, N, T,
+  H): the softmax normalised after the value product, one (T, H) division instead of a (T, S)
+  one."""
+  s = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32) + bias
+  e = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True)))
+  o = jnp.einsum("bnts,bnsh->bnth", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return (o / e.sum(axis=-1, keepdims=True)).astype(v.dtype)
 
 
 def attention_impl(name: str, dtype, length: int | None = None) -> str:
@@ -142,13 +147,9 @@ def cached_attention(q, k_BxNxSxH, v_BxNxSxH, mask, impl: str):
   if impl == "cudnn" and q.shape[1] >= 128:
     to_bsnh = lambda x: x.transpose(0, 2, 1, 3)
     return dot_product_attention(q, to_bsnh(k_BxNxSxH), to_bsnh(v_BxNxSxH), mask, False, impl)
-  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-  s = jnp.einsum("btnh,bnsh->bnts", q * scale, k_BxNxSxH, preferred_element_type=jnp.float32)
-  s = s + jnp.where(mask, 0.0, -1e30).astype(jnp.float32)
-  e = jnp.exp(s - s.max(axis=-1, keepdims=True))
-  o = jnp.einsum("bnts,bnsh->btnh", e.astype(v_BxNxSxH.dtype), v_BxNxSxH,
-                 preferred_element_type=jnp.float32)
-  return (o / e.sum(axis=-1)[..., None].transpose(0, 2, 1, 3)).astype(v_BxNxSxH.dtype)
+  q = (q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)).transpose(0, 2, 1, 3)
+  bias = jnp.where(mask, 0.0, -1e30).astype(jnp.float32)
+  return _head_major_attention(q, k_BxNxSxH, v_BxNxSxH, bias).transpose(0, 2, 1, 3)
 
 
 def dot_product_attention(q, k, v, mask, causal: bool, impl: str):
