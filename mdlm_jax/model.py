@@ -269,16 +269,18 @@ class Transformer(nnx.Module):
     h, cache = self.decode_hidden(tokens_BxT, cache)
     return self.logits(h), cache
 
-  def decode_hidden(self, tokens_BxT, cache, block: int = 1):
+  def decode_hidden(self, tokens_BxT, cache, block: int = 1, start: int = 0):
     """`decode` up to the final norm: (final states (B, T, D), cache). With `block` > 1 the
     new tokens attend block-causally (a token sees every position of its own block of
-    `block` positions, counted from 0, and of the blocks before it)."""
+    `block` positions, counted from 0, and of the blocks before it). The cache positions
+    before `start` are padding: no token attends to them."""
     b, t = tokens_BxT.shape
     index = cache[0]["index"]
     s = cache[0]["k"].shape[-2]
     q_idx = jnp.broadcast_to(index + jnp.arange(t), (b, t))
     k_idx = jnp.broadcast_to(jnp.arange(s), (b, s))
-    mask = attention_mask(jnp.ones((b, t), jnp.int32), (k_idx < index + t).astype(jnp.int32),
+    mask = attention_mask(jnp.ones((b, t), jnp.int32),
+                          ((k_idx >= start) & (k_idx < index + t)).astype(jnp.int32),
                           q_idx // block, k_idx // block, causal=True)
     x = self.embed_tokens(tokens_BxT)
     rope = rope_tables(q_idx, self.cfg.head_dim, self.cfg.rope_base, self.cfg.max_seq_len)

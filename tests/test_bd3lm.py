@@ -354,15 +354,18 @@ def test_sampler_options_are_checked(make_config):
     (True, 1, 11, "dilated", 4, 2), (True, 1, 15, "dilated", 8, 4)])
 def test_greedy_sampler_reads_the_training_conditionals(make_config, kv_cache, p, new, rule,
                                                          size, steps):
-  """Greedy decoding, two steps a block of 4 (four a block of 8), replayed with the training forward (`noised_logits`
-  on x_t ⊕ x_0, the block-causal mask): each step's tokens are the argmax of the logits
-  training gives the block's noised state after the clean blocks before it, and its positions
-  the most confident (`confidence`), the leftmost (`left_to_right`) or the first in the order
-  0, 2, 1, 3 (`dilated`; over the block's 3 open positions after BOS: 1, 3, 2; a block of 8
-  keeps the order of its first step's open positions) masked ones. A sampler
-  that read a different context (a shifted position, a block's own clean keys, a later block,
-  the other row) than the loss trains on would decode other tokens. Two blocks in all (p=2,
-  new=6): the second block's first logits come from the call that writes the first."""
+  """Greedy decoding, two steps a block of 4 (four a block of 8), replayed with the training
+  forward (`noised_logits` on x_t ⊕ x_0, the block-causal mask) on the row the sampler builds:
+  the prompt left-padded with PAD (a segment of its own) to end at a block's end, then whole
+  blocks, the positions past the cap left MASK. Each step's tokens are the argmax of the
+  logits training gives the block's noised state after the clean blocks before it, and its
+  positions the most confident (`confidence`), the leftmost (`left_to_right`) or the first
+  in the order 0, 2, 1, 3 (`dilated`; over a last block's 3 positions before the cap: 0, 2,
+  1; a block of 8 keeps the order of its first step's open positions) masked ones. A
+  sampler that read a different context (a shifted position, the padding, a block's own
+  clean keys, a later block, the other row) than the loss trains on would decode other
+  tokens. Two blocks in all (p=2, new=6): the second block's first logits come from the call
+  that writes the first."""
   obj, model = make(make_config, block_size=size, init_std=0.5)
   model = ends_at(model, -100.0)    # no EOS: every block is decoded
   prompt = jnp.asarray(np.array([[BOS, 40, 41, 42, 43, 44], [BOS, 50, 61, 52, 63, 54]],
@@ -371,39 +374,44 @@ def test_greedy_sampler_reads_the_training_conditionals(make_config, kv_cache, p
                                   steps=steps, max_new_tokens=new, temperature=0.0,
                                   kv_cache=kv_cache)
   out = np.asarray(out)
-  width = p + new
-  batch = {"inputs": jnp.asarray(out), "positions": jnp.broadcast_to(jnp.arange(width),
-                                                                        out.shape),
-           "segment_ids": jnp.ones(out.shape, jnp.int32)}
-  made = np.arange(width) >= p
-  x_t = np.where(made, MASK, out)
-  for blk in range(p // size, width // size):
+  pad, blocks = -p % size, -(-new // size)
+  width = pad + p + blocks * size
+  cap = pad + p + new
+  row = np.full((2, width), MASK)
+  row[:, :pad], row[:, pad:cap] = PAD, out
+  batch = {"inputs": jnp.asarray(row), "positions": jnp.broadcast_to(jnp.arange(width),
+                                                                        row.shape),
+           "segment_ids": jnp.asarray(np.broadcast_to(np.arange(width) >= pad, row.shape),
+                                      jnp.int32)}
+  x_t = np.where(np.arange(width) >= pad + p, MASK, row)
+  wanted = np.arange(width) < cap
+  for blk in range((pad + p) // size, width // size):
     cols = slice(blk * size, (blk + 1) * size)
     dilated = np.full((2, size), 99)   # each open position's place, by its rank among them
-    for row, opened in zip(dilated, x_t[:, cols] == MASK):
-      row[opened] = {8: [0, 4, 2, 6, 1, 5, 3, 7], 7: [0, 4, 2, 6, 1, 5, 3], 4: [0, 2, 1, 3],
-                     3: [0, 2, 1], 2: [0, 1], 1: [0], 0: []}[opened.sum()]
+    for places, opened in zip(dilated, (x_t[:, cols] == MASK) & wanted[cols]):
+      places[opened] = {8: [0, 4, 2, 6, 1, 5, 3, 7], 7: [0, 4, 2, 6, 1, 5, 3], 4: [0, 2, 1, 3],
+                        3: [0, 2, 1], 2: [0, 1], 1: [0], 0: []}[opened.sum()]
     for k in range(steps):
       logp = jax.nn.log_softmax(obj.noised_logits(model, batch, jnp.asarray(x_t))[:, cols])
       tok, conf = np.asarray(jnp.argmax(logp, -1)), np.asarray(jnp.max(logp, -1))
-      masked = x_t[:, cols] == MASK
+      masked = (x_t[:, cols] == MASK) & wanted[cols]
       count = -(-masked.sum(1) // (steps - k))
       score = {"confidence": -conf, "left_to_right": np.arange(size) + 0 * conf,
                "dilated": dilated + 0 * conf}[rule]
       rank = np.argsort(np.argsort(np.where(masked, score, np.inf), axis=1), axis=1)
       chosen = masked & (rank < count[:, None])
       x_t[:, cols] = np.where(chosen, tok, x_t[:, cols])
-    np.testing.assert_array_equal(x_t[:, cols], out[:, cols], err_msg=f"block {blk}")
-  assert int(info["calls"]) == steps * (width // size - p // size)
+  np.testing.assert_array_equal(x_t[:, pad:cap], out)
+  assert int(info["calls"]) == steps * blocks
   assert len(np.unique(out[:, p:])) > 4   # not one token repeated: the test can tell
 
 
 def test_threshold_gates_on_the_top_probability_not_on_the_draw(make_config):
   """Every position puts 0.95 on token 40 and 0.05 on token 50. At threshold 0.9 the first
-  call commits the block's 3 masked positions whatever was drawn there, so the committed
-  tokens keep the model's 5% of 50s (a gate on the drawn token's probability would hold the
-  50s back and re-draw them); at 0.96 and at 1 nothing passes, and one position a call is
-  committed."""
+  call commits the block's 3 masked positions (the cap cuts the 4th) whatever was drawn
+  there, so the committed tokens keep the model's 5% of 50s (a gate on the drawn token's
+  probability would hold the 50s back and re-draw them); at 0.96 and at 1 nothing passes,
+  and one position a call is committed."""
   obj, model = make(make_config, block_size=4)
   v = obj.vocab_size
   probs = np.full(v, 1e-30)
@@ -429,9 +437,9 @@ def test_threshold_gates_on_the_top_probability_not_on_the_draw(make_config):
   assert int(info["calls"]) == 2
   np.testing.assert_allclose(np.mean(np.asarray(out)[:, 1:] == 50), 0.05, atol=0.02)
   # a cap that cuts a block: only its positions before the cap are drawn, one call for one
-  out, info = obj.generate_blocks(fixed_model, prompt, jax.random.key(1), max_new_tokens=4,
+  out, info = obj.generate_blocks(fixed_model, prompt, jax.random.key(1), max_new_tokens=5,
                                   steps=4, sampler="random")
-  assert int(info["calls"]) == 4 and out.shape == (400, 5)
+  assert int(info["calls"]) == 5 and out.shape == (400, 6)
   assert set(np.unique(np.asarray(out)[:, 1:])) == {40, 50}
 
 
@@ -441,11 +449,11 @@ def test_sampler_stops_at_eos_and_pads_after_it(make_config):
   out, info = obj.generate_blocks(ends_at(model, 100.0), prompt, jax.random.key(0),
                                   max_new_tokens=40, steps=4, sampler="random")
   assert int(info["blocks"]) == 1
-  assert int(info["calls"]) == 3   # the block's 3 masks (BOS is given), one per call
+  assert int(info["calls"]) == 4   # the block after BOS's (padded) one: 4 masks, one a call
   assert np.all(np.asarray(out[:, 1]) == EOS) and np.all(np.asarray(out[:, 2:]) == PAD)
   out, info = obj.generate_blocks(ends_at(model, -100.0), prompt, jax.random.key(0),
                                   max_new_tokens=40, steps=4, sampler="random")
-  assert int(info["blocks"]) == 11 and not np.any(np.asarray(out) == PAD)
+  assert int(info["blocks"]) == 10 and not np.any(np.asarray(out) == PAD)
   # a whole block of prompt: the EOS written at the next block's first position ends it
   prompt = jnp.asarray(np.array([[BOS, 40, 41, 42]] * 2, np.int32))
   out, info = obj.generate_blocks(ends_at(model, 100.0), prompt, jax.random.key(0),

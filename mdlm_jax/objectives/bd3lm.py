@@ -182,8 +182,8 @@ class BD3LM(base.Objective):
 
   def canvas_width(self, prompt_len: int, suffix_len: int, max_new_tokens: int) -> int:
     del suffix_len
-    size = self.opts.block_size
-    return -(-(prompt_len + max_new_tokens) // size) * size
+    size = self.opts.block_size   # the prompt padded to whole blocks, then whole blocks
+    return -(-prompt_len // size) * size + -(-max_new_tokens // size) * size
 
   def generate(self, model, prompt_BxP, rng, *, max_new_tokens=256, temperature=1.0, top_k=0,
                top_p=1.0, min_p=0.0, sampler=None, steps=None, **options):

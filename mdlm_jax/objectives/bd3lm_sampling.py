@@ -1,6 +1,12 @@
 """Block diffusion sampling (`bd3lm`; docs/objectives.md): blocks left to right, each denoised
 from all-MASK in at most `steps` network calls, conditioned on the finished blocks.
 
+The first block starts right after the prompt: the prompt is left-padded with PAD to a whole
+number of blocks, and no position attends to the padding (a document that starts inside a
+block, as in packed training rows). So every block the sampler writes has L' positions to
+draw (but the last, where `max_new_tokens` cuts it), and a prompt of BOS alone costs no call
+of its own.
+
 With `kv_cache` (the default) the finished blocks' keys and values are computed once, from
 their clean tokens, and kept: a step encodes only the current block's L' positions against
 the cache. The call that writes a finished block also gives the next block's first logits
@@ -22,7 +28,7 @@ and top-k / top-p / min-p filtering, with `sampling.draw`):
   positions a call commits together lie far apart, where their joint depends least on
   drawing them independently (dilated unmasking; 2 steps a block of 4: {0, 2}, then {1, 3}).
   The order is over the positions the block has to draw (its rank among them, bit-reversed
-  over their count): a block holding BOS draws 1 and 3, then 2.
+  over their count): a last block the cap cuts to 3 draws 0 and 2, then 1.
 - `confidence`: commit the ceil(masked / steps left) most confident (probability of the
   drawn token).
 - `threshold` (Fast-dLLM): commit every position whose top probability (at temperature 1,
@@ -66,7 +72,7 @@ def dilated_order(n: int) -> list[int]:
 def dilated_places(open_BxL):
   """(B, L) int32: each open position's place in the dilated order over the open ones (its
   rank among them in reading order, as `dilated_order` of their count places it), so that a
-  block holding BOS (open: 1, 2, 3) commits 1 and 3 first, not the adjacent 2 and 1."""
+  block with positions 1, 2, 3 open commits 1 and 3 first, not the adjacent 2 and 1."""
   n = open_BxL.shape[1]
   table = jnp.asarray([dilated_order(m) + [n] * (n - m) for m in range(n + 1)], jnp.int32)
   rank = jnp.maximum(jnp.cumsum(open_BxL, axis=1) - 1, 0)
@@ -117,8 +123,8 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              min_p: float = 0.0, threshold: float = 0.9, kv_cache: bool = True,
              schedule: str = "linear", fallback: str = "confident"):
-  """Samples up to `max_new_tokens` after `prompt_BxP` (B, P), blocks counted from the row's
-  first position (the prompt's BOS), the prompt's own positions never changed. Returns
+  """Samples up to `max_new_tokens` after `prompt_BxP` (B, P), the first block right after
+  the prompt (whose positions are never changed). Returns
   ((B, P + max_new_tokens) int32, info) with info["calls"] (network calls) and
   info["blocks"] (blocks generated)."""
   if rule not in RULES:
@@ -131,11 +137,14 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
     raise ValueError(f"--threshold={threshold} must be in (0, 1].")
   size = block_size
   b, p = prompt_BxP.shape
-  width = -(-(p + max_new_tokens) // size) * size
+  pad = -p % size   # PAD before the prompt, which then ends at a block's end
+  width = pad + p + -(-max_new_tokens // size) * size
   n_blocks = width // size
-  canvas = jnp.concatenate([prompt_BxP.astype(jnp.int32),
-                            jnp.full((b, width - p), tokenizers.MASK, jnp.int32)], axis=1)
+  canvas = jnp.concatenate([jnp.full((b, pad), tokenizers.PAD, jnp.int32),
+                            prompt_BxP.astype(jnp.int32),
+                            jnp.full((b, width - pad - p), tokenizers.MASK, jnp.int32)], axis=1)
   idx = jnp.arange(width)
+  p += pad   # from here on, positions count the padding
   block_of = lambda x, blk: jax.lax.dynamic_slice_in_dim(x, blk * size, size, axis=1)
   # a last block the cap cuts: the positions past it stay MASK, never drawn nor waited for
   wanted = jnp.broadcast_to(idx < p + max_new_tokens, (b, width))
@@ -148,7 +157,7 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
       are clean: written for good); returns the last block's logits and the cache."""
       new = jax.lax.dynamic_slice_in_dim(x, start_blk * size, blocks * size, axis=1)
       h, cache = model.decode_hidden(new, [dict(c, index=start_blk * size) for c in cache],
-                                     block=size)
+                                     block=size, start=pad)
       return subs(h[:, -size:]), cache
 
     def step_logits(x, blk, cache):
@@ -156,16 +165,15 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
       return encode(x, blk, 1, cache)
   else:
     pos = jnp.broadcast_to(idx, (b, width))
-    ones = jnp.ones((b, width), jnp.int32)
-    mask = attention.attention_mask(ones, ones, pos // size, pos // size, causal=True)
+    seg = (pos >= pad).astype(jnp.int32)   # the padding: a segment of its own
+    mask = attention.attention_mask(seg, seg, pos // size, pos // size, causal=True)
 
     def step_logits(x, blk, cache):
-      h = model.hidden(model.embed_tokens(x), pos, jnp.ones((b, width), jnp.int32),
-                       mask_Bx1xTxT=mask)
+      h = model.hidden(model.embed_tokens(x), pos, seg, mask_Bx1xTxT=mask)
       return subs(block_of(h, blk)), cache
 
   first = p // size
-  if kv_cache:   # the prompt's whole blocks and the first block to generate, in one call
+  if kv_cache:   # the prompt's blocks and the first block to generate, in one call
     logits, cache = encode(canvas, 0, first + 1, model.init_cache(b, width))
   else:
     logits, cache = step_logits(canvas, first, None)
@@ -221,4 +229,4 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
   eos = (x == tokenizers.EOS) & made
   after = (jnp.cumsum(eos, axis=1) - eos) > 0
   x = jnp.where(after | (x == tokenizers.MASK), tokenizers.PAD, x)
-  return x[:, :p + max_new_tokens], {"calls": calls, "blocks": blk - first}
+  return x[:, pad:p + max_new_tokens], {"calls": calls, "blocks": blk - first}
