@@ -288,6 +288,15 @@ def test_bd3lm_train_sample_gen_ppl_and_frontier(tmp_path, corpus, data_dir):
                       .strip().splitlines()[-1])
   assert timing["network_calls"] == 1 and timing["tokens_per_s"] > 0, timing
   assert timing["top_k"] == 1 and timing["temperature"] == 1.0
+  calls = json.loads(run(["tools/bench.py", "--config=configs/bd3lm.py:tiny",
+                          "--call_positions=1,8", "--steps=2", "--sample_len=16",
+                          "--sample_batch=2", "--sample_repeats=1"]).stdout
+                     .strip().splitlines()[-1])
+  assert calls["call_positions"] == [1, 8] and len(calls["ms_per_call"]) == 2, calls
+  assert all(ms > 0 for ms in calls["ms_per_call"]) and calls["cache"] == 16, calls
+  p = run(["tools/bench.py", "--config=configs/bd3lm.py:tiny", "--call_positions=17",
+           "--sample_len=16"], check=False)
+  assert p.returncode != 0 and "--call_positions=17 must be in [1, --sample_len=16]" in p.stderr
   p = run(["tools/bench.py", "--config=configs/bd3lm.py:tiny", "--sampler=bd3lm",
            "--min_p=1"], check=False)
   assert p.returncode != 0 and "0 <= --min_p < 1" in p.stderr, p.stderr[-500:]

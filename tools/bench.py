@@ -6,6 +6,9 @@ Synthetic batches (random tokens, packed rows of several segments) so the figure
 own. With --sampler=NAME it times a sampler instead (generated tokens/s and network calls):
   python tools/bench.py --config=configs/default.py --sampler=ancestral --sample_steps=1000
 (every sampler draws with --temperature, --top_k, --top_p and --min_p, echoed in its line).
+With --call_positions=1,4,8 it times one KV-cache network call for each count of new positions
+a row (what a decoding call of `ar` or `bd3lm` costs as its positions grow):
+  python tools/bench.py --config=configs/bd3lm.py:tiny --call_positions=1,2,4,8,16 --steps=128
 With --compare_guard=ROUNDS it times the step with and without the non-finite guard, alternated
 in one process, and the save-time checksum.
 
@@ -43,6 +46,11 @@ _SAMPLER = flags.DEFINE_string("sampler", None, "Time a sampler instead of the t
                                "insertion_sequential, bd3lm (block sampler, KV cache), "
                                "bd3lm_nocache, llada_dual, llada_prefix (Fast-dLLM's dual "
                                "and prefix caches).")
+_CALL_POSITIONS = flags.DEFINE_list(
+    "call_positions", None, "Time one KV-cache network call instead, for each count of new "
+    "positions a row (e.g. 1,2,4,8,16; `ar` decodes 1, `bd3lm` its block or two): "
+    "--sample_batch rows against a --sample_len-wide cache, --steps calls in one jitted loop, "
+    "the median of --sample_repeats runs.")
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 256, "Denoising steps of the sampler.")
 _SAMPLE_LEN = flags.DEFINE_integer("sample_len", 256, "Tokens to generate per row.")
 _RULE = flags.DEFINE_string("rule", "random", "bd3lm without --threshold: its step rule "
@@ -84,6 +92,56 @@ def pipeline_tokens_per_s(config, tokenizer, batches: int) -> float:
   return rate
 
 
+def bench_calls(config, positions: list[int]) -> dict:
+  """ms per cached network call (`decode_hidden` of T new positions a row, block-causal over
+  them, then the logits of the last min(T, block) as the samplers take them) for each T."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from mdlm_jax import tokenizers  # pylint: disable=g-import-not-at-top
+  setup, params = _setup_and_params(config)
+  b, width, n = _SAMPLE_BATCH.value, _SAMPLE_LEN.value, _STEPS.value
+  ms = []
+  for t in positions:
+    if not 0 < t <= width:
+      raise app.UsageError(f"--call_positions={t} must be in [1, --sample_len={width}].")
+    last = min(t, setup.config.objective.get("block_size", t))
+
+    def calls(p, t=t, last=last):
+      model = nnx.merge(setup.graphdef, p)
+
+      def body(i, carry):
+        cache, acc = carry
+        cache = [dict(c, index=(i * t) % (width - t + 1)) for c in cache]   # walk the cache
+        h, cache = model.decode_hidden(jnp.full((b, t), tokenizers.MASK, jnp.int32), cache,
+                                       block=t)
+        return cache, acc + jnp.sum(model.logits(h[:, -last:]))
+      return jax.lax.fori_loop(0, n, body, (model.init_cache(b, width), 0.0))[1]
+
+    run = jax.jit(calls)
+    jax.block_until_ready(run(params))
+    runs = []
+    for _ in range(_SAMPLE_REPEATS.value):
+      t0 = time.perf_counter()
+      jax.block_until_ready(run(params))
+      runs.append((time.perf_counter() - t0) / n * 1e3)
+    ms.append(sorted(runs)[len(runs) // 2])
+  return {"objective": setup.config.objective.name, "batch": b, "cache": width, "calls": n,
+          "call_positions": positions, "ms_per_call": ms,
+          "device": jax.devices()[0].device_kind}
+
+
+def _setup_and_params(config):
+  """The trainer setup and params: --workdir's trained ones (its config) or random ones."""
+  from mdlm_jax import trainer  # pylint: disable=g-import-not-at-top
+  if _WORKDIR.value:
+    from mdlm_jax import restore  # pylint: disable=g-import-not-at-top
+    setup, params, _ = restore.load(_WORKDIR.value, mesh_overrides={"data": -1, "tensor": 1})
+    return setup, params
+  setup = trainer.build(config)
+  return setup, setup.init_params()
+
+
 def bench_sampler(config, draw: dict):
   """Generated tokens/s of one sampler from random params (or a workdir's trained ones), after
   compiling, and the network calls it made; `draw`: the temperature and filters."""
@@ -92,13 +150,7 @@ def bench_sampler(config, draw: dict):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from mdlm_jax import tokenizers  # pylint: disable=g-import-not-at-top
-  from mdlm_jax import trainer  # pylint: disable=g-import-not-at-top
-  if _WORKDIR.value:
-    from mdlm_jax import restore  # pylint: disable=g-import-not-at-top
-    setup, params, _ = restore.load(_WORKDIR.value, mesh_overrides={"data": -1, "tensor": 1})
-  else:
-    setup = trainer.build(config)
-    params = setup.init_params()
+  setup, params = _setup_and_params(config)
   name, b, n = _SAMPLER.value, _SAMPLE_BATCH.value, _SAMPLE_LEN.value
   prompt = jnp.full((b, 1), tokenizers.BOS, jnp.int32)
   if name == "ar":
@@ -332,6 +384,9 @@ def main(argv):
   distributed.initialize()
   if _SAMPLER.value:
     print(json.dumps(bench_sampler(_CONFIG.value, draw)))
+    return
+  if _CALL_POSITIONS.value:
+    print(json.dumps(bench_calls(_CONFIG.value, [int(t) for t in _CALL_POSITIONS.value])))
     return
   config = _CONFIG.value
   if _COMPARE_GUARD.value:
