@@ -279,8 +279,10 @@ class Transformer(nnx.Module):
     s = cache[0]["k"].shape[-2]
     q_idx = jnp.broadcast_to(index + jnp.arange(t), (b, t))
     k_idx = jnp.broadcast_to(jnp.arange(s), (b, s))
-    mask = attention_mask(jnp.ones((b, t), jnp.int32),
-                          ((k_idx >= start) & (k_idx < index + t)).astype(jnp.int32),
+    written = k_idx < index + t
+    if start:   # (a Python int: no padding, no compare)
+      written &= k_idx >= start
+    mask = attention_mask(jnp.ones((b, t), jnp.int32), written.astype(jnp.int32),
                           q_idx // block, k_idx // block, causal=True)
     x = self.embed_tokens(tokens_BxT)
     rope = rope_tables(q_idx, self.cfg.head_dim, self.cfg.rope_base, self.cfg.max_seq_len)
