@@ -256,6 +256,11 @@ def test_commit_rules():
                                                                      False]
   nothing = [0.3, 0.5, 0.99, 0.4, 0.2]
   assert top_up(nothing, 0, 2, "dilated") == [True, False, False, True, False]   # 0 and 3
+  # each row tops up against its own passing positions, not the batch's
+  rows = jnp.log(jnp.array([[0.95, 0.99, 0.3, 0.4], [0.3, 0.2, 0.4, 0.5]]))
+  got = bd3lm_sampling.commit("threshold", 0, 2, jnp.ones((2, 4), bool), rows, key,
+                              threshold=0.9, fallback="dilated")
+  np.testing.assert_array_equal(got, [[True, True, False, False], [True, False, True, False]])
   assert top_up(nothing, 1, 3, "left_to_right") == [True, True, False, False, False]
   reveal = np.mean([np.asarray(bd3lm_sampling.commit(
       "ancestral", 1, 4, jnp.ones((1, 400), bool), jnp.zeros((1, 400)), jax.random.key(s),
@@ -443,6 +448,28 @@ def test_threshold_gates_on_the_top_probability_not_on_the_draw(make_config):
   assert set(np.unique(np.asarray(out)[:, 1:])) == {40, 50}
 
 
+@pytest.mark.parametrize("filters,want", [
+    ({"top_k": 3}, {40: 0.5 / 0.95, 41: 0.3 / 0.95, 42: 0.15 / 0.95}),
+    ({"top_p": 0.7}, {40: 0.5 / 0.8, 41: 0.3 / 0.8}),   # the smallest set reaching 0.7
+    ({"min_p": 0.2}, {40: 0.5 / 0.95, 41: 0.3 / 0.95, 42: 0.15 / 0.95}),   # p >= 0.1
+    ({"temperature": 0.5}, {40: 25 / 36.5, 41: 9 / 36.5, 42: 2.25 / 36.5,
+                            50: 0.25 / 36.5})])   # p^2, renormalised
+def test_block_sampler_draws_with_every_filter(make_config, filters, want):
+  """Every position puts 0.5, 0.3, 0.15, 0.05 on tokens 40, 41, 42, 50: the committed tokens'
+  frequencies are the filtered distribution, worked out by hand (1200 draws)."""
+  obj, model = make(make_config, block_size=4)
+  probs = np.full(obj.vocab_size, 1e-30)
+  probs[[40, 41, 42, 50]] = 0.5, 0.3, 0.15, 0.05
+  fixed_model = fixed(model, jnp.asarray(np.log(probs), jnp.float32))
+  out, _ = obj.generate_blocks(fixed_model, jnp.full((400, 1), BOS, jnp.int32),
+                               jax.random.key(3), max_new_tokens=3, steps=2,
+                               sampler="dilated", **filters)
+  made = np.asarray(out)[:, 1:]
+  assert set(np.unique(made)) == set(want)
+  for tok, p in want.items():
+    np.testing.assert_allclose(np.mean(made == tok), p, atol=0.04)
+
+
 def test_sampler_stops_at_eos_and_pads_after_it(make_config):
   obj, model = make(make_config, block_size=4)
   prompt = jnp.full((2, 1), BOS, jnp.int32)
@@ -460,6 +487,15 @@ def test_sampler_stops_at_eos_and_pads_after_it(make_config):
                                   max_new_tokens=40, steps=4, sampler="random")
   assert int(info["blocks"]) == 1
   assert np.all(np.asarray(out[:, 4]) == EOS) and np.all(np.asarray(out[:, 5:]) == PAD)
+  # a row that ends leaves the others running: EOS favoured in row 0 only
+  row0 = Logits(model, lambda m, h: m.logits(h).at[:, :, EOS].add(
+      jnp.where(jnp.arange(h.shape[0]) == 0, 100.0, -100.0)[:, None]))
+  out, info = obj.generate_blocks(row0, jnp.full((2, 1), BOS, jnp.int32), jax.random.key(0),
+                                  max_new_tokens=40, steps=4, sampler="random")
+  out = np.asarray(out)
+  assert int(info["blocks"]) == 10
+  assert out[0, 1] == EOS and np.all(out[0, 2:] == PAD)
+  assert not np.any(out[1] == PAD) and not np.any(out[1] == EOS)
   # an EOS inside the prompt is the user's text: it neither stops nor truncates the row
   prompt = jnp.asarray(np.array([[BOS, 40, 41, 42, 43, EOS]] * 2, np.int32))
   out, info = obj.generate_blocks(ends_at(model, -100.0), prompt, jax.random.key(0),
