@@ -256,12 +256,12 @@ def test_commit_rules():
                                                                      False]
   nothing = [0.3, 0.5, 0.99, 0.4, 0.2]
   assert top_up(nothing, 0, 2, "dilated") == [True, False, False, True, False]   # 0 and 3
+  assert top_up(nothing, 1, 3, "left_to_right") == [True, True, False, False, False]
   # each row tops up against its own passing positions, not the batch's
   rows = jnp.log(jnp.array([[0.95, 0.99, 0.3, 0.4], [0.3, 0.2, 0.4, 0.5]]))
   got = bd3lm_sampling.commit("threshold", 0, 2, jnp.ones((2, 4), bool), rows, key,
                               threshold=0.9, fallback="dilated")
   np.testing.assert_array_equal(got, [[True, True, False, False], [True, False, True, False]])
-  assert top_up(nothing, 1, 3, "left_to_right") == [True, True, False, False, False]
   reveal = np.mean([np.asarray(bd3lm_sampling.commit(
       "ancestral", 1, 4, jnp.ones((1, 400), bool), jnp.zeros((1, 400)), jax.random.key(s),
       threshold=0.9)) for s in range(20)])
@@ -315,7 +315,7 @@ class Logits:
 
 
 def ends_at(model, bias):
-  """The model's logits with EOS favoured by `bias`."""
+  """The model's logits with EOS favoured by `bias` (a scalar, or (B, 1): per row)."""
   return Logits(model, lambda m, h: m.logits(h).at[..., EOS].add(bias))
 
 
@@ -488,8 +488,7 @@ def test_sampler_stops_at_eos_and_pads_after_it(make_config):
   assert int(info["blocks"]) == 1
   assert np.all(np.asarray(out[:, 4]) == EOS) and np.all(np.asarray(out[:, 5:]) == PAD)
   # a row that ends leaves the others running: EOS favoured in row 0 only
-  row0 = Logits(model, lambda m, h: m.logits(h).at[:, :, EOS].add(
-      jnp.where(jnp.arange(h.shape[0]) == 0, 100.0, -100.0)[:, None]))
+  row0 = ends_at(model, jnp.array([[100.0], [-100.0]]))   # (B, 1): per row
   out, info = obj.generate_blocks(row0, jnp.full((2, 1), BOS, jnp.int32), jax.random.key(0),
                                   max_new_tokens=40, steps=4, sampler="random")
   out = np.asarray(out)
