@@ -22,6 +22,22 @@ def attention_mask(q_seg_BxT, k_seg_BxS, q_idx_BxT, k_idx_BxS, causal: bool):
   return mask[:, None]
 
 
+class BlockDiffusionMask(NamedTuple):
+  """Block diffusion's mask over x_t ⊕ x_0 (`splash.block_diffusion_mask`, within segments),
+  kept as its parts: splash reads them and skips the tiles the mask empties; `dense()` is the
+  (B, 1, 2T, 2T) boolean every other kernel reads."""
+  segment_ids: jax.Array   # (B, T): the row's, the same in both halves
+  block_size: int
+
+  def row_segment_ids(self):
+    return jnp.tile(self.segment_ids, (1, 2))
+
+  def dense(self):
+    seg = self.row_segment_ids()
+    structure = splash.block_diffusion_mask(seg.shape[1], self.block_size, xp=jnp)
+    return (structure[None] & (seg[:, :, None] == seg[:, None, :]))[:, None]
+
+
 def _chunked_attention(q, k, v, mask, causal: bool, chunk: int = 64):
   """Softmax attention computed per block of `chunk` queries; with causal masking a block
   only reads the keys up to its own end, skipping the upper triangle (about 2x less work on
@@ -154,7 +170,11 @@ def cached_attention(q, k_BxNxSxH, v_BxNxSxH, mask, impl: str):
 
 def dot_product_attention(q, k, v, mask, causal: bool, impl: str):
   """q (B, T, N, H), k/v (B, S, N, H), mask (B, 1, T, S) -> (B, T, N, H); for 'cudnn_packed'
-  the mask is a `PackedSegments`, for 'splash' the segment ids (B, T) (self-attention, T == S)."""
+  the mask is a `PackedSegments`, for 'splash' the segment ids (B, T) (self-attention, T == S)
+  or a `BlockDiffusionMask`."""
+  if impl == "splash" and isinstance(mask, BlockDiffusionMask):
+    return splash.attention(q, k, v, mask.row_segment_ids(), block=mask.block_size,
+                            diffusion=True)
   if impl == "splash":
     return splash.attention(q, k, v, mask, block=int(causal))
   if impl == "chunked":

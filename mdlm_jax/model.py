@@ -17,8 +17,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mdlm_jax import sharding
-from mdlm_jax.attention import (attention_impl, attention_mask, cached_attention,
-                                dense_mask_impl, dot_product_attention, packed_segments)
+from mdlm_jax.attention import (BlockDiffusionMask, attention_impl, attention_mask,
+                                cached_attention, dense_mask_impl, dot_product_attention,
+                                packed_segments)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,12 +204,15 @@ class Transformer(nnx.Module):
     rope=False the positions are not used (the embeddings carry their own). `order_BxT`: a
     token attends to the tokens of its segment whose order is <= its own (a generation
     order, e.g. the step each token was placed at), whatever their index. `mask_Bx1xTxT`:
-    the attention mask itself (boolean, segments included), instead of one built here."""
+    the attention mask itself (boolean, segments included), instead of one built here, or a
+    `BlockDiffusionMask` (dense but for splash, which reads its parts)."""
     causal = self.cfg.causal if causal is None else causal
     x_BxTxD = sharding.constrain(x_BxTxD, "batch", "length", "embed")
     impl = attention_impl(self.cfg.attention, self.cfg.dtype, x_BxTxD.shape[1])
     if mask_Bx1xTxT is not None:
       mask, causal = mask_Bx1xTxT, False
+      if isinstance(mask, BlockDiffusionMask) and impl != "splash":
+        mask = mask.dense()
     elif order_BxT is not None:
       mask = attention_mask(segment_ids_BxT, segment_ids_BxT, order_BxT, order_BxT, True)
       causal = False  # the mask holds the order; the kernels' causal masks go by index

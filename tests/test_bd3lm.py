@@ -41,7 +41,7 @@ def plain_batch(b=4, t=32, seed=0):
 def test_training_mask_is_the_direct_construction():
   seg = np.array([[1] * 5 + [2] * 6 + [0]])
   size, t = 4, 12
-  got = np.asarray(bd3lm.training_mask(jnp.asarray(seg), size))[0, 0]
+  got = np.asarray(bd3lm.training_mask(jnp.asarray(seg), size).dense())[0, 0]
   want = np.zeros((2 * t, 2 * t), bool)
   for q in range(2 * t):
     for k in range(2 * t):
@@ -138,7 +138,7 @@ def test_flops_count_the_doubled_sequence_and_the_mask(make_config):
   obj, _ = make(make_config, block_size=8)
   cfg = obj.model_config
   d, f, n, v, t = cfg.d_model, cfg.mlp_dim, cfg.num_layers, cfg.vocab_size, 32
-  allowed = int(np.asarray(bd3lm.training_mask(jnp.ones((1, t), jnp.int32), 8)).sum())
+  allowed = int(np.asarray(bd3lm.training_mask(jnp.ones((1, t), jnp.int32), 8).dense()).sum())
   assert allowed == t * (t + 8)
   per_token = 2 * (2 * n * (4 * d * d + 3 * d * f) + d * v + n * 2 * d * allowed / t)
   np.testing.assert_allclose(obj.flops_per_token(t), 3 * per_token)

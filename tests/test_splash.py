@@ -1,5 +1,6 @@
 """Splash attention (the TPU kernel) in Pallas' interpret mode against a dense reference:
-values and gradients, causal, bidirectional and block-causal, packed rows, sharded."""
+values and gradients, causal, bidirectional, block-causal and block diffusion's x_t ⊕ x_0
+mask, packed rows, sharded; `bd3lm`'s loss through it."""
 import dataclasses
 import types
 
@@ -12,22 +13,36 @@ from flax import nnx
 
 from mdlm_jax import attention as attention_lib
 from mdlm_jax import model as model_lib
+from mdlm_jax import objectives
 from mdlm_jax import sharding
 from mdlm_jax import splash
+from mdlm_jax import tokenizers
 
 # a packed row over 2 tiles of 128: runs that cross the tile boundary, and a padding run
 PACKED = [1] * 100 + [2] * 90 + [3] * 50 + [0] * 16
 SEGS = np.asarray([PACKED, [5] * 256], np.int32)
 
 
-def dense_reference(q, k, v, seg, block):
+def diffusion_sees(i, j, half, block):
+  """Block diffusion over x_t ⊕ x_0 (each half `half` long): a noised query reads its own
+  noised block and the clean blocks before it, a clean one the clean blocks up to its own."""
+  qb, kb = (i % half) // block, (j % half) // block
+  if i < half:
+    return kb == qb if j < half else kb < qb
+  return j >= half and kb <= qb
+
+
+def dense_reference(q, k, v, seg, block, diffusion=False):
   """softmax(q k^T / sqrt(H)) v over the keys each query may see, the mask built by loops."""
   t = q.shape[1]
   allowed = np.zeros((len(seg), t, t), bool)
   for b in range(len(seg)):
     for i in range(t):
       for j in range(t):
-        sees = True if block == 0 else j // block <= i // block
+        if diffusion:
+          sees = diffusion_sees(i, j, t // 2, block)
+        else:
+          sees = True if block == 0 else j // block <= i // block
         allowed[b, i, j] = sees and seg[b][i] == seg[b][j]
   s = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
   p = jax.nn.softmax(jnp.where(allowed[:, None], s, -1e30), axis=-1)
@@ -49,6 +64,51 @@ def test_splash_matches_the_dense_product_values_and_gradients(block):
   grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, k, v)
            for f in (got_fn, ref_fn)]
   chex.assert_trees_all_close(*grads, atol=2e-4, rtol=1e-4)
+
+
+def test_block_diffusion_matches_the_dense_product_values_and_gradients():
+  """x_t ⊕ x_0 of a packed half-row of 128 (two tiles of 128: the clean queries' tile of noised
+  keys is empty and skipped), blocks of 16."""
+  q, k, v = qkv()
+  halves = np.concatenate([SEGS[:, :128], SEGS[:, :128]], axis=1)
+  w = jax.random.normal(jax.random.key(9), q.shape)
+  got_fn = lambda q, k, v: splash.attention(q, k, v, jnp.asarray(halves), 16, max_tile=128,
+                                            diffusion=True)
+  ref_fn = lambda q, k, v: dense_reference(q, k, v, halves, 16, diffusion=True)
+  np.testing.assert_allclose(got_fn(q, k, v), ref_fn(q, k, v), atol=2e-5)
+  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, k, v)
+           for f in (got_fn, ref_fn)]
+  chex.assert_trees_all_close(*grads, atol=2e-4, rtol=1e-4)
+  want = np.array([[diffusion_sees(i, j, 6, 2) for j in range(12)] for i in range(12)])
+  np.testing.assert_array_equal(splash.block_diffusion_mask(12, 2), want)
+
+
+@pytest.mark.slow
+def test_bd3lm_loss_through_splash_matches_xla(make_config):
+  """`bd3lm`'s loss and every gradient on packed rows of 128 (x_t ⊕ x_0: 256 positions) with
+  `model.attention=splash` (the structured mask) and `xla` (the dense one)."""
+  rows = [[1] * 50 + [2] * 45 + [3] * 25 + [0] * 8, [4] * 128]
+  seg = np.asarray(rows, np.int32)
+  pos = np.zeros_like(seg)
+  for b, i in np.ndindex(seg.shape[0], seg.shape[1] - 1):
+    pos[b, i + 1] = pos[b, i] + 1 if seg[b, i + 1] == seg[b, i] else 0
+  tokens = np.asarray(jax.random.randint(jax.random.key(4), seg.shape, 4, 60), np.int32)
+  batch = {"inputs": jnp.asarray(np.where(seg > 0, tokens, 0)), "segment_ids": jnp.asarray(seg),
+           "positions": jnp.asarray(pos)}
+
+  def loss_and_grad(attention):
+    cfg = make_config({"objective.name": "bd3lm", "objective.block_size": 16,
+                       "data.seq_len": 128, "model.max_seq_len": 128,
+                       "model.attention": attention})
+    obj = objectives.create(cfg, tokenizers.get_tokenizer("bytes"))
+    graphdef, params = nnx.split(obj.build(nnx.Rngs(0)))
+    loss = lambda p: obj.loss_sums(nnx.merge(graphdef, p), batch, jax.random.key(1))[0]
+    kernel = "pallas_call" in str(jax.make_jaxpr(loss)(params))
+    assert kernel == (attention == "splash"), "splash must read the mask's parts, not its dense form"
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  got, ref = loss_and_grad("splash"), loss_and_grad("xla")
+  chex.assert_trees_all_close(got, ref, rtol=1e-4, atol=2e-5)
 
 
 def test_block_causal_mask_matches_its_definition():

@@ -21,6 +21,7 @@ import types
 import jax
 import jax.numpy as jnp
 
+from mdlm_jax import attention
 from mdlm_jax import objectives
 from mdlm_jax import tokenizers
 from mdlm_jax.objectives import base
@@ -33,19 +34,11 @@ from mdlm_jax.objectives.mdlm_schedule import parse_schedule
 from mdlm_jax.objectives.mdlm_schedule import sample_times
 
 
-def training_mask(segment_ids_BxT, block_size: int):
-  """(B, 1, 2T, 2T) bool over x_t ⊕ x_0: noised block b sees noised block b and clean blocks
-  < b; clean block b sees clean blocks <= b; nothing crosses segments."""
-  t = segment_ids_BxT.shape[1]
-  blk = jnp.tile(jnp.arange(t) // block_size, 2)
-  noised = jnp.arange(2 * t) < t
-  q_blk, k_blk = blk[:, None], blk[None, :]
-  q_noised, k_noised = noised[:, None], noised[None, :]
-  allowed = jnp.where(q_noised,
-                      jnp.where(k_noised, k_blk == q_blk, k_blk < q_blk),
-                      ~k_noised & (k_blk <= q_blk))
-  seg = jnp.tile(segment_ids_BxT, (1, 2))
-  return (allowed[None] & (seg[:, :, None] == seg[:, None, :]))[:, None]
+def training_mask(segment_ids_BxT, block_size: int) -> attention.BlockDiffusionMask:
+  """The mask over x_t ⊕ x_0 (`.dense()`: (B, 1, 2T, 2T) bool): noised block b sees noised
+  block b and clean blocks < b; clean block b sees clean blocks <= b; nothing crosses
+  segments."""
+  return attention.BlockDiffusionMask(segment_ids_BxT, block_size)
 
 
 def block_times(rng, batch: int, blocks: int, antithetic: bool, t_min: float):
