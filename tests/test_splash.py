@@ -142,22 +142,26 @@ def test_model_with_splash_matches_xla_values_and_gradients(causal):
 
 
 @pytest.mark.slow
-def test_splash_under_a_mesh_runs_per_shard_and_matches():
+@pytest.mark.parametrize("diffusion", [False, True], ids=["causal", "block_diffusion"])
+def test_splash_under_a_mesh_runs_per_shard_and_matches(diffusion):
   """Under a data 2 x fsdp 2 x tensor 2 mesh (as the train step traces) the kernel runs per
   (batch, heads) shard; the result equals the dense product."""
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   q, k, v = qkv(n=2, seed=1)
   q, k, v = (jnp.concatenate([x, x[::-1]]) for x in (q, k, v))  # batch 4: one row per shard
   segs = np.concatenate([SEGS, SEGS[::-1]])
+  block = 1
+  if diffusion:   # x_t ⊕ x_0 of half-rows of 128, blocks of 16
+    segs, block = np.concatenate([segs[:, :128], segs[:, :128]], axis=1), 16
 
   @jax.jit
   def run(q, k, v, seg):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return splash.attention(q, k, v, seg, 1, max_tile=128)
+      return splash.attention(q, k, v, seg, block, max_tile=128, diffusion=diffusion)
 
   with jax.set_mesh(mesh):
     got = run(q, k, v, jnp.asarray(segs))
-  np.testing.assert_allclose(got, dense_reference(q, k, v, segs, 1), atol=2e-5)
+  np.testing.assert_allclose(got, dense_reference(q, k, v, segs, block, diffusion), atol=2e-5)
   assert "shard_map" in str(jax.make_jaxpr(run)(q, k, v, jnp.asarray(segs)))
 
 
