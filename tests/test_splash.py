@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import positions_of
 from mdlm_jax import attention as attention_lib
 from mdlm_jax import model as model_lib
 from mdlm_jax import objectives
@@ -89,9 +90,7 @@ def test_bd3lm_loss_through_splash_matches_xla(make_config):
   `model.attention=splash` (the structured mask) and `xla` (the dense one)."""
   rows = [[1] * 50 + [2] * 45 + [3] * 25 + [0] * 8, [4] * 128]
   seg = np.asarray(rows, np.int32)
-  pos = np.zeros_like(seg)
-  for b, i in np.ndindex(seg.shape[0], seg.shape[1] - 1):
-    pos[b, i + 1] = pos[b, i] + 1 if seg[b, i + 1] == seg[b, i] else 0
+  pos = positions_of(seg)
   tokens = np.asarray(jax.random.randint(jax.random.key(4), seg.shape, 4, 60), np.int32)
   batch = {"inputs": jnp.asarray(np.where(seg > 0, tokens, 0)), "segment_ids": jnp.asarray(seg),
            "positions": jnp.asarray(pos)}
