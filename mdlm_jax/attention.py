@@ -61,11 +61,11 @@ def _chunked_attention(q, k, v, mask, causal: bool, chunk: int = 64):
   return o.transpose(1, 0, 3, 2, 4).reshape(b, t, n, h)
 
 
-def _head_major_attention(q, k, v, bias):
-  """Scaled q (B, N, T, H), k/v (B, N, S, H), additive float32 bias (B, 1, T, S) -> (B, N, T,
-  H): the softmax normalised after the value product, one (T, H) division instead of a (T, S)
-  one."""
-  s = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32) + bias
+def _head_major_attention(q, k, v, bias, keys: str = "bnsh"):
+  """Scaled q (B, N, T, H), k (B, N, S, H), or (B, N, H, S) with `keys="bnhs"`, v (B, N, S, H),
+  additive float32 bias (B, 1, T, S) -> (B, N, T, H): the softmax normalised after the value
+  product, one (T, H) division instead of a (T, S) one."""
+  s = jnp.einsum(f"bnth,{keys}->bnts", q, k, preferred_element_type=jnp.float32) + bias
   e = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True)))
   o = jnp.einsum("bnts,bnsh->bnth", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return (o / e.sum(axis=-1, keepdims=True)).astype(v.dtype)
@@ -154,18 +154,20 @@ def _packed_attention(q, k, v, segs: PackedSegments, causal: bool):
                       lambda: jax.checkpoint(masked)(q, k, v, segs.ids))
 
 
-def cached_attention(q, k_BxNxSxH, v_BxNxSxH, mask, impl: str):
-  """q (B, T, N, H) against a head-major cache k/v (B, N, S, H), mask (B, 1, T, S) -> (B, T, N,
-  H). The scores are one batched matmul over (B, N) as the cache lies (a (B, S, N, H) cache
-  would be copied to head-major on every call, a cost that grows with the cache). cuDNN,
-  which reads (B, S, N, H), is used only for 128 queries or more (a prompt, a full refresh),
-  where one transpose of the keys is small beside the attention it saves."""
+def cached_attention(q, k_BxNxHxS, v_BxNxSxH, mask, impl: str):
+  """q (B, T, N, H) against a cache of keys (B, N, H, S) and values (B, N, S, H), mask (B, 1,
+  T, S) -> (B, T, N, H). Both products are batched matmuls over (B, N) that read the cache as
+  it lies, each a plain (T, H) x (H, S) and (T, S) x (S, H) product: no cache-sized copy or
+  transpose a call (a cost that grows with the cache), and on CPU a few queries a row (a
+  block of `bd3lm`) cost about what one does, where keys (B, N, S, H) cost twice as much from
+  two queries on. cuDNN, which reads (B, S, N, H), is used only for 128 queries or more (a
+  prompt, a full refresh), where the cache's transposes are small beside what it saves."""
   if impl == "cudnn" and q.shape[1] >= 128:
-    to_bsnh = lambda x: x.transpose(0, 2, 1, 3)
-    return dot_product_attention(q, to_bsnh(k_BxNxSxH), to_bsnh(v_BxNxSxH), mask, False, impl)
+    k, v = k_BxNxHxS.transpose(0, 3, 1, 2), v_BxNxSxH.transpose(0, 2, 1, 3)
+    return dot_product_attention(q, k, v, mask, False, impl)
   q = (q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)).transpose(0, 2, 1, 3)
   bias = jnp.where(mask, 0.0, -1e30).astype(jnp.float32)
-  return _head_major_attention(q, k_BxNxSxH, v_BxNxSxH, bias).transpose(0, 2, 1, 3)
+  return _head_major_attention(q, k_BxNxHxS, v_BxNxSxH, bias, keys="bnhs").transpose(0, 2, 1, 3)
 
 
 def dot_product_attention(q, k, v, mask, causal: bool, impl: str):

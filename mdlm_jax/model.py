@@ -112,21 +112,36 @@ class Attention(nnx.Module):
     self.wv = param(rngs, (d, n, h), ("embed", "heads", "kv"), cfg.init_std)
     self.wo = param(rngs, (n, h, d), ("heads", "kv", "embed"), out_std)
 
-  def __call__(self, x_BxTxD, rope, mask_Bx1xTxS, causal: bool, cache=None):
+  def __call__(self, x_BxTxD, rope, mask_Bx1xTxS, causal: bool, cache=None,
+               queries: int | None = None):
+    """With `queries` (decoding only): every position's keys and values are written to the
+    cache, but only the last `queries` positions attend (the output is (B, queries, D))."""
     cfg = self.cfg
-    q = apply_rope(dense(x_BxTxD, self.wq[...]), rope)
+    if queries is not None:
+      last = lambda x: x[:, -queries:]
+      q = apply_rope(dense(last(x_BxTxD), self.wq[...]),
+                     None if rope is None else tuple(map(last, rope)))
+      mask_Bx1xTxS = mask_Bx1xTxS[:, :, -queries:]
+    else:
+      q = apply_rope(dense(x_BxTxD, self.wq[...]), rope)
     k = apply_rope(dense(x_BxTxD, self.wk[...]), rope)
     v = dense(x_BxTxD, self.wv[...])
     impl = attention_impl(cfg.attention, cfg.dtype, x_BxTxD.shape[1])
     if cache is not None:
       # decoding: write the new keys/values at `index` (a scalar: T positions from there; a
-      # (B, T) array: each row's own positions, out-of-range ones dropped) of the head-major
-      # (B, N, S, H) cache, attend per mask
+      # (B, T) array: each row's own positions, out-of-range ones dropped) of the cache, keys
+      # (B, N, H, S) and values (B, N, S, H) (`init_cache`), attend per mask
       index, rows = cache["index"], jnp.arange(k.shape[0])[:, None]
-      put = ((lambda c, x: jax.lax.dynamic_update_slice_in_dim(
-          c, x.transpose(0, 2, 1, 3).astype(c.dtype), index, 2)) if jnp.ndim(index) == 0 else
-             (lambda c, x: c.at[rows, :, index].set(x.astype(c.dtype), mode="drop")))
-      cache = dict(k=put(cache["k"], k), v=put(cache["v"], v), index=index)
+
+      def put(c, x_BxTxNxH, axis):   # the cache's position axis
+        if jnp.ndim(index) == 0:
+          order = (0, 2, 3, 1) if axis == 3 else (0, 2, 1, 3)
+          return jax.lax.dynamic_update_slice_in_dim(
+              c, x_BxTxNxH.transpose(order).astype(c.dtype), index, axis)
+        at = (rows, slice(None), slice(None), index) if axis == 3 else (rows, slice(None), index)
+        return c.at[at].set(x_BxTxNxH.astype(c.dtype), mode="drop")  # indexed as (B, T, N, H)
+
+      cache = dict(k=put(cache["k"], k, 3), v=put(cache["v"], v, 2), index=index)
       o = cached_attention(q, cache["k"], cache["v"], mask_Bx1xTxS, dense_mask_impl(impl))
       return dense(o, self.wo[...], in_dims=2), cache
     if impl in ("splash", "cudnn_packed") and getattr(mask_Bx1xTxS, "ndim", 0) == 4:
@@ -155,8 +170,9 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, rope, mask, causal, cache=None):
-    a, cache = self.attn(self.attn_norm(x), rope, mask, causal, cache)
+  def __call__(self, x, rope, mask, causal, cache=None, queries: int | None = None):
+    a, cache = self.attn(self.attn_norm(x), rope, mask, causal, cache, queries)
+    x = x if queries is None else x[:, -queries:]
     x = x + a
     return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -261,11 +277,12 @@ class Transformer(nnx.Module):
   # ---- incremental decoding with a KV cache (causal models) ----
   def init_cache(self, batch: int, length: int) -> list[dict[str, Any]]:
     cfg = self.cfg
-    shape = (batch, cfg.num_heads, length, cfg.head_dim)   # head-major: no copy to attend
-    if cfg.scan_layers:  # one entry, the layers stacked (what the scan reads and writes)
-      shape = (cfg.num_layers,) + shape
-    zeros = lambda: jnp.zeros(shape, cfg.compute_dtype)
-    return [dict(k=zeros(), v=zeros(), index=jnp.zeros((), jnp.int32))
+    # keys (B, N, H, S), values (B, N, S, H): both products read them as they lie
+    # (`attention.cached_attention`)
+    n, h = cfg.num_heads, cfg.head_dim
+    stack = (cfg.num_layers,) if cfg.scan_layers else ()  # the scan reads the layers stacked
+    zeros = lambda *shape: jnp.zeros(stack + (batch, n) + shape, cfg.compute_dtype)
+    return [dict(k=zeros(h, length), v=zeros(length, h), index=jnp.zeros((), jnp.int32))
             for _ in range(1 if cfg.scan_layers else cfg.num_layers)]
 
   def decode(self, tokens_BxT, cache):
@@ -273,14 +290,18 @@ class Transformer(nnx.Module):
     h, cache = self.decode_hidden(tokens_BxT, cache)
     return self.logits(h), cache
 
-  def decode_hidden(self, tokens_BxT, cache, block: int = 1, start: int = 0):
+  def decode_hidden(self, tokens_BxT, cache, block: int = 1, start: int = 0,
+                    outputs: int | None = None):
     """`decode` up to the final norm: (final states (B, T, D), cache). With `block` > 1 the
     new tokens attend block-causally (a token sees every position of its own block of
     `block` positions, counted from 0, and of the blocks before it). The cache positions
-    before `start` are padding: no token attends to them."""
+    before `start` are padding: no token attends to them. With `outputs`, only the last
+    `outputs` positions' states are returned, (B, outputs, D); unless the layers are scanned,
+    the last layer then computes only the keys and values of the others (what the cache
+    keeps of them), not their queries, attention and MLP."""
     b, t = tokens_BxT.shape
     index = cache[0]["index"]
-    s = cache[0]["k"].shape[-2]
+    s = cache[0]["v"].shape[-2]
     q_idx = jnp.broadcast_to(index + jnp.arange(t), (b, t))
     k_idx = jnp.broadcast_to(jnp.arange(s), (b, s))
     written = k_idx < index + t
@@ -290,7 +311,7 @@ class Transformer(nnx.Module):
                           q_idx // block, k_idx // block, causal=True)
     x = self.embed_tokens(tokens_BxT)
     rope = rope_tables(q_idx, self.cfg.head_dim, self.cfg.rope_base, self.cfg.max_seq_len)
-    h, cache = self._cached_blocks(x, rope, mask, cache, index)
+    h, cache = self._cached_blocks(x, rope, mask, cache, index, outputs)
     return h, [dict(c, index=index + t) for c in cache]
 
   def extend_hidden(self, x_BxTxD, index_BxT, mask_Bx1xTxS, cache):
@@ -300,7 +321,7 @@ class Transformer(nnx.Module):
     Returns (final states (B, T, D), cache). `init_cache` makes the cache."""
     return self._cached_blocks(x_BxTxD, None, mask_Bx1xTxS, cache, index_BxT)
 
-  def _cached_blocks(self, x, rope, mask, cache, index):
+  def _cached_blocks(self, x, rope, mask, cache, index, outputs: int | None = None):
     if self.cfg.scan_layers:
       graphdef, params = nnx.split(self.blocks)
 
@@ -310,10 +331,12 @@ class Transformer(nnx.Module):
         return x, (c["k"], c["v"])
 
       x, (k, v) = jax.lax.scan(layer, x, (params, cache[0]["k"], cache[0]["v"]))
+      x = x if outputs is None else x[:, -outputs:]
       return self.final_norm(x), [dict(cache[0], k=k, v=v)]
     new_cache = []
-    for block, c in zip(self.blocks, cache):
-      x, c2 = block(x, rope, mask, False, dict(c, index=index))
+    for i, (block, c) in enumerate(zip(self.blocks, cache)):
+      x, c2 = block(x, rope, mask, False, dict(c, index=index),
+                    queries=outputs if i == len(self.blocks) - 1 else None)
       new_cache.append(dict(c, k=c2["k"], v=c2["v"]))
     return self.final_norm(x), new_cache
 

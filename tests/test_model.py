@@ -251,6 +251,29 @@ def unstacked(scanned_params, num_layers: int):
       i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(num_layers)})
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_decoding_only_the_last_outputs_keeps_their_states_and_the_whole_cache(scan_layers):
+  """`decode_hidden(..., outputs=n)`: the last n states and every layer's keys and values
+  are those of the full call, and the next call reads the same cache; unrolled, the last
+  layer skips the other positions' queries, attention and MLP (fewer flops)."""
+  model = make(num_layers=3, scan_layers=scan_layers)
+  tokens = jax.random.randint(jax.random.key(6), (2, 10), 0, 40)
+  _, cache = model.decode_hidden(tokens[:, :4], model.init_cache(2, 12), block=4)
+  call = lambda m, c, outputs: m.decode_hidden(tokens[:, 4:8], c, block=2, outputs=outputs)
+  full, cache_full = call(model, cache, None)
+  last, cache_last = call(model, cache, 3)
+  assert last.shape == (2, 3, CFG.d_model)
+  chex.assert_trees_all_close(last, full[:, -3:], atol=1e-6)
+  chex.assert_trees_all_close(cache_last, cache_full, atol=1e-6)
+  nxt = lambda c: model.decode_hidden(tokens[:, 8:], c, block=2)[0]
+  chex.assert_trees_all_close(nxt(cache_last), nxt(cache_full), atol=1e-6)
+  graphdef, params = nnx.split(model)
+  flops = lambda n: jax.jit(lambda p, c: call(nnx.merge(graphdef, p), c, n)).lower(
+      params, cache).compile().cost_analysis()["flops"]
+  if not scan_layers:   # at least the MLP of 3 of the 4 positions in the last layer
+    assert flops(1) < flops(None) - 3 * 2 * 3 * CFG.d_model * CFG.mlp_dim * 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "dots"])
 def test_scanned_layers_compute_what_unrolled_layers_do(remat):
@@ -274,8 +297,9 @@ def test_scanned_layers_compute_what_unrolled_layers_do(remat):
   loss_s, grad_s = loss_and_grad(graphdef_s, params_s)
   np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
   chex.assert_trees_all_close(unstacked(grad_s, 3), grad_u, rtol=1e-5, atol=1e-8)
-  cache = scanned.init_cache(2, 16)
-  assert len(cache) == 1 and cache[0]["k"].shape == (3, 2, 2, 16, 16)   # (L, B, N, S, H)
+  cache = scanned.init_cache(2, 12)   # keys (L, B, N, H, S), values (L, B, N, S, H)
+  assert len(cache) == 1 and cache[0]["k"].shape == (3, 2, 2, 16, 12)
+  assert cache[0]["v"].shape == (3, 2, 2, 12, 16)
   prefill, cache = scanned.decode(tokens[:, :5], cache)
   nxt, cache = scanned.decode(tokens[:, 5:6], cache)
   full = unrolled(tokens, *row(16))

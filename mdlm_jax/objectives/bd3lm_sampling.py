@@ -157,8 +157,8 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
       are clean: written for good); returns the last block's logits and the cache."""
       new = jax.lax.dynamic_slice_in_dim(x, start_blk * size, blocks * size, axis=1)
       h, cache = model.decode_hidden(new, [dict(c, index=start_blk * size) for c in cache],
-                                     block=size, start=pad)
-      return subs(h[:, -size:]), cache
+                                     block=size, start=pad, outputs=size)
+      return subs(h), cache
 
     def step_logits(x, blk, cache):
       # the noised block's keys go to its own slot, which the clean ones overwrite later
