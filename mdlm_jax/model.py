@@ -85,6 +85,16 @@ def rope_tables(positions_BxT, head_dim: int, base: float, max_len: int):
   return sin, cos
 
 
+def take_positions(x, positions, axis: int = 1):
+  """x's entries along `axis` (B's positions): the last `positions` if an int, else each row's
+  own (B, n) positions, in their order."""
+  if isinstance(positions, int):
+    return jax.lax.slice_in_dim(x, x.shape[axis] - positions, x.shape[axis], axis=axis)
+  index = positions.reshape(positions.shape[:1] + (1,) * (axis - 1) + positions.shape[1:] +
+                            (1,) * (x.ndim - axis - 1))
+  return jnp.take_along_axis(x, index, axis=axis)
+
+
 def apply_rope(x_BxTxNxH, tables):
   if tables is None:  # no rotary positions (the input embeddings carry them)
     return x_BxTxNxH
@@ -112,16 +122,16 @@ class Attention(nnx.Module):
     self.wv = param(rngs, (d, n, h), ("embed", "heads", "kv"), cfg.init_std)
     self.wo = param(rngs, (n, h, d), ("heads", "kv", "embed"), out_std)
 
-  def __call__(self, x_BxTxD, rope, mask_Bx1xTxS, causal: bool, cache=None,
-               queries: int | None = None):
-    """With `queries` (decoding only): every position's keys and values are written to the
-    cache, but only the last `queries` positions attend (the output is (B, queries, D))."""
+  def __call__(self, x_BxTxD, rope, mask_Bx1xTxS, causal: bool, cache=None, queries=None):
+    """With `queries` (decoding only; `take_positions`' last n or (B, n) positions): every
+    position's keys and values are written to the cache, but only those positions attend (the
+    output is (B, n, D))."""
     cfg = self.cfg
     if queries is not None:
-      last = lambda x: x[:, -queries:]
-      q = apply_rope(dense(last(x_BxTxD), self.wq[...]),
-                     None if rope is None else tuple(map(last, rope)))
-      mask_Bx1xTxS = mask_Bx1xTxS[:, :, -queries:]
+      some = lambda x: take_positions(x, queries)
+      q = apply_rope(dense(some(x_BxTxD), self.wq[...]),
+                     None if rope is None else tuple(map(some, rope)))
+      mask_Bx1xTxS = take_positions(mask_Bx1xTxS, queries, axis=2)
     else:
       q = apply_rope(dense(x_BxTxD, self.wq[...]), rope)
     k = apply_rope(dense(x_BxTxD, self.wk[...]), rope)
@@ -170,9 +180,9 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, rope, mask, causal, cache=None, queries: int | None = None):
+  def __call__(self, x, rope, mask, causal, cache=None, queries=None):
     a, cache = self.attn(self.attn_norm(x), rope, mask, causal, cache, queries)
-    x = x if queries is None else x[:, -queries:]
+    x = x if queries is None else take_positions(x, queries)
     x = x + a
     return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -290,15 +300,15 @@ class Transformer(nnx.Module):
     h, cache = self.decode_hidden(tokens_BxT, cache)
     return self.logits(h), cache
 
-  def decode_hidden(self, tokens_BxT, cache, block: int = 1, start: int = 0,
-                    outputs: int | None = None):
+  def decode_hidden(self, tokens_BxT, cache, block: int = 1, start: int = 0, outputs=None):
     """`decode` up to the final norm: (final states (B, T, D), cache). With `block` > 1 the
     new tokens attend block-causally (a token sees every position of its own block of
     `block` positions, counted from 0, and of the blocks before it). The cache positions
-    before `start` are padding: no token attends to them. With `outputs`, only the last
-    `outputs` positions' states are returned, (B, outputs, D); unless the layers are scanned,
-    the last layer then computes only the keys and values of the others (what the cache
-    keeps of them), not their queries, attention and MLP."""
+    before `start` are padding: no token attends to them. With `outputs` (an int n: the last n
+    new tokens; a (B, n) array: each row's n positions among them), only those states are
+    returned, (B, n, D); unless the layers are scanned, the last layer then computes only the
+    keys and values of the others (what the cache keeps of them), not their queries,
+    attention and MLP."""
     b, t = tokens_BxT.shape
     index = cache[0]["index"]
     s = cache[0]["v"].shape[-2]
@@ -321,7 +331,7 @@ class Transformer(nnx.Module):
     Returns (final states (B, T, D), cache). `init_cache` makes the cache."""
     return self._cached_blocks(x_BxTxD, None, mask_Bx1xTxS, cache, index_BxT)
 
-  def _cached_blocks(self, x, rope, mask, cache, index, outputs: int | None = None):
+  def _cached_blocks(self, x, rope, mask, cache, index, outputs=None):
     if self.cfg.scan_layers:
       graphdef, params = nnx.split(self.blocks)
 
@@ -331,7 +341,7 @@ class Transformer(nnx.Module):
         return x, (c["k"], c["v"])
 
       x, (k, v) = jax.lax.scan(layer, x, (params, cache[0]["k"], cache[0]["v"]))
-      x = x if outputs is None else x[:, -outputs:]
+      x = x if outputs is None else take_positions(x, outputs)
       return self.final_norm(x), [dict(cache[0], k=k, v=v)]
     new_cache = []
     for i, (block, c) in enumerate(zip(self.blocks, cache)):

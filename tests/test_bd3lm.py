@@ -324,6 +324,23 @@ def fixed(model, logits_V):
   return Logits(model, lambda m, h: jnp.broadcast_to(logits_V, h.shape[:-1] + logits_V.shape))
 
 
+@pytest.mark.parametrize("kv_cache", [True, False])
+@pytest.mark.parametrize("rule,steps,read", [("dilated", 2, 2), ("left_to_right", 3, 2),
+                                             ("random", 2, 4), ("threshold", 2, 4)])
+def test_position_rules_form_logits_only_where_they_commit(make_config, kv_cache, rule, steps,
+                                                           read):
+  """`left_to_right` and `dilated` know which positions a step commits before its call: every
+  call forms the logits (and the cached last layer) at the most a step of a block of 4
+  commits (2 in 2 or 3 steps), the other rules at the whole block."""
+  obj, model = make(make_config, block_size=4)
+  shapes = set()
+  model = Logits(model, lambda m, h: shapes.add(h.shape) or m.logits(h))
+  out, _ = obj.generate_blocks(model, jnp.full((2, 1), BOS, jnp.int32), jax.random.key(0),
+                               sampler=rule, steps=steps, max_new_tokens=10, kv_cache=kv_cache)
+  assert shapes == {(2, read, model.cfg.d_model)}
+  assert not np.any(np.asarray(out) == MASK)
+
+
 @pytest.mark.slow
 def test_generate_passes_every_option_to_the_block_sampler(make_config):
   """`generate` (what tools/sample.py and the gen-PPL task call) is the block sampler's

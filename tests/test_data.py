@@ -3,8 +3,10 @@ import json
 import multiprocessing
 import os
 import signal
+import threading
 import time
 
+import grain
 import numpy as np
 import pytest
 
@@ -72,6 +74,30 @@ def test_pipeline_is_deterministic(make_config):
     for k in pipeline.KEYS:
       np.testing.assert_array_equal(x[k], y[k])
   assert any((x["inputs"] != z["inputs"]).any() for x, z in zip(a, c)), "seed must matter"
+
+
+def test_packing_lanes_share_grains_read_threads_and_keep_the_batches(make_config, monkeypatch):
+  """The shuffle window's packing lanes read with Grain's default number of threads between
+  them, not that many each; the batches are those of lanes read in the calling thread."""
+  src = source(make_config)
+
+  def read(**kw):
+    before = set(threading.enumerate())
+    got, it = batches(src, 3, shuffle_window=64, **kw)
+    started = set(threading.enumerate()) - before
+    it.close()
+    return got, started
+
+  got, started = read()
+  assert pipeline.PACK_LANES > 1
+  assert 0 < len(started) <= grain.ReadOptions().num_threads, [t.name for t in started]
+  monkeypatch.setattr(pipeline, "_lane_read_options",
+                      lambda lanes: grain.ReadOptions(num_threads=0))
+  inline, started = read()
+  assert not started
+  for x, y in zip(got, inline):
+    for k in pipeline.KEYS:
+      np.testing.assert_array_equal(x[k], y[k])
 
 
 @pytest.mark.slow

@@ -255,7 +255,8 @@ def unstacked(scanned_params, num_layers: int):
 def test_decoding_only_the_last_outputs_keeps_their_states_and_the_whole_cache(scan_layers):
   """`decode_hidden(..., outputs=n)`: the last n states and every layer's keys and values
   are those of the full call, and the next call reads the same cache; unrolled, the last
-  layer skips the other positions' queries, attention and MLP (fewer flops)."""
+  layer skips the other positions' queries, attention and MLP (fewer flops). The same with
+  each row's own positions, in their order."""
   model = make(num_layers=3, scan_layers=scan_layers)
   tokens = jax.random.randint(jax.random.key(6), (2, 10), 0, 40)
   _, cache = model.decode_hidden(tokens[:, :4], model.init_cache(2, 12), block=4)
@@ -267,11 +268,16 @@ def test_decoding_only_the_last_outputs_keeps_their_states_and_the_whole_cache(s
   chex.assert_trees_all_close(cache_last, cache_full, atol=1e-6)
   nxt = lambda c: model.decode_hidden(tokens[:, 8:], c, block=2)[0]
   chex.assert_trees_all_close(nxt(cache_last), nxt(cache_full), atol=1e-6)
+  at = jnp.asarray([[2, 0], [1, 3]])
+  some, cache_some = call(model, cache, at)
+  chex.assert_trees_all_close(some, jnp.take_along_axis(full, at[..., None], axis=1), atol=1e-6)
+  chex.assert_trees_all_close(cache_some, cache_full, atol=1e-6)
   graphdef, params = nnx.split(model)
   flops = lambda n: jax.jit(lambda p, c: call(nnx.merge(graphdef, p), c, n)).lower(
       params, cache).compile().cost_analysis()["flops"]
   if not scan_layers:   # at least the MLP of 3 of the 4 positions in the last layer
     assert flops(1) < flops(None) - 3 * 2 * 3 * CFG.d_model * CFG.mlp_dim * 2
+    assert flops(at) < flops(None) - 2 * 2 * 3 * CFG.d_model * CFG.mlp_dim * 2
 
 
 @pytest.mark.slow

@@ -119,6 +119,18 @@ def commit(rule: str, k, steps: int, masked_BxL, conf_BxL, key, *, threshold: fl
   return masked_BxL & (chosen | (k >= steps - 1))
 
 
+def _commit_counts(size: int, steps: int) -> list[int]:
+  """How many positions each step commits in a block with all `size` to draw under a rule
+  that commits ceil(masked / steps left) (a block with fewer to draw commits no more)."""
+  counts, masked = [], size
+  for k in range(steps):
+    if masked == 0:
+      break
+    counts.append(masked if k == steps - 1 else -(-masked // (steps - k)))
+    masked -= counts[-1]
+  return counts
+
+
 def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              min_p: float = 0.0, threshold: float = 0.9, kv_cache: bool = True,
@@ -150,81 +162,99 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
   wanted = jnp.broadcast_to(idx < p + max_new_tokens, (b, width))
   to_draw = lambda x, blk: (block_of(x, blk) == tokenizers.MASK) & block_of(wanted, blk)
   subs = lambda h: model.logits(h).at[..., tokenizers.MASK].set(sampling.NEG_INF)
+  # `left_to_right` and `dilated` know which positions a step commits before its logits: a call
+  # then computes the last layer and the logits only at those (the most any step commits,
+  # `read` of them), and a step draws only there. Other rules read the whole block.
+  planned = rule in ("left_to_right", "dilated")
+  read = max(_commit_counts(size, steps)) if planned else size
+  rows = jnp.arange(b)[:, None]
+
+  def reads(x, blk, k, opened):
+    """(B, read) positions in block `blk` whose logits step k reads: the ones it commits
+    (first, in reading order) when `planned`, else all."""
+    if not planned:
+      return jnp.broadcast_to(jnp.arange(size), (b, size))
+    masked = to_draw(x, blk)
+    chosen = commit(rule, k, steps, masked, jnp.zeros(masked.shape), None,
+                    threshold=threshold, open_BxL=opened)
+    return jnp.argsort(~chosen, axis=1, stable=True)[:, :read]
 
   if kv_cache:
-    def encode(x, start_blk, blocks: int, cache):
-      """Encodes blocks start_blk .. start_blk + blocks - 1 into the cache (all but the last
-      are clean: written for good); returns the last block's logits and the cache."""
-      new = jax.lax.dynamic_slice_in_dim(x, start_blk * size, blocks * size, axis=1)
-      h, cache = model.decode_hidden(new, [dict(c, index=start_blk * size) for c in cache],
-                                     block=size, start=pad, outputs=size)
+    def logits_at(x, blk, at, cache, blocks: int = 1):
+      """Encodes blocks blk - blocks + 1 .. blk into the cache (all but the last are clean:
+      written for good); returns block blk's logits at positions `at` and the cache. A noised
+      block's keys go to its own slot, which the clean ones overwrite later."""
+      start = blk - blocks + 1
+      new = jax.lax.dynamic_slice_in_dim(x, start * size, blocks * size, axis=1)
+      h, cache = model.decode_hidden(new, [dict(c, index=start * size) for c in cache],
+                                     block=size, start=pad,
+                                     outputs=(blocks - 1) * size + at if planned else size)
       return subs(h), cache
-
-    def step_logits(x, blk, cache):
-      # the noised block's keys go to its own slot, which the clean ones overwrite later
-      return encode(x, blk, 1, cache)
   else:
     pos = jnp.broadcast_to(idx, (b, width))
     seg = (pos >= pad).astype(jnp.int32)   # the padding: a segment of its own
     mask = attention.attention_mask(seg, seg, pos // size, pos // size, causal=True)
 
-    def step_logits(x, blk, cache):
+    def logits_at(x, blk, at, cache, blocks: int = 1):
       h = model.hidden(model.embed_tokens(x), pos, seg, mask_Bx1xTxT=mask)
-      return subs(block_of(h, blk)), cache
+      return subs(jnp.take_along_axis(block_of(h, blk), at[..., None], axis=1)), cache
 
   first = p // size
-  if kv_cache:   # the prompt's blocks and the first block to generate, in one call
-    logits, cache = encode(canvas, 0, first + 1, model.init_cache(b, width))
-  else:
-    logits, cache = step_logits(canvas, first, None)
+  at = reads(canvas, first, 0, to_draw(canvas, first))
+  cache = model.init_cache(b, width) if kv_cache else None
+  # the prompt's blocks and the first block to generate, in one call
+  logits, cache = logits_at(canvas, first, at, cache, blocks=first + 1)
 
   def block_cond(c):
-    blk, _, _, _, done, _ = c
-    return (blk < n_blocks) & ~jnp.all(done)
+    return (c[0] < n_blocks) & ~jnp.all(c[5])
 
   def block_body(c):
-    blk, x, cache, logits, done, calls = c
+    blk, x, cache, logits, at, done, calls = c
     key = jax.random.fold_in(rng, blk)
     opened = to_draw(x, blk)   # what the block has to draw (the dilated order's positions)
 
     def step(c):
-      k, x, logits, calls, cache = c
+      k, x, logits, at, calls, cache = c
       k_tok, k_rule = jax.random.split(jax.random.fold_in(key, k))
       tok, logp = sampling.draw(k_tok, logits, temperature, top_k, top_p, min_p)
       xb = block_of(x, blk)
       masked = to_draw(x, blk)
-      conf = (jnp.max(logp, axis=-1) if rule == "threshold"
-              else jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0])
+      if planned:   # drawn at `at` only; the commit does not look at the confidences
+        tok, conf = jnp.zeros_like(xb).at[rows, at].set(tok), jnp.zeros(masked.shape)
+      else:
+        conf = (jnp.max(logp, axis=-1) if rule == "threshold"
+                else jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0])
       chosen = commit(rule, k, steps, masked, conf, k_rule, threshold=threshold,
                       schedule=schedule, fallback=fallback, open_BxL=opened)
       x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(chosen, tok, xb), blk * size, axis=1)
       more = jnp.any(to_draw(x, blk))
-      logits, cache, calls = jax.lax.cond(
-          more, lambda: (*step_logits(x, blk, cache), calls + 1),
-          lambda: (logits, cache, calls))
-      return k + 1, x, logits, calls, cache
+
+      def again():
+        nxt = reads(x, blk, k + 1, opened)
+        return (*logits_at(x, blk, nxt, cache), nxt, calls + 1)
+
+      logits, cache, at, calls = jax.lax.cond(more, again, lambda: (logits, cache, at, calls))
+      return k + 1, x, logits, at, calls, cache
 
     unfinished = lambda c: jnp.any(to_draw(c[1], blk))
-    _, x, logits, calls, cache = jax.lax.while_loop(
-        unfinished, step, (jnp.zeros((), jnp.int32), x, logits, calls, cache))
+    _, x, logits, at, calls, cache = jax.lax.while_loop(
+        unfinished, step, (jnp.zeros((), jnp.int32), x, logits, at, calls, cache))
     made = (blk * size + jnp.arange(size)) >= p
     done = done | jnp.any((block_of(x, blk) == tokenizers.EOS) & made, axis=1)
 
     def next_block():  # with the cache: this block's clean keys written in the same call
-      if kv_cache:
-        nxt, new_cache = encode(x, blk, 2, cache)
-        return nxt, new_cache, calls + 1
-      nxt, cache_ = step_logits(x, blk + 1, cache)
-      return nxt, cache_, calls + 1
+      nxt = reads(x, blk + 1, 0, to_draw(x, blk + 1))
+      return (*logits_at(x, blk + 1, nxt, cache, blocks=2 if kv_cache else 1), nxt, calls + 1)
 
     if n_blocks > 1:   # (one block: nothing follows, and two blocks would not fit)
       go_on = (blk + 1 < n_blocks) & ~jnp.all(done)
-      logits, cache, calls = jax.lax.cond(go_on, next_block, lambda: (logits, cache, calls))
-    return blk + 1, x, cache, logits, done, calls
+      logits, cache, at, calls = jax.lax.cond(go_on, next_block,
+                                              lambda: (logits, cache, at, calls))
+    return blk + 1, x, cache, logits, at, done, calls
 
-  carry = (jnp.asarray(first, jnp.int32), canvas, cache, logits, jnp.zeros((b,), bool),
+  carry = (jnp.asarray(first, jnp.int32), canvas, cache, logits, at, jnp.zeros((b,), bool),
            jnp.ones((), jnp.int32))
-  blk, x, _, _, _, calls = jax.lax.while_loop(block_cond, block_body, carry)
+  blk, x, _, _, _, _, calls = jax.lax.while_loop(block_cond, block_body, carry)
   made = idx[None, :] >= p
   eos = (x == tokenizers.EOS) & made
   after = (jnp.cumsum(eos, axis=1) - eos) > 0
