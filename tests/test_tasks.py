@@ -198,6 +198,7 @@ def test_star_graph_rows_are_prompt_then_path(make_config, degree, length):
   config_lib.validate(cfg)
   it = iter(pipeline.train_dataset(cfg, TOK))
   batch = next(it)
+  it.close()
   assert set(batch) == set(pipeline.PROMPT_KEYS)
   for x, seg, pm in zip(batch["inputs"], batch["segment_ids"], batch["prompt_mask"]):
     assert seg.all() and pm.sum() == prompt_len and not pm[prompt_len:].any()

@@ -50,6 +50,7 @@ def test_sharded_step_on_8_devices_matches_one_device(make_config, objective):
                      "train.adam_eps": 1e-4})
   it = iter(pipeline.train_dataset(cfg, trainer.build(cfg).tokenizer))
   batches = [next(it) for _ in range(3)]
+  it.close()   # its read threads stop now, not whenever the collector gets to them
   one, params_one, _ = run_steps(cfg, sharding.make_mesh(cfg.mesh), batches)
   mesh8 = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   eight, params_eight, setup = run_steps(cfg, mesh8, batches)
@@ -71,6 +72,7 @@ def test_scanned_layers_on_8_devices_train_as_unrolled_on_one(make_config, tmp_p
                          "model.scan_layers": True, "train.adam_eps": 1e-4})  # see above
   it = iter(pipeline.train_dataset(cfg, trainer.build(cfg).tokenizer))
   batches = [next(it) for _ in range(3)]
+  it.close()   # its read threads stop now, not whenever the collector gets to them
   one, params_one, _ = run_steps(cfg, sharding.make_mesh(cfg.mesh), batches)
   eight, params_eight, setup = run_steps(
       scanned, sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), batches)
@@ -187,6 +189,7 @@ def test_ema_follows_the_warmed_up_recurrence(make_config):
     dn = min(d, (1 + n) / (10 + n))
     expected = jax.tree.map(lambda e, p: dn * e + (1 - dn) * p, expected,
                             jax.device_get(state["params"]))
+  it.close()
   chex.assert_trees_all_close(jax.device_get(state["ema"]), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -12,7 +12,8 @@ their clean tokens, and kept: a step encodes only the current block's L' positio
 the cache. The call that writes a finished block also gives the next block's first logits
 (the 2 L' new positions attend block-causally), so a block costs exactly the calls of its
 steps. Without the cache every step re-encodes the canvas under the block-causal mask (the
-baseline); both give the same tokens.
+baseline); both give the same tokens. Under `left_to_right` and `dilated` a call's last
+layer, logits and draws cover only the positions the next step commits.
 
 Rules for a step, over the current block's masked positions (every draw after temperature
 and top-k / top-p / min-p filtering, with `sampling.draw`):
