@@ -38,11 +38,7 @@ def run_steps(cfg, mesh, batches):
   return out, jax.device_get(state["params"]), setup
 
 
-# XLA:CPU aborted three CI workers while serialising this test's blm program for the run's
-# compilation cache (`executable.serialize()`, never reproduced alone); no other test compiles
-# these programs, so they are not written to it
 @pytest.mark.slow
-@pytest.mark.usefixtures("uncached_compilation")
 @pytest.mark.parametrize("objective", ["mdlm", "blm", "insertion", "bd3lm"])
 def test_sharded_step_on_8_devices_matches_one_device(make_config, objective):
   assert jax.device_count() == 8
