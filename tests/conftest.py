@@ -25,6 +25,8 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()  # library flags (Grain's worker options) read their defaults
 
 from helpers import tiny_config, write_corpus  # noqa: E402
+from crash_rerun import (pytest_handlecrashitem, pytest_report_teststatus,  # noqa: E402,F401
+                         pytest_terminal_summary)
 
 
 @pytest.fixture(scope="session")
