@@ -86,8 +86,8 @@ def rope_tables(positions_BxT, head_dim: int, base: float, max_len: int):
 
 
 def take_positions(x, positions, axis: int = 1):
-  """x's entries along `axis` (B's positions): the last `positions` if an int, else each row's
-  own (B, n) positions, in their order."""
+  """The entries of a (B, ...) array x along its positions axis `axis`: the last `positions`
+  if an int, else each row's own (B, n) `positions`, in their order."""
   if isinstance(positions, int):
     return jax.lax.slice_in_dim(x, x.shape[axis] - positions, x.shape[axis], axis=axis)
   index = positions.reshape(positions.shape[:1] + (1,) * (axis - 1) + positions.shape[1:] +
