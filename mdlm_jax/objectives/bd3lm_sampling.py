@@ -56,6 +56,7 @@ import jax.numpy as jnp
 from mdlm_jax import attention
 from mdlm_jax import sampling
 from mdlm_jax import tokenizers
+from mdlm_jax.model import take_positions
 from mdlm_jax.objectives import base
 from mdlm_jax.objectives import mdlm_schedule
 
@@ -197,8 +198,8 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
     mask = attention.attention_mask(seg, seg, pos // size, pos // size, causal=True)
 
     def logits_at(x, blk, at, cache, blocks: int = 1):
-      h = model.hidden(model.embed_tokens(x), pos, seg, mask_Bx1xTxT=mask)
-      return subs(jnp.take_along_axis(block_of(h, blk), at[..., None], axis=1)), cache
+      h = block_of(model.hidden(model.embed_tokens(x), pos, seg, mask_Bx1xTxT=mask), blk)
+      return subs(take_positions(h, at) if planned else h), cache
 
   first = p // size
   at = reads(canvas, first, 0, to_draw(canvas, first))
@@ -207,7 +208,8 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
   logits, cache = logits_at(canvas, first, at, cache, blocks=first + 1)
 
   def block_cond(c):
-    return (c[0] < n_blocks) & ~jnp.all(c[5])
+    blk, _, _, _, _, done, _ = c
+    return (blk < n_blocks) & ~jnp.all(done)
 
   def block_body(c):
     blk, x, cache, logits, at, done, calls = c
