@@ -24,6 +24,15 @@ from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()  # library flags (Grain's worker options) read their defaults
 
+import jax  # noqa: E402
+
+# The pytest processes (xdist's workers, or the one process without -n) only read that cache;
+# the processes the tests start (train.py, tools/*.py, jax.distributed workers) read and write
+# it. XLA:CPU's `executable.serialize()`, which writes an entry, aborts or crashes once a
+# process has run a few hundred of these tests (docs/results.md, the twenty-first session);
+# short-lived processes never hit it.
+jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
+
 from helpers import tiny_config, write_corpus  # noqa: E402
 from crash_rerun import (pytest_handlecrashitem, pytest_report_teststatus,  # noqa: E402,F401
                          pytest_terminal_summary)
