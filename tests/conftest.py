@@ -1,4 +1,5 @@
 """Tests run on CPU with 8 simulated devices (meshes up to data 2 x fsdp 2 x tensor 2)."""
+import gc
 import json
 import os
 import shutil
@@ -25,14 +26,6 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()  # library flags (Grain's worker options) read their defaults
 
 import jax  # noqa: E402
-
-# The pytest processes (xdist's workers, or the one process without -n) only read that cache;
-# the processes the tests start (train.py, tools/*.py, jax.distributed workers) read and write
-# it. XLA:CPU's `executable.serialize()`, which writes an entry, aborts or crashes once a
-# process has run a few hundred of these tests (docs/results.md, the twenty-first session);
-# short-lived processes never hit it.
-jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
-
 from helpers import tiny_config, write_corpus  # noqa: E402
 from crash_rerun import (pytest_handlecrashitem, pytest_report_teststatus,  # noqa: E402,F401
                          pytest_terminal_summary)
@@ -67,6 +60,18 @@ def make_config(corpus, data_dir):
 def pytest_unconfigure(config):
   if os.environ.get("MDLM_JAX_TEST_XLA_CACHE_OWNER") == str(os.getpid()):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+  """Drops JAX's in-memory caches after each test module. Every XLA:CPU executable they keep
+  holds its code in memory maps, about 240 a test here, and Linux allows a process 65530
+  (vm.max_map_count): a worker that had run ~230 tests held 64,402 and aborted in the next
+  allocation, while writing the compilation cache (docs/results.md, the twenty-first session).
+  A module's programs are read back from the persistent cache when a later module needs them."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture
