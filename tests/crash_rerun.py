@@ -1,11 +1,10 @@
 """pytest-xdist hooks (imported by conftest.py): a test whose worker process dies runs once more
 in a fresh worker, and fails if it kills that one too.
 
-XLA:CPU has killed suite workers while serialising a compiled program for the run's
-compilation cache (`executable.serialize()`, a segmentation fault or an abort; never
-reproduced outside a long-lived worker; docs/results.md, "The test suite, twentieth
-session"). Only a dead worker is retried: a failing assertion or exception fails at once. The
-summary names every test that was run again."""
+A backstop: suite workers used to die once they held Linux's limit of memory maps (the
+compiled programs JAX kept; conftest.py now drops them after each module, docs/results.md,
+"The test suite, twenty-first session"). Only a dead worker is retried: a failing assertion
+or exception fails at once. The summary names every test that was run again."""
 
 import pytest
 

@@ -19,10 +19,9 @@ from mdlm_jax import sharding
 from mdlm_jax import splash
 from mdlm_jax import tokenizers
 
-# Interpret mode discharges each kernel into a large XLA program. One of them crashed the
-# worker (a segmentation fault) while the run's persistent compilation cache serialised it
-# (XLA:CPU's `serialize`, once in a CI run, not reproduced alone); they are not shared with
-# other tests or processes, so these compile without writing to the cache.
+# Interpret mode discharges each kernel into a large XLA program that no other test or
+# process compiles, so writing it to the run's persistent compilation cache would be work
+# for nothing: these compile without the cache.
 pytestmark = pytest.mark.usefixtures("uncached_compilation")
 
 # a packed row over 2 tiles of 128: runs that cross the tile boundary, and a padding run
