@@ -6,6 +6,8 @@ masked diffusion (MDLM's linear schedule, weight 1/t) within each block.
 
 --config.objective.block_size=4 (or 1: next-token prediction; data.seq_len: mdlm);
 BD3-LM's clipped schedule: --config.objective.noise_min=0.3 --config.objective.noise_max=0.8.
+--config.objective.noised_layers=k: the block being denoised runs only the last k layers
+(the clean blocks all of them), so a denoising step costs k layers, not every one.
 """
 from configs import default
 from mdlm_jax import config as config_lib

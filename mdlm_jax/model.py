@@ -225,8 +225,9 @@ class Transformer(nnx.Module):
     return sharding.constrain(x, "batch", "length", "embed")
 
   def hidden(self, x_BxTxD, positions_BxT, segment_ids_BxT, causal: bool | None = None,
-             rope: bool = True, order_BxT=None, mask_Bx1xTxT=None):
-    """Runs the blocks on input embeddings; returns final-normed states (B, T, D). With
+             rope: bool = True, order_BxT=None, mask_Bx1xTxT=None, layers=None):
+    """Runs the blocks on input embeddings; returns final-normed states (B, T, D). `layers`
+    (start, stop): only those blocks, and the final norm only if stop is the last. With
     rope=False the positions are not used (the embeddings carry their own). `order_BxT`: a
     token attends to the tokens of its segment whose order is <= its own (a generation
     order, e.g. the step each token was placed at), whatever their index. `mask_Bx1xTxT`:
@@ -252,6 +253,8 @@ class Transformer(nnx.Module):
     rope = rope_tables(positions_BxT, self.cfg.head_dim, self.cfg.rope_base,
                        self.cfg.max_seq_len) if rope else None
 
+    start, stop = layers or (0, self.cfg.num_layers)
+    norm = self.final_norm if stop == self.cfg.num_layers else (lambda x: x)
     if self.cfg.scan_layers:
       graphdef, params = nnx.split(self.blocks)
 
@@ -261,17 +264,17 @@ class Transformer(nnx.Module):
 
       if self.cfg.remat != "none":  # prevent_cse=False is safe (and faster) under scan
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-      x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, params)
-      return self.final_norm(x_BxTxD)
+      x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, _layer_slice(params, start, stop))
+      return norm(x_BxTxD)
 
     def run(block, x):
       return sharding.constrain(block(x, rope, mask, causal)[0], "batch", "length", "embed")
 
     if self.cfg.remat != "none":
       run = nnx.remat(run, policy=_REMAT_POLICIES[self.cfg.remat])
-    for block in self.blocks:
+    for block in list(self.blocks)[start:stop]:
       x_BxTxD = run(block, x_BxTxD)
-    return self.final_norm(x_BxTxD)
+    return norm(x_BxTxD)
 
   def logits(self, h_BxTxD):
     w_DxV = self.embed[...].T if self.cfg.tied_embeddings else self.unembed[...]
@@ -300,7 +303,8 @@ class Transformer(nnx.Module):
     h, cache = self.decode_hidden(tokens_BxT, cache)
     return self.logits(h), cache
 
-  def decode_hidden(self, tokens_BxT, cache, block: int = 1, start: int = 0, outputs=None):
+  def decode_hidden(self, tokens_BxT, cache, block: int = 1, start: int = 0, outputs=None,
+                    late: tuple[int, int] | None = None):
     """`decode` up to the final norm: (final states (B, T, D), cache). With `block` > 1 the
     new tokens attend block-causally (a token sees every position of its own block of
     `block` positions, counted from 0, and of the blocks before it). The cache positions
@@ -308,7 +312,9 @@ class Transformer(nnx.Module):
     new tokens; a (B, n) array: each row's n positions among them), only those states are
     returned, (B, n, D); unless the layers are scanned, the last layer then computes only the
     keys and values of the others (what the cache keeps of them), not their queries,
-    attention and MLP."""
+    attention and MLP. With `late` (n, j), the last n new tokens enter at layer j: they skip
+    the layers before it (which neither read nor write their cache positions) and start
+    there from their embeddings."""
     b, t = tokens_BxT.shape
     index = cache[0]["index"]
     s = cache[0]["v"].shape[-2]
@@ -321,7 +327,7 @@ class Transformer(nnx.Module):
                           q_idx // block, k_idx // block, causal=True)
     x = self.embed_tokens(tokens_BxT)
     rope = rope_tables(q_idx, self.cfg.head_dim, self.cfg.rope_base, self.cfg.max_seq_len)
-    h, cache = self._cached_blocks(x, rope, mask, cache, index, outputs)
+    h, cache = self._cached_blocks(x, rope, mask, cache, index, outputs, late)
     return h, [dict(c, index=index + t) for c in cache]
 
   def extend_hidden(self, x_BxTxD, index_BxT, mask_Bx1xTxS, cache):
@@ -331,24 +337,51 @@ class Transformer(nnx.Module):
     Returns (final states (B, T, D), cache). `init_cache` makes the cache."""
     return self._cached_blocks(x_BxTxD, None, mask_Bx1xTxS, cache, index_BxT)
 
-  def _cached_blocks(self, x, rope, mask, cache, index, outputs=None):
+  def _cached_blocks(self, x, rope, mask, cache, index, outputs=None, late=None):
+    n_late, enter = late or (0, 0)
+    t = x.shape[1] - n_late
+    early = lambda a, axis=1: jax.lax.slice_in_dim(a, 0, t, axis=axis)
+    x, x_late = early(x), jax.lax.slice_in_dim(x, t, t + n_late, axis=1)
+    parts = [(0, enter, (early(rope[0]), early(rope[1])) if rope else None, early(mask, 2)),
+             (enter, self.cfg.num_layers, rope, mask)]   # the layers before `enter`, the rest
     if self.cfg.scan_layers:
       graphdef, params = nnx.split(self.blocks)
+      stacked = cache[0]
 
-      def layer(x, params_and_cache):
-        p, k, v = params_and_cache
-        x, c = nnx.merge(graphdef, p)(x, rope, mask, False, dict(k=k, v=v, index=index))
-        return x, (c["k"], c["v"])
+      def run(x, lo, hi, rope, mask):
+        def layer(x, params_and_cache):
+          p, k, v = params_and_cache
+          x, c = nnx.merge(graphdef, p)(x, rope, mask, False, dict(k=k, v=v, index=index))
+          return x, (c["k"], c["v"])
+        return jax.lax.scan(layer, x, (_layer_slice(params, lo, hi),
+                                       stacked["k"][lo:hi], stacked["v"][lo:hi]))
 
-      x, (k, v) = jax.lax.scan(layer, x, (params, cache[0]["k"], cache[0]["v"]))
+      ks, vs = [], []
+      for i, (lo, hi, r, m) in enumerate(parts):
+        if i:
+          x = jnp.concatenate([x, x_late], axis=1)
+        if hi > lo and x.shape[1]:
+          x, (k, v) = run(x, lo, hi, r, m)
+        else:
+          k, v = stacked["k"][lo:hi], stacked["v"][lo:hi]
+        ks.append(k)
+        vs.append(v)
       x = x if outputs is None else take_positions(x, outputs)
-      return self.final_norm(x), [dict(cache[0], k=k, v=v)]
-    new_cache = []
-    for i, (block, c) in enumerate(zip(self.blocks, cache)):
-      x, c2 = block(x, rope, mask, False, dict(c, index=index),
-                    queries=outputs if i == len(self.blocks) - 1 else None)
-      new_cache.append(dict(c, k=c2["k"], v=c2["v"]))
+      return self.final_norm(x), [dict(stacked, k=jnp.concatenate(ks), v=jnp.concatenate(vs))]
+    new_cache = list(cache)
+    for i, (lo, hi, r, m) in enumerate(parts):
+      if i:
+        x = jnp.concatenate([x, x_late], axis=1)
+      for j in range(lo, hi) if x.shape[1] else ():
+        x, c2 = self.blocks[j](x, r, m, False, dict(cache[j], index=index),
+                               queries=outputs if j == self.cfg.num_layers - 1 else None)
+        new_cache[j] = dict(cache[j], k=c2["k"], v=c2["v"])
     return self.final_norm(x), new_cache
+
+
+def _layer_slice(stacked_params, start: int, stop: int):
+  """Layers start .. stop - 1 of scanned (stacked) block parameters."""
+  return jax.tree.map(lambda p: p[start:stop], stacked_params)
 
 
 def count_params(params) -> int:

@@ -8,17 +8,19 @@ import pytest
 from flax import nnx
 
 from helpers import positions_of
+from mdlm_jax import attention
 from mdlm_jax import objectives
 from mdlm_jax import tokenizers
 from mdlm_jax.objectives import bd3lm
 from mdlm_jax.objectives import bd3lm_sampling
+from mdlm_jax.objectives import mdlm
 
 MASK, EOS, PAD, BOS = tokenizers.MASK, tokenizers.EOS, tokenizers.PAD, tokenizers.BOS
 
 
 def make(make_config, name="bd3lm", seq_len=32, init_std=0.02, **opts):
   cfg = make_config({"objective.name": name, "data.seq_len": seq_len, "model.init_std": init_std,
-                     **{f"objective.{k}": v for k, v in opts.items()}})
+                     **{k if "." in k else f"objective.{k}": v for k, v in opts.items()}})
   obj = objectives.create(cfg, tokenizers.get_tokenizer("bytes"))
   return obj, obj.build(nnx.Rngs(0))
 
@@ -134,13 +136,19 @@ def test_packed_documents_do_not_see_each_other(make_config):
   assert np.all(g[0:4] == 0), "the noised block 0 is another block's noise"
 
 
-def test_flops_count_the_doubled_sequence_and_the_mask(make_config):
-  obj, _ = make(make_config, block_size=8)
+@pytest.mark.parametrize("noised_layers", [0, 1])
+def test_flops_count_the_doubled_sequence_and_the_mask(make_config, noised_layers):
+  """Every layer runs the clean half, the last `noised_layers` (0: every one) the noised half;
+  each half's pairs are counted from the mask's quadrants."""
+  obj, _ = make(make_config, block_size=8, noised_layers=noised_layers)
   cfg = obj.model_config
   d, f, n, v, t = cfg.d_model, cfg.mlp_dim, cfg.num_layers, cfg.vocab_size, 32
-  allowed = int(np.asarray(bd3lm.training_mask(jnp.ones((1, t), jnp.int32), 8).dense()).sum())
-  assert allowed == t * (t + 8)
-  per_token = 2 * (2 * n * (4 * d * d + 3 * d * f) + d * v + n * 2 * d * allowed / t)
+  mask = np.asarray(bd3lm.training_mask(jnp.ones((1, t), jnp.int32), 8).dense())[0, 0]
+  assert mask.sum() == t * (t + 8)
+  noised_pairs, clean_pairs = mask[:t].sum(), mask[t:].sum()
+  k = noised_layers or n
+  per_token = 2 * ((n + k) * (4 * d * d + 3 * d * f) + d * v
+                   + 2 * d * (k * noised_pairs + n * clean_pairs) / t)
   np.testing.assert_allclose(obj.flops_per_token(t), 3 * per_token)
 
 
@@ -166,6 +174,71 @@ def test_options_are_checked(make_config):
     check(noise_min=0.3, noise_max=0.8, schedule="cosine")
   with pytest.raises(ValueError, match="block_size=0 must be >= 1"):
     check(block_size=0)
+  with pytest.raises(ValueError, match="noised_layers=-1 must be >= 0"):
+    check(noised_layers=-1)
+  with pytest.raises(ValueError, match="noised_layers=3 must be at most model.num_layers=2"):
+    make(make_config, noised_layers=3)
+
+
+def reference_noised_logits(model, batch, x_t, size: int, enter: int):
+  """The noised half's logits built block by block: for block b, the clean tokens of blocks
+  <= b run layers [0, enter) alone (block-causal), block b's states are replaced by x_t's
+  embeddings, and the row up to block b's end runs the remaining layers block-causally, so
+  block b reads itself and the clean blocks before it."""
+  x0, pos, seg = batch["inputs"], batch["positions"], batch["segment_ids"]
+  t = x0.shape[1]
+  out = []
+  for blk in range(t // size):
+    end = (blk + 1) * size
+    p, s = pos[:, :end], seg[:, :end]
+    order = jnp.broadcast_to(jnp.arange(end) // size, s.shape)
+    mask = attention.attention_mask(s, s, order, order, True)
+    h = model.hidden(model.embed_tokens(x0[:, :end]), p, s, mask_Bx1xTxT=mask,
+                     layers=(0, enter))
+    h = h.at[:, blk * size:end].set(model.embed_tokens(x_t[:, blk * size:end]))
+    h = model.hidden(h, p, s, mask_Bx1xTxT=mask, layers=(enter, model.cfg.num_layers))
+    out.append(h[:, blk * size:])
+  return mdlm.subs_logits(model.logits(jnp.concatenate(out, axis=1)))
+
+
+@pytest.mark.parametrize("noised_layers", [1, 2])
+def test_noised_layers_forward_is_the_block_by_block_construction(make_config, noised_layers):
+  """`noised_layers` k: the noised half joins the clean half at layer L - k. Against the
+  block-by-block construction on packed rows (k = L is every layer: BD3-LM's forward, the
+  same logits as the default 0)."""
+  obj, model = make(make_config, block_size=4, init_std=0.3, noised_layers=noised_layers)
+  batch = batch_of(np.array([[1] * 10 + [2] * 22, [1] * 32]))
+  x_t = jnp.where(jax.random.uniform(jax.random.key(1), (2, 32)) < 0.5, MASK, batch["inputs"])
+  got = obj.noised_logits(model, batch, x_t)
+  want = reference_noised_logits(model, batch, x_t, 4, 2 - noised_layers)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+  every = make(make_config, block_size=4, init_std=0.3)[0].noised_logits(model, batch, x_t)
+  if noised_layers == 2:
+    np.testing.assert_allclose(every, want, rtol=2e-4, atol=2e-4)
+  else:   # the construction tells the two apart
+    assert not np.allclose(got, every, atol=1e-2)
+
+
+def test_noised_layers_keep_documents_and_later_blocks_apart(make_config):
+  """With the noised half on the last layer only, document 1's noised block 1 (positions 4-7)
+  changes when its clean block 0 or its own noised tokens change, and not when document 2,
+  its own clean block or a later block change."""
+  obj, model = make(make_config, block_size=4, init_std=0.3, noised_layers=1)
+  batch = batch_of(np.array([[1] * 10 + [2] * 22]))
+  x_t = batch["inputs"].at[:, 5].set(MASK)
+  out = lambda b, xt: np.asarray(obj.noised_logits(model, b, xt)[0, 4:8])
+  base_out = out(batch, x_t)
+  def changed(cols, noised: bool):
+    x = np.asarray(x_t if noised else batch["inputs"]).copy()
+    x[:, cols] = 70
+    if noised:
+      return not np.allclose(out(batch, jnp.asarray(x)), base_out, atol=1e-6)
+    return not np.allclose(out(dict(batch, inputs=jnp.asarray(x)), x_t), base_out, atol=1e-6)
+  assert changed([1, 2], noised=False)          # its clean block 0
+  assert changed([6], noised=True)              # its own noised block
+  assert not changed([4, 5, 6, 7, 8, 9], noised=False)   # its own clean copy, later clean
+  assert not changed(list(range(10, 32)), noised=False)  # document 2
+  assert not changed([0, 1, 2, 3, 9, 20], noised=True)    # other noised blocks
 
 
 def test_clipped_schedule_draws_each_blocks_rate_in_its_interval(make_config):
@@ -284,11 +357,15 @@ def test_dilated_order_is_coarse_to_fine():
                                     np.arange(0, n, n >> j), err_msg=f"n={n}, j={j}")
 
 
-@pytest.mark.parametrize("rule", ["confidence", "threshold", "ancestral", "random",
-                                  "left_to_right", "dilated"])
-def test_cached_sampler_equals_reencoding(make_config, rule):
-  """Token for token (a large init makes every draw depend on what the network reads)."""
-  obj, model = make(make_config, block_size=4, init_std=0.5)
+@pytest.mark.parametrize("rule,noised_layers,scan", [
+    ("confidence", 0, False), ("threshold", 0, False), ("ancestral", 0, False),
+    ("random", 0, False), ("left_to_right", 0, False), ("dilated", 0, False),
+    ("confidence", 1, False), ("dilated", 1, False), ("dilated", 1, True)])
+def test_cached_sampler_equals_reencoding(make_config, rule, noised_layers, scan):
+  """Token for token (a large init makes every draw depend on what the network reads); with
+  the block entering at the last layer, unrolled and scanned."""
+  obj, model = make(make_config, block_size=4, init_std=0.5, noised_layers=noised_layers,
+                    **{"model.scan_layers": scan})
   prompt = jnp.asarray(np.array([[BOS, 40, 41, 42, 43, 44]] * 3, np.int32))
   run = lambda cache: obj.generate_blocks(model, prompt, jax.random.key(3), sampler=rule,
                                           steps=3, max_new_tokens=20, temperature=1.0,
@@ -370,12 +447,13 @@ def test_sampler_options_are_checked(make_config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kv_cache,p,new,rule,size,steps", [
-    (True, 6, 18, "confidence", 4, 2), (False, 6, 18, "confidence", 4, 2),
-    (True, 2, 6, "confidence", 4, 2), (True, 6, 6, "left_to_right", 4, 2),
-    (True, 1, 11, "dilated", 4, 2), (True, 1, 15, "dilated", 8, 4)])
+@pytest.mark.parametrize("kv_cache,p,new,rule,size,steps,noised_layers", [
+    (True, 6, 18, "confidence", 4, 2, 0), (False, 6, 18, "confidence", 4, 2, 0),
+    (True, 2, 6, "confidence", 4, 2, 0), (True, 6, 6, "left_to_right", 4, 2, 0),
+    (True, 1, 11, "dilated", 4, 2, 0), (True, 1, 15, "dilated", 8, 4, 0),
+    (True, 6, 18, "confidence", 4, 2, 1), (False, 1, 11, "dilated", 4, 2, 1)])
 def test_greedy_sampler_reads_the_training_conditionals(make_config, kv_cache, p, new, rule,
-                                                         size, steps):
+                                                         size, steps, noised_layers):
   """Greedy decoding, two steps a block of 4 (four a block of 8), replayed with the training
   forward (`noised_logits` on x_t ⊕ x_0, the block-causal mask) on the row the sampler builds:
   the prompt left-padded with PAD (a segment of its own) to end at a block's end, then whole
@@ -387,8 +465,9 @@ def test_greedy_sampler_reads_the_training_conditionals(make_config, kv_cache, p
   sampler that read a different context (a shifted position, the padding, a block's own
   clean keys, a later block, the other row) than the loss trains on would decode other
   tokens. Two blocks in all (p=2, new=6): the second block's first logits come from the call
-  that writes the first."""
-  obj, model = make(make_config, block_size=size, init_std=0.5)
+  that writes the first. With `noised_layers` the block enters the last layer only, in
+  training and in sampling."""
+  obj, model = make(make_config, block_size=size, init_std=0.5, noised_layers=noised_layers)
   model = ends_at(model, -100.0)    # no EOS: every block is decoded
   prompt = jnp.asarray(np.array([[BOS, 40, 41, 42, 43, 44], [BOS, 50, 61, 52, 63, 54]],
                                 np.int32)[:, :p])

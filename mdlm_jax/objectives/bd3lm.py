@@ -61,6 +61,7 @@ class BD3LM(base.Objective):
       noise_min=0.0,           # BD3-LM's clipped schedule: mask rates uniform in
       noise_max=1.0,           # [noise_min, noise_max] with weight 1/rate (linear only)
       eval_time_samples=2,     # K >= 2 draws of the validation bound per row
+      noised_layers=0,         # k > 0: the noised half runs only the last k layers (below)
   )
 
   @classmethod
@@ -82,6 +83,8 @@ class BD3LM(base.Objective):
          f"objective.schedule={opts.schedule!r}."),
         (opts.eval_time_samples >= 1,
          f"objective.eval_time_samples={opts.eval_time_samples} must be >= 1."),
+        (opts.noised_layers >= 0,
+         f"objective.noised_layers={opts.noised_layers} must be >= 0 (0: every layer)."),
     ]
     for ok, message in checks:
       if not ok:
@@ -92,18 +95,38 @@ class BD3LM(base.Objective):
     seq_len, size = config.data.seq_len, self.opts.block_size
     if seq_len % size:
       raise ValueError(f"objective.block_size={size} must divide data.seq_len={seq_len}.")
+    layers = config.model.num_layers
+    if self.opts.noised_layers > layers:
+      raise ValueError(f"objective.noised_layers={self.opts.noised_layers} must be at most "
+                       f"model.num_layers={layers} (0 or {layers}: every layer).")
+
+  @property
+  def noised_from(self) -> int:
+    """The layer the noised tokens enter at (0: every layer, BD3-LM's network)."""
+    k = self.opts.noised_layers
+    return self.model_config.num_layers - k if k else 0
 
   @property
   def clipped(self) -> bool:
     return (self.opts.noise_min, self.opts.noise_max) != (0.0, 1.0)
 
   def noised_logits(self, model, batch, x_t):
-    """SUBS logits (B, T, V) of the noised half of x_t ⊕ x_0 under `training_mask`."""
+    """SUBS logits (B, T, V) of the noised half of x_t ⊕ x_0 under `training_mask`. With
+    `noised_layers` k the clean half first runs the layers before the last k alone (clean
+    block b reads clean blocks <= b), and the noised half joins it there from its
+    embeddings: a noised token's keys at layer l are read only by its own block, and it reads
+    the clean blocks' keys of that layer (what the sampler's cache holds)."""
     x0, pos, seg = batch["inputs"], batch["positions"], batch["segment_ids"]
-    t = x0.shape[1]
-    h = model.hidden(model.embed_tokens(jnp.concatenate([x_t, x0], axis=1)),
+    t, size, j = x0.shape[1], self.opts.block_size, self.noised_from
+    clean = model.embed_tokens(x0)
+    if j:
+      blk = jnp.broadcast_to(jnp.arange(t) // size, seg.shape)
+      clean = model.hidden(clean, pos, seg, layers=(0, j),
+                           mask_Bx1xTxT=attention.attention_mask(seg, seg, blk, blk, True))
+    h = model.hidden(jnp.concatenate([model.embed_tokens(x_t), clean], axis=1),
                      jnp.tile(pos, (1, 2)), jnp.tile(seg, (1, 2)),
-                     mask_Bx1xTxT=training_mask(seg, self.opts.block_size))
+                     mask_Bx1xTxT=training_mask(seg, size),
+                     layers=(j, self.model_config.num_layers))
     return mdlm.subs_logits(model.logits(h[:, :t]))
 
   def _noise(self, rng_t, rng_mask, eligible, antithetic: bool, t_min: float, eps, clipped):
@@ -166,11 +189,14 @@ class BD3LM(base.Objective):
   def flops_per_token(self, seq_len: int) -> float:
     """Forward + backward over the 2T positions, the unembedding on the noised half only,
     and attention over the pairs the mask allows: T (T + L') of them in all (noised block b
-    reads L' + b L' keys, clean block b (b + 1) L'), so T + L' per training token."""
+    reads L' + b L' keys, clean block b (b + 1) L'), so T + L' per training token, half of
+    them the noised half's. With `noised_layers` k the clean half runs every layer and the
+    noised half k of them."""
     cfg = self.model_config
-    d, layers = cfg.d_model, cfg.num_layers
-    blocks = 2 * layers * (4 * d * d + 3 * d * cfg.mlp_dim)
-    attn = layers * 2 * d * (seq_len + self.opts.block_size)
+    d = cfg.d_model
+    layers = cfg.num_layers + (cfg.num_layers - self.noised_from)   # clean + noised
+    blocks = layers * (4 * d * d + 3 * d * cfg.mlp_dim)
+    attn = layers * d * (seq_len + self.opts.block_size)
     return 3.0 * 2.0 * (blocks + d * cfg.vocab_size + attn)
 
   def canvas_width(self, prompt_len: int, suffix_len: int, max_new_tokens: int) -> int:
@@ -190,7 +216,8 @@ class BD3LM(base.Objective):
     """(tokens, info) of `bd3lm_sampling.generate`; info["calls"] counts network calls."""
     rule = self.resolve_sampler(sampler)
     return bd3lm_sampling.generate(model, prompt_BxP, rng, block_size=self.opts.block_size,
-                                   rule=rule, steps=steps or self.opts.block_size, **options)
+                                   rule=rule, steps=steps or self.opts.block_size,
+                                   noised_from=self.noised_from, **options)
 
 
 def _schedule(opts):

@@ -136,9 +136,10 @@ def _commit_counts(size: int, steps: int) -> list[int]:
 def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              min_p: float = 0.0, threshold: float = 0.9, kv_cache: bool = True,
-             schedule: str = "linear", fallback: str = "confident"):
+             schedule: str = "linear", fallback: str = "confident", noised_from: int = 0):
   """Samples up to `max_new_tokens` after `prompt_BxP` (B, P), the first block right after
-  the prompt (whose positions are never changed). Returns
+  the prompt (whose positions are never changed); the block being denoised enters the network
+  at layer `noised_from` (`bd3lm`'s `noised_layers`). Returns
   ((B, P + max_new_tokens) int32, info) with info["calls"] (network calls) and
   info["blocks"] (blocks generated)."""
   if rule not in RULES:
@@ -190,7 +191,8 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
       new = jax.lax.dynamic_slice_in_dim(x, start * size, blocks * size, axis=1)
       h, cache = model.decode_hidden(new, [dict(c, index=start * size) for c in cache],
                                      block=size, start=pad,
-                                     outputs=(blocks - 1) * size + at if planned else size)
+                                     outputs=(blocks - 1) * size + at if planned else size,
+                                     late=(size, noised_from) if noised_from else None)
       return subs(h), cache
   else:
     pos = jnp.broadcast_to(idx, (b, width))
@@ -198,7 +200,13 @@ def generate(model, prompt_BxP, rng, *, block_size: int, rule: str, steps: int,
     mask = attention.attention_mask(seg, seg, pos // size, pos // size, causal=True)
 
     def logits_at(x, blk, at, cache, blocks: int = 1):
-      h = block_of(model.hidden(model.embed_tokens(x), pos, seg, mask_Bx1xTxT=mask), blk)
+      h = model.embed_tokens(x)
+      if noised_from:   # the clean blocks' states there, the block's own embeddings
+        h = jax.lax.dynamic_update_slice_in_dim(
+            model.hidden(h, pos, seg, mask_Bx1xTxT=mask, layers=(0, noised_from)),
+            block_of(h, blk), blk * size, axis=1)
+      h = block_of(model.hidden(h, pos, seg, mask_Bx1xTxT=mask,
+                                layers=(noised_from, model.cfg.num_layers)), blk)
       return subs(take_positions(h, at) if planned else h), cache
 
   first = p // size
