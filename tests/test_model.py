@@ -310,3 +310,19 @@ def test_scanned_layers_compute_what_unrolled_layers_do(remat):
   nxt, cache = scanned.decode(tokens[:, 5:6], cache)
   full = unrolled(tokens, *row(16))
   chex.assert_trees_all_close(jnp.concatenate([prefill, nxt], 1), full[:, :6], atol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_a_range_of_layers_then_the_rest_is_the_whole_network(scan_layers):
+  """`hidden(layers=(0, j))` then `hidden(layers=(j, L))` is `hidden()`: the final norm only
+  after the last layer; and the first range alone is not the whole network."""
+  model = make(num_layers=3, scan_layers=scan_layers)
+  pos, seg = row(16, [1] * 9 + [2] * 7)
+  x = model.embed_tokens(jax.random.randint(jax.random.key(1), (1, 16), 0, 40))
+  want = model.hidden(x, pos, seg)
+  for j in (0, 1, 2):
+    got = model.hidden(model.hidden(x, pos, seg, layers=(0, j)), pos, seg, layers=(j, 3))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"j={j}")
+  first = model.hidden(x, pos, seg, layers=(0, 2))
+  assert not np.allclose(first, want, atol=1e-3)
+  np.testing.assert_allclose(model.hidden(x, pos, seg, layers=(0, 0)), x)   # no layer, no norm
