@@ -338,15 +338,18 @@ class Transformer(nnx.Module):
     return self._cached_blocks(x_BxTxD, None, mask_Bx1xTxS, cache, index_BxT)
 
   def _cached_blocks(self, x, rope, mask, cache, index, outputs=None, late=None):
-    n_late, enter = late or (0, 0)
-    t = x.shape[1] - n_late
-    early = lambda a, axis=1: jax.lax.slice_in_dim(a, 0, t, axis=axis)
-    x, x_late = early(x), jax.lax.slice_in_dim(x, t, t + n_late, axis=1)
-    parts = [(0, enter, (early(rope[0]), early(rope[1])) if rope else None, early(mask, 2)),
-             (enter, self.cfg.num_layers, rope, mask)]   # the layers before `enter`, the rest
+    num_layers = self.cfg.num_layers
+    # stretches of layers: (first, stop, the tokens that enter there, rotary tables, mask rows)
+    stretches = [(0, num_layers, x, rope, mask)]
+    if late:   # the last n tokens enter at layer `enter`; the others run the layers before it
+      n, enter = late
+      t = x.shape[1] - n
+      head = lambda a, axis=1: jax.lax.slice_in_dim(a, 0, t, axis=axis)
+      stretches = [(0, enter, head(x), rope and tuple(map(head, rope)), head(mask, 2)),
+                   (enter, num_layers, x[:, t:], rope, mask)]
     if self.cfg.scan_layers:
       graphdef, params = nnx.split(self.blocks)
-      stacked = cache[0]
+      stacked, ks, vs, h = cache[0], [], [], None
 
       def run(x, lo, hi, rope, mask):
         def layer(x, params_and_cache):
@@ -356,27 +359,25 @@ class Transformer(nnx.Module):
         return jax.lax.scan(layer, x, (_layer_slice(params, lo, hi),
                                        stacked["k"][lo:hi], stacked["v"][lo:hi]))
 
-      ks, vs = [], []
-      for i, (lo, hi, r, m) in enumerate(parts):
-        if i:
-          x = jnp.concatenate([x, x_late], axis=1)
-        if hi > lo and x.shape[1]:
-          x, (k, v) = run(x, lo, hi, r, m)
-        else:
+      for lo, hi, new, r, m in stretches:
+        h = new if h is None else jnp.concatenate([h, new], axis=1)
+        if hi > lo and h.shape[1]:
+          h, (k, v) = run(h, lo, hi, r, m)
+        else:   # no layer, or no token yet: those layers' cache is kept
           k, v = stacked["k"][lo:hi], stacked["v"][lo:hi]
         ks.append(k)
         vs.append(v)
-      x = x if outputs is None else take_positions(x, outputs)
-      return self.final_norm(x), [dict(stacked, k=jnp.concatenate(ks), v=jnp.concatenate(vs))]
-    new_cache = list(cache)
-    for i, (lo, hi, r, m) in enumerate(parts):
-      if i:
-        x = jnp.concatenate([x, x_late], axis=1)
-      for j in range(lo, hi) if x.shape[1] else ():
-        x, c2 = self.blocks[j](x, r, m, False, dict(cache[j], index=index),
-                               queries=outputs if j == self.cfg.num_layers - 1 else None)
-        new_cache[j] = dict(cache[j], k=c2["k"], v=c2["v"])
-    return self.final_norm(x), new_cache
+      k, v = (ks[0], vs[0]) if len(ks) == 1 else (jnp.concatenate(ks), jnp.concatenate(vs))
+      h = h if outputs is None else take_positions(h, outputs)
+      return self.final_norm(h), [dict(stacked, k=k, v=v)]
+    new_cache, h = list(cache), None
+    for lo, hi, new, r, m in stretches:
+      h = new if h is None else jnp.concatenate([h, new], axis=1)
+      for j in range(lo, hi) if h.shape[1] else ():
+        h, c = self.blocks[j](h, r, m, False, dict(cache[j], index=index),
+                              queries=outputs if j == num_layers - 1 else None)
+        new_cache[j] = dict(cache[j], k=c["k"], v=c["v"])
+    return self.final_norm(h), new_cache
 
 
 def _layer_slice(stacked_params, start: int, stop: int):
